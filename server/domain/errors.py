@@ -1,0 +1,60 @@
+"""The coordinator's error tree. Transport layers map these to gRPC / HTTP statuses once.
+
+    CoordinatorError
+    ├── NotFoundError            a federation, device, round, upload or version does not exist
+    ├── ConflictError            the request contradicts current state (duplicate name, closed round)
+    │   └── InvalidTransitionError   a round state change the lifecycle does not allow
+    ├── InvalidRequestError      malformed or inconsistent input (names what is wrong)
+    │   └── UpdateRejectedError  an upload failed validation (size, checksum, schema, values)
+    ├── UnauthenticatedError     missing or wrong device credential
+    └── PermissionDeniedError    a device acting outside its own identity, or revoked
+
+Each class says whether retrying the same request can help (``retryable``).
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Base of every error the coordinator raises on purpose."""
+
+    retryable: bool = False
+
+
+class NotFoundError(CoordinatorError):
+    """The named object does not exist."""
+
+
+class ConflictError(CoordinatorError):
+    """The request conflicts with the current state."""
+
+
+class InvalidTransitionError(ConflictError):
+    """A round lifecycle transition that is not allowed."""
+
+
+class InvalidRequestError(CoordinatorError):
+    """The request is malformed or inconsistent."""
+
+
+class UpdateRejectedError(InvalidRequestError):
+    """An uploaded update failed validation; ``reason`` is a short, bounded code for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"update rejected ({reason}): {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class UnauthenticatedError(CoordinatorError):
+    """The caller did not prove who it is."""
+
+
+class PermissionDeniedError(CoordinatorError):
+    """The caller is known but may not do this."""
+
+
+class UnavailableError(CoordinatorError):
+    """A dependency (database, Redis, blob store) is unavailable; retry later."""
+
+    retryable = True

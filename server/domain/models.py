@@ -1,0 +1,163 @@
+"""Plain records the coordinator works with. No I/O; persistence maps them to rows."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from server.domain.rounds import RoundState
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class FederationState(StrEnum):
+    ACTIVE = "active"
+    STOPPED = "stopped"
+
+
+class UpdateState(StrEnum):
+    PARTIAL = "partial"      # bytes still arriving; resumable
+    ACCEPTED = "accepted"    # validated, durable, counted for its round
+    REJECTED = "rejected"    # failed validation; reason recorded
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How a federation learns. Sent to devices (training part) and used by the scheduler."""
+
+    aggregation: Literal["mma", "fedavg"] = "mma"
+    """Aggregation rule: ``mma`` (modality-count x sample-count weights) or ``fedavg`` (sample counts)."""
+    clients_per_round: int = 0
+    """Devices invited per round; 0 invites every live eligible device."""
+    min_updates: int = 1
+    """Quorum: the fewest accepted updates a round may commit with."""
+    round_deadline_s: float = 600.0
+    """After this many seconds an open round commits if quorum was reached, else fails."""
+    public_epochs: int = 3
+    private_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
+    max_chunk_bytes: int = 256 * 1024
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    """Model configuration (``mlecs.model.ModelConfig.to_dict()``); empty means the defaults."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.aggregation not in ("mma", "fedavg"):
+            problems.append(f"aggregation must be 'mma' or 'fedavg', not {self.aggregation!r}")
+        if self.clients_per_round < 0:
+            problems.append("clients_per_round must be >= 0")
+        if self.min_updates < 1:
+            problems.append("min_updates must be >= 1")
+        if self.round_deadline_s <= 0:
+            problems.append("round_deadline_s must be > 0")
+        if self.public_epochs < 0 or self.private_epochs < 0:
+            problems.append("epochs must be >= 0")
+        if self.batch_size < 1:
+            problems.append("batch_size must be >= 1")
+        if not 0 < self.learning_rate < 1:
+            problems.append("learning_rate must be in (0, 1)")
+        if self.upload_codec not in ("fp32", "fp16", "int8"):
+            problems.append(f"upload_codec must be fp32, fp16 or int8, not {self.upload_codec!r}")
+        if not 1024 <= self.max_chunk_bytes <= 4 * 1024 * 1024:
+            problems.append("max_chunk_bytes must be between 1 KiB and 4 MiB")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class Federation:
+    name: str
+    config: FederationConfig
+    id: str = field(default_factory=new_id)
+    state: FederationState = FederationState.ACTIVE
+    current_version_id: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class Device:
+    federation_id: str
+    name: str
+    modalities: frozenset[str]
+    secret_hash: str
+    id: str = field(default_factory=new_id)
+    enrolled_at: datetime = field(default_factory=utcnow)
+    last_seen_at: datetime | None = None
+    revoked: bool = False
+
+
+@dataclass
+class Round:
+    federation_id: str
+    number: int
+    id: str = field(default_factory=new_id)
+    state: RoundState = RoundState.CREATED
+    participants: list[str] = field(default_factory=list)
+    created_at: datetime = field(default_factory=utcnow)
+    opened_at: datetime | None = None
+    deadline_at: datetime | None = None
+    closed_at: datetime | None = None
+    failure_reason: str | None = None
+    base_version_id: str | None = None
+    version_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    round_id: str
+    device_id: str
+    upload_id: str
+    codec: str
+    declared_size: int
+    sha256: str
+    modalities: frozenset[str]
+    public_samples: int
+    private_samples: int
+    id: str = field(default_factory=new_id)
+    state: UpdateState = UpdateState.PARTIAL
+    received_bytes: int = 0
+    blob_key: str | None = None
+    base_version_id: str | None = None
+    rejection_reason: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=utcnow)
+    accepted_at: datetime | None = None
+
+
+@dataclass
+class ModelVersion:
+    federation_id: str
+    round_number: int
+    codec: str
+    adapter_key: str
+    adapter_sha256: str
+    adapter_size: int
+    anchors_key: str | None = None
+    anchors_sha256: str | None = None
+    anchors_size: int = 0
+    id: str = field(default_factory=new_id)
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class DeviceReport:
+    """Metrics a device reported for a round (e.g. personalised accuracy)."""
+
+    round_id: str
+    device_id: str
+    metrics: dict[str, float]
+    reported_at: datetime = field(default_factory=utcnow)
