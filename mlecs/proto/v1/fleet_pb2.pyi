@@ -91,6 +91,8 @@ class _UploadStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UploadSta
     """more bytes expected; resume from acknowledged_offset"""
     UPLOAD_STATE_ACCEPTED: _UploadState.ValueType  # 2
     """durable and counted for the round"""
+    UPLOAD_STATE_REJECTED: _UploadState.ValueType  # 3
+    """failed validation; send a new upload"""
 
 class UploadState(_UploadState, metaclass=_UploadStateEnumTypeWrapper): ...
 
@@ -99,6 +101,8 @@ UPLOAD_STATE_PARTIAL: UploadState.ValueType  # 1
 """more bytes expected; resume from acknowledged_offset"""
 UPLOAD_STATE_ACCEPTED: UploadState.ValueType  # 2
 """durable and counted for the round"""
+UPLOAD_STATE_REJECTED: UploadState.ValueType  # 3
+"""failed validation; send a new upload"""
 Global___UploadState: _TypeAlias = UploadState  # noqa: Y015
 
 @_typing.final
@@ -230,6 +234,7 @@ class TrainConfig(_message.Message):
     UPLOAD_CODEC_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     public_epochs: _builtins.int
     private_epochs: _builtins.int
     batch_size: _builtins.int
@@ -237,6 +242,8 @@ class TrainConfig(_message.Message):
     upload_codec: Global___Codec.ValueType
     max_chunk_bytes: _builtins.int
     seed: _builtins.int
+    model_config_json: _builtins.str
+    """mlecs.model.ModelConfig as JSON: devices build the same model"""
     def __init__(
         self,
         *,
@@ -247,10 +254,11 @@ class TrainConfig(_message.Message):
         upload_codec: Global___Codec.ValueType = ...,
         max_chunk_bytes: _builtins.int = ...,
         seed: _builtins.int = ...,
+        model_config_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "max_chunk_bytes", b"max_chunk_bytes", "private_epochs", b"private_epochs", "public_epochs", b"public_epochs", "seed", b"seed", "upload_codec", b"upload_codec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "max_chunk_bytes", b"max_chunk_bytes", "model_config_json", b"model_config_json", "private_epochs", b"private_epochs", "public_epochs", b"public_epochs", "seed", b"seed", "upload_codec", b"upload_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,65 @@
+"""``mlecs-agent``: the edge device daemon.
+
+Exit codes (systemd's RestartPreventExitStatus uses the configuration ones):
+  0  stopped: the coordinator ended the federation, or SIGTERM/SIGINT
+  1  unexpected failure (restart me)
+  2  configuration error: fix the config file (restarting will not help)
+  3  refused by the coordinator: unknown federation or revoked device
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 3
+
+cli = typer.Typer(add_completion=False)
+
+
+@cli.command()
+def run(
+    config: Path = typer.Option(Path("/etc/mlecs/agent.toml"), "--config", "-c", help="Agent TOML config file"),
+    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
+) -> None:
+    """Run the agent: enrol, then train the rounds the coordinator assigns until it says stop."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge_agent.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    from edge_agent.agent import Agent
+    from edge_agent.errors import CredentialRejected, RequestRefused
+
+    agent = Agent(settings)
+    signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
+    signal.signal(signal.SIGINT, lambda *_: agent.shutdown())
+    try:
+        agent.run()
+    except FileNotFoundError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    except (CredentialRejected, RequestRefused) as exc:
+        typer.echo(f"refused by the coordinator: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from exc
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

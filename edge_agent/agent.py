@@ -1,0 +1,167 @@
+"""The agent daemon's lifecycle: enrol, heartbeat, take tasks, train, upload (resumably), until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+from edge_agent.client import CoordinatorClient, Stop, TrainTask, UploadRequest, Wait
+from edge_agent.config import AgentSettings
+from edge_agent.errors import CoordinatorUnavailable, CredentialRejected, RequestRefused
+from edge_agent.state import AgentState, Identity, PendingUpload
+from edge_agent.trainer import AmtTrainer, LocalData, TrainingInterrupted, load_local_data
+from mlecs.codec import CodecKind, decode_tensors, encode_tensors, sha256_hex
+
+log = logging.getLogger("mlecs.agent")
+T = TypeVar("T")
+
+
+class Agent:
+    """``run()`` blocks until the coordinator says stop or ``shutdown()`` is called (SIGTERM)."""
+
+    def __init__(self, settings: AgentSettings, client: CoordinatorClient | None = None) -> None:
+        self.settings = settings
+        self._client = client or CoordinatorClient(settings.coordinator)
+        self._state = AgentState(settings.state_dir)
+        self._stop = threading.Event()
+        self._identity: Identity | None = None
+        self._heartbeat_s = 5
+        self._data: LocalData | None = None
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _retry(self, call: Callable[[], T], what: str) -> T:
+        """Retries a call while the coordinator is unavailable, with jittered exponential backoff."""
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except CoordinatorUnavailable as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("%s: coordinator unavailable (%s); retrying in %.1fs", what, exc, delay)
+                self._stop.wait(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self.settings.max_backoff_s)
+            except CredentialRejected:
+                if self._identity is None:
+                    raise
+                log.warning("%s: credential refused; enrolling again", what)
+                self._state.forget_identity()
+                self._identity = None
+                self._enrol()
+
+    def _enrol(self) -> Identity:
+        s = self.settings
+        identity = self._state.load_identity(s.coordinator, s.federation)
+        if identity is None:
+            device_id, secret, interval = self._retry(
+                lambda: self._client.enrol(s.federation, s.device_name, s.modalities), "enrol")
+            identity = Identity(s.coordinator, s.federation, device_id, secret)
+            self._state.save_identity(identity)
+            self._heartbeat_s = interval or self._heartbeat_s
+            log.info("enrolled in %s as %s (%s)", s.federation, s.device_name, device_id)
+        self._client.authenticate(identity.device_id, identity.device_secret)
+        self._identity = identity
+        return identity
+
+    def _device_id(self) -> str:
+        assert self._identity is not None
+        return self._identity.device_id
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self._heartbeat_s = self._client.heartbeat(self._device_id()) or self._heartbeat_s
+            except (CoordinatorUnavailable, CredentialRejected, RequestRefused) as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    # ---- main loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._data = load_local_data(self.settings)
+        self._enrol()
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while not self._stop.is_set():
+                pending = self._state.load_pending()
+                if pending is not None:
+                    self._upload(*pending)
+                    continue
+                task = self._retry(lambda: self._client.get_task(self._device_id()), "get task")
+                if isinstance(task, Stop):
+                    log.info("coordinator says stop: %s", task.reason)
+                    return
+                if isinstance(task, Wait):
+                    self._stop.wait(task.seconds)
+                    continue
+                self._train(task)
+        except CoordinatorUnavailable:
+            if not self._stop.is_set():
+                raise
+        finally:
+            self._stop.set()
+            self._client.close()
+            log.info("agent stopped")
+
+    def _train(self, task: TrainTask) -> None:
+        assert self._data is not None
+        version = self._retry(lambda: self._client.download_global(self._device_id(), task.version_id),
+                              "download global")
+        trainer = AmtTrainer(self._data, self._state.personal_model_path)
+        try:
+            outcome = trainer.run(task, decode_tensors(version.adapter), self._stop.is_set)
+        except TrainingInterrupted:
+            log.info("training of round %d interrupted by shutdown", task.round_number)
+            return
+        payload = encode_tensors(outcome.delta, CodecKind(task.upload_codec))
+        pending = PendingUpload(
+            round_id=task.round_id, upload_id=uuid.uuid4().hex, base_version_id=version.version_id,
+            codec=task.upload_codec, sha256=sha256_hex(payload), size=len(payload),
+            public_samples=outcome.public_samples, private_samples=outcome.private_samples,
+            metrics=outcome.metrics | {"chunk_bytes": float(task.max_chunk_bytes)})
+        # Durable before the first byte leaves: a crash mid-upload resumes this exact update.
+        self._state.save_pending(pending, payload)
+        self._upload(pending, payload)
+
+    def _upload(self, pending: PendingUpload, payload: bytes) -> None:
+        request = UploadRequest(
+            round_id=pending.round_id, device_id=self._device_id(), upload_id=pending.upload_id,
+            codec=pending.codec, sha256=pending.sha256, modalities=list(self.settings.modalities),
+            public_samples=pending.public_samples, private_samples=pending.private_samples,
+            base_version_id=pending.base_version_id,
+            metrics={k: v for k, v in pending.metrics.items() if k != "chunk_bytes"})
+        chunk = int(pending.metrics.get("chunk_bytes", 256 * 1024))
+        try:
+            _, offset = self._retry(lambda: self._client.upload_status(
+                self._device_id(), pending.round_id, pending.upload_id), "upload status")
+            while not self._stop.is_set():
+                state, offset = self._retry(
+                    lambda off=offset: self._client.upload(request, payload, off, chunk), "upload")  # type: ignore[misc]
+                if state == "accepted":
+                    log.info("update for round %s accepted (%d bytes)", pending.round_id, len(payload))
+                    self._state.clear_pending()
+                    self._report(pending)
+                    return
+                if state == "rejected":
+                    log.error("update for round %s was rejected; dropping it", pending.round_id)
+                    self._state.clear_pending()
+                    return
+        except RequestRefused as exc:
+            # The round closed or the update is invalid: nothing to resume, the next task supersedes it.
+            log.warning("upload for round %s refused: %s", pending.round_id, exc)
+            self._state.clear_pending()
+
+    def _report(self, pending: PendingUpload) -> None:
+        try:
+            self._client.report_metrics(self._device_id(), pending.round_id,
+                                        {k: v for k, v in pending.metrics.items() if k != "chunk_bytes"})
+        except (CoordinatorUnavailable, RequestRefused) as exc:
+            log.warning("could not report metrics: %s", exc)

@@ -1,0 +1,199 @@
+"""The agent's gRPC transport to the coordinator. Protobuf does not leave this module."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from edge_agent.errors import AgentError, CoordinatorUnavailable, CredentialRejected, RequestRefused
+from mlecs.codec import iter_chunks
+from mlecs.proto.v1 import fleet_pb2 as pb
+from mlecs.proto.v1 import fleet_pb2_grpc
+
+_MODALITY = {"image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO}
+_CODEC = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.CODEC_INT8_ZSTD}
+_CODEC_NAME = {v: k for k, v in _CODEC.items()}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.ABORTED}
+_UPLOAD_STATE = {pb.UPLOAD_STATE_PARTIAL: "partial", pb.UPLOAD_STATE_ACCEPTED: "accepted",
+                 pb.UPLOAD_STATE_REJECTED: "rejected"}
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    round_id: str
+    round_number: int
+    version_id: str
+    public_epochs: int
+    private_epochs: int
+    batch_size: int
+    learning_rate: float
+    upload_codec: str
+    max_chunk_bytes: int
+    seed: int
+    model: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+@dataclass(frozen=True)
+class GlobalVersion:
+    version_id: str
+    round_number: int
+    adapter: bytes
+    anchors: bytes
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    round_id: str
+    device_id: str
+    upload_id: str
+    codec: str
+    sha256: str
+    modalities: list[str]
+    public_samples: int
+    private_samples: int
+    base_version_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def translate(exc: grpc.RpcError) -> AgentError:
+    """Maps a gRPC failure to the agent's error tree, once, at this boundary."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    message = f"{code.name}: {detail}"
+    if code in _RETRYABLE:
+        return CoordinatorUnavailable(message)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return CredentialRejected(message)
+    return RequestRefused(message)
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 8 * 1024 * 1024) -> None:
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        self._stub = fleet_pb2_grpc.FleetStub(self._channel)
+        self._timeout = timeout_s
+        self._metadata: tuple[tuple[str, str], ...] = ()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def authenticate(self, device_id: str, secret: str) -> None:
+        self._metadata = (("authorization", f"Device {device_id}:{secret}"),)
+
+    def enrol(self, federation: str, device_name: str, modalities: list[str]) -> tuple[str, str, int]:
+        """Returns (device id, secret, heartbeat interval)."""
+        try:
+            reply = self._stub.Enrol(pb.EnrolRequest(
+                federation=federation, device_name=device_name,
+                modalities=[_MODALITY[m] for m in modalities], agent_version="0.1.0"), timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        return reply.device_id, reply.device_secret, reply.heartbeat_interval_s
+
+    def heartbeat(self, device_id: str) -> int:
+        try:
+            reply = self._stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id), timeout=self._timeout,
+                                         metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        return reply.next_heartbeat_s
+
+    def get_task(self, device_id: str) -> TrainTask | Wait | Stop:
+        try:
+            reply = self._stub.GetTask(pb.GetTaskRequest(device_id=device_id), timeout=self._timeout,
+                                       metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        kind = reply.WhichOneof("task")
+        if kind == "train":
+            t, c = reply.train, reply.train.config
+            return TrainTask(
+                round_id=t.round_id, round_number=t.round_number, version_id=t.global_version_id,
+                public_epochs=c.public_epochs, private_epochs=c.private_epochs, batch_size=c.batch_size,
+                learning_rate=c.learning_rate, upload_codec=_CODEC_NAME.get(c.upload_codec, "fp16"),
+                max_chunk_bytes=c.max_chunk_bytes or 256 * 1024, seed=c.seed,
+                model=json.loads(c.model_config_json or "{}"))
+        if kind == "stop":
+            return Stop(reply.stop.reason)
+        return Wait(max(reply.wait.retry_after_s, 1), reply.wait.reason)
+
+    def download_global(self, device_id: str, version_id: str = "") -> GlobalVersion:
+        """Downloads a global version; checks sizes and sha256 before returning it."""
+        import hashlib
+
+        adapter, anchors = bytearray(), bytearray()
+        header = None
+        try:
+            for message in self._stub.DownloadGlobal(
+                    pb.DownloadGlobalRequest(device_id=device_id, version_id=version_id),
+                    timeout=self._timeout * 4, metadata=self._metadata):
+                if message.WhichOneof("part") == "header":
+                    header = message.header
+                    continue
+                target = adapter if message.chunk.kind == pb.BLOB_KIND_ADAPTER else anchors
+                if message.chunk.offset != len(target):
+                    raise RequestRefused("download chunks arrived out of order")
+                target.extend(message.chunk.data)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        if header is None:
+            raise RequestRefused("download stream carried no header")
+        if len(adapter) != header.adapter_size or hashlib.sha256(adapter).hexdigest() != header.adapter_sha256:
+            raise CoordinatorUnavailable("global adapter arrived incomplete or corrupted; retrying")
+        return GlobalVersion(header.version_id, header.round_number, bytes(adapter), bytes(anchors))
+
+    def upload_status(self, device_id: str, round_id: str, upload_id: str) -> tuple[str, int]:
+        try:
+            reply = self._stub.GetUploadStatus(pb.UploadStatusRequest(
+                device_id=device_id, round_id=round_id, upload_id=upload_id),
+                timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        return _UPLOAD_STATE.get(reply.state, "partial"), reply.acknowledged_offset
+
+    def upload(self, request: UploadRequest, payload: bytes, resume_offset: int, chunk_bytes: int) -> tuple[str, int]:
+        """Streams ``payload[resume_offset:]``; returns (state, acknowledged offset)."""
+        header = pb.UploadHeader(
+            round_id=request.round_id, device_id=request.device_id, upload_id=request.upload_id,
+            codec=_CODEC[request.codec], total_size=len(payload), sha256=request.sha256,
+            modalities=[_MODALITY[m] for m in request.modalities],
+            samples=pb.SampleCounts(public_samples=request.public_samples, private_samples=request.private_samples),
+            resume_offset=resume_offset, base_version_id=request.base_version_id, metrics=request.metrics)
+
+        def messages() -> Iterator[pb.UploadMessage]:
+            yield pb.UploadMessage(header=header)
+            for offset, piece in iter_chunks(payload[resume_offset:], chunk_bytes):
+                yield pb.UploadMessage(chunk=pb.UploadChunk(offset=resume_offset + offset, data=piece))
+
+        try:
+            reply = self._stub.UploadUpdate(messages(), timeout=self._timeout * 4, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc
+        return _UPLOAD_STATE.get(reply.state, "partial"), reply.acknowledged_offset
+
+    def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None:
+        try:
+            self._stub.ReportMetrics(pb.ReportMetricsRequest(device_id=device_id, round_id=round_id,
+                                                             metrics=metrics),
+                                     timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc) from exc

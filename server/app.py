@@ -1,0 +1,154 @@
+"""The coordinator process: wires the ports into the services and runs gRPC, the admin API and the
+round scheduler in one event loop, with a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from mlecs.proto.v1 import fleet_pb2_grpc
+from server.config import CoordinatorSettings
+from server.domain.errors import UnavailableError
+from server.learning.global_model import GlobalEvaluator
+from server.persistence.blobs import FileBlobStore
+from server.persistence.database import create_engine_for, migrate
+from server.persistence.presence import create_presence_store
+from server.persistence.sql_store import SqlStore
+from server.services.context import ServiceContext
+from server.services.devices import DeviceService
+from server.services.federations import FederationService
+from server.services.locks import RoundLocks
+from server.services.rounds import RoundService
+from server.services.uploads import UploadService
+from server.services.versions import VersionService
+from server.transport.admin_api import AdminServices, create_admin_app
+from server.transport.grpc_servicer import FleetServicer
+
+log = logging.getLogger("mlecs.coordinator")
+
+FLEET_SERVICE = "mlecs.v1.Fleet"
+
+
+@dataclass
+class Services:
+    ctx: ServiceContext
+    federations: FederationService
+    devices: DeviceService
+    rounds: RoundService
+    uploads: UploadService
+    versions: VersionService
+
+    def ready(self) -> bool:
+        try:
+            self.ctx.store.list_federations()
+        except UnavailableError:
+            return False
+        return self.ctx.presence.ping()
+
+
+def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = None,
+                   loop: asyncio.AbstractEventLoop | None = None) -> Services:
+    """Migrates the database and wires every service. ``wake`` is set when an update is accepted."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    migrate(url)
+    ctx = ServiceContext(
+        settings=settings,
+        store=SqlStore(create_engine_for(url)),
+        blobs=FileBlobStore(settings.blob_dir),
+        presence=create_presence_store(settings.redis_url),
+        evaluator=GlobalEvaluator(settings.dataset_dir, settings.eval_setting),
+    )
+    locks = RoundLocks()
+
+    def on_accepted(_round_id: str) -> None:
+        if wake is not None and loop is not None:
+            loop.call_soon_threadsafe(wake.set)
+
+    federations = FederationService(ctx)
+    return Services(
+        ctx=ctx,
+        federations=federations,
+        devices=DeviceService(ctx, federations),
+        rounds=RoundService(ctx, federations, locks),
+        uploads=UploadService(ctx, locks, on_accepted),
+        versions=VersionService(ctx, federations),
+    )
+
+
+class Coordinator:
+    """Lifecycle of one coordinator replica: ``await run()`` until ``shutdown()`` or SIGTERM/SIGINT."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.grpc_port = 0
+        self.services: Services | None = None
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.shutdown)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+                pass
+        services = await asyncio.to_thread(build_services, self.settings, self._wake, loop)
+        self.services = services
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ])
+        chunk = min(1024 * 1024, limit // 2)
+        fleet_pb2_grpc.add_FleetServicer_to_server(
+            FleetServicer(services.devices, services.rounds, services.uploads, services.versions.read, chunk),
+            server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        await server.start()
+        await health_servicer.set(FLEET_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+        admin = create_admin_app(AdminServices(services.federations, services.rounds, services.devices,
+                                               services.versions, services.ready))
+        http = uvicorn.Server(uvicorn.Config(admin, host=self.settings.admin_host, port=self.settings.admin_port,
+                                             log_level="warning", lifespan="off"))
+        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        http_task = asyncio.create_task(http.serve())
+        scheduler = asyncio.create_task(self._schedule(services))
+        log.info("coordinator serving gRPC on %s:%d and the admin API on http://%s:%d",
+                 self.settings.grpc_host, self.grpc_port, self.settings.admin_host, self.settings.admin_port)
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("coordinator stopping")
+            await health_servicer.enter_graceful_shutdown()
+            scheduler.cancel()
+            http.should_exit = True
+            await server.stop(grace=5)
+            await asyncio.gather(http_task, scheduler, return_exceptions=True)
+
+    async def _schedule(self, services: Services) -> None:
+        """Advances rounds when an update arrives or every interval (deadlines), and flushes presence."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.scheduler_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await asyncio.to_thread(services.rounds.advance_all)
+                await asyncio.to_thread(services.devices.flush_presence)
+            except UnavailableError as exc:
+                log.warning("scheduler paused: %s", exc)

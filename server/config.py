@@ -1,0 +1,47 @@
+"""Coordinator settings: one typed object, read once from the environment (prefix ``MLECS_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CoordinatorSettings(BaseSettings):
+    """Everything the coordinator process can be told. Nested fields use ``__`` (e.g. ``MLECS_GRPC__PORT``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MLECS_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Path("mlecs-data")
+    """Where the embedded database (when no database URL is set) and the blob store live."""
+    database_url: str | None = None
+    """SQLAlchemy URL, e.g. ``postgresql://postgres@127.0.0.1:5432/mlecs``. Unset: SQLite under data_dir."""
+    redis_url: str | None = None
+    """e.g. ``redis://127.0.0.1:6379/0``. Unset: presence is kept in this process."""
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(8080, ge=0, le=65535)
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    """Largest gRPC message accepted or sent; chunks must fit well inside it."""
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest declared size of one update."""
+    heartbeat_interval_s: int = Field(5, ge=1)
+    presence_ttl_s: float = Field(20.0, gt=0)
+    """A device not heard from for this long is offline."""
+    scheduler_interval_s: float = Field(1.0, gt=0)
+    dataset_dir: Path | None = None
+    """AV-MNIST directory for server-side evaluation (default: the data loader's search path)."""
+    eval_setting: str = "canonical"
+    log_level: str = "INFO"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    def resolved_database_url(self) -> str:
+        """The configured database URL, or the embedded SQLite file under data_dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'coordinator.db').resolve()}"

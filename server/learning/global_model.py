@@ -1,0 +1,93 @@
+"""Server-side model operations: the initial global adapter, applying an aggregate, evaluation.
+
+torch is imported here and only here on the coordinator, so the API and gRPC layers load without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlecs.modality import Modality
+
+
+def _model_config(model: Mapping[str, Any]) -> Any:
+    from mlecs.model import ModelConfig
+
+    return ModelConfig.from_dict(dict(model))
+
+
+def initial_global_state(model: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """The shared tensors of a freshly initialised full-modality edge model (version 0 of a federation)."""
+    from mlecs.model import build_edge_model
+
+    edge = build_edge_model(_model_config(model), frozenset(Modality), seed)
+    return {name: t.numpy() for name, t in edge.shared_state().items()}
+
+
+def adapter_schema(model: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor an update may carry in this federation."""
+    from mlecs.model import shared_schema
+
+    return shared_schema(_model_config(model))
+
+
+def full_model_bytes(model: Mapping[str, Any]) -> int:
+    """Bytes of the whole edge model in fp32: the denominator of the communication ratio."""
+    from mlecs.model import full_model_fp32_bytes
+
+    return int(full_model_fp32_bytes(_model_config(model)))
+
+
+def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """base + delta for every tensor in base; tensors no client touched stay as they were."""
+    out = {}
+    for name, value in base.items():
+        step = delta.get(name)
+        out[name] = value if step is None else (value + step).astype(np.float32)
+    return out
+
+
+@dataclass
+class GlobalEvaluator:
+    """Evaluates a global adapter on the held-out test split, with every modality and with each alone.
+
+    Loading data and the backbone is slow, so both are cached for the evaluator's lifetime; a lock
+    keeps concurrent aggregations from sharing one model instance.
+    """
+
+    dataset_dir: Path | None = None
+    setting: str = "canonical"
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._test: Any = None
+        self._models: dict[str, Any] = {}
+
+    def evaluate(self, model: Mapping[str, Any], seed: int, tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
+        import torch
+
+        from mlecs.data.avmnist import load_avmnist
+        from mlecs.learning import evaluate
+        from mlecs.model import build_edge_model
+
+        with self._lock:
+            if self._test is None:
+                self._test = load_avmnist(self.dataset_dir, setting=self.setting).test  # type: ignore[arg-type]
+            key = repr(sorted(dict(model).items()))
+            edge = self._models.get(key)
+            if edge is None:
+                edge = build_edge_model(_model_config(model), frozenset(Modality), seed)
+                self._models[key] = edge
+            edge.load_shared_state({name: torch.from_numpy(np.asarray(v)) for name, v in tensors.items()})
+            both = frozenset(Modality)
+            return {
+                "accuracy": evaluate(edge, self._test, both),
+                "accuracy_image": evaluate(edge, self._test, frozenset({Modality.IMAGE})),
+                "accuracy_audio": evaluate(edge, self._test, frozenset({Modality.AUDIO})),
+            }

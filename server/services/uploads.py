@@ -1,0 +1,234 @@
+"""Receiving updates: resumable staging, validation, and durable acceptance.
+
+An update is acknowledged as accepted only after its bytes are in the content store and its row says
+ACCEPTED; until then the device can resume from ``staged_size`` (the acknowledged offset).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from mlecs.codec import CodecError, CodecKind, decode_tensors, peek_header, sha256_hex
+from server import metrics
+from server.domain.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    UpdateRejectedError,
+)
+from server.domain.models import Device, Update, UpdateState, utcnow
+from server.domain.rounds import RoundState, check_transition
+from server.learning.global_model import adapter_schema
+from server.services.context import ServiceContext
+from server.services.locks import RoundLocks
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    round_id: str
+    device_id: str
+    upload_id: str
+    codec: str
+    total_size: int
+    sha256: str
+    modalities: frozenset[str]
+    public_samples: int
+    private_samples: int
+    resume_offset: int
+    base_version_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class UploadSession:
+    update: Update
+    offset: int
+
+
+@lru_cache(maxsize=16)
+def _schema(model_key: str) -> dict[str, tuple[int, ...]]:
+    return adapter_schema(json.loads(model_key))
+
+
+class UploadService:
+    def __init__(self, ctx: ServiceContext, locks: RoundLocks,
+                 on_accepted: Callable[[str], None] = lambda round_id: None) -> None:
+        self._ctx = ctx
+        self._locks = locks
+        self._on_accepted = on_accepted
+
+    def open(self, device: Device, header: UploadHeader) -> UploadSession:
+        """Starts or resumes an upload; returns the session and the offset the bytes must continue from."""
+        store = self._ctx.store
+        if header.device_id != device.id:
+            raise PermissionDeniedError("a device may upload only as itself")
+        if not _UPLOAD_ID.match(header.upload_id):
+            raise InvalidRequestError("upload_id must be 8-64 characters of letters, digits, '-' or '_'")
+        try:
+            round_ = store.get_round(header.round_id)
+        except NotFoundError:
+            raise NotFoundError(f"round {header.round_id!r} not found") from None
+        if round_.federation_id != device.federation_id or device.id not in round_.participants:
+            raise PermissionDeniedError(f"device was not invited to round {round_.number}")
+        existing = store.find_update(round_.id, device.id, header.upload_id)
+        if existing is not None:
+            return self._resume(existing, header)
+        if not round_.state.accepts_uploads:
+            raise ConflictError(f"round {round_.number} is {round_.state}: it accepts no more uploads")
+        self._check_header(header, round_.base_version_id)
+        if any(u.device_id == device.id and u.state is UpdateState.ACCEPTED for u in store.list_updates(round_.id)):
+            raise ConflictError(f"an update from this device for round {round_.number} was already accepted")
+        if header.resume_offset != 0:
+            raise InvalidRequestError("a new upload must start at offset 0")
+        update = Update(
+            round_id=round_.id, device_id=device.id, upload_id=header.upload_id, codec=header.codec,
+            declared_size=header.total_size, sha256=header.sha256, modalities=header.modalities,
+            public_samples=header.public_samples, private_samples=header.private_samples,
+            base_version_id=header.base_version_id, metrics=dict(header.metrics),
+        )
+        store.add_update(update)
+        return UploadSession(update=update, offset=0)
+
+    def _resume(self, update: Update, header: UploadHeader) -> UploadSession:
+        if (update.sha256, update.declared_size, update.codec) != (header.sha256, header.total_size, header.codec):
+            raise ConflictError("this upload_id was used for different content; choose a new upload_id")
+        if update.state is UpdateState.ACCEPTED:
+            return UploadSession(update=update, offset=update.declared_size)
+        if update.state is UpdateState.REJECTED:
+            raise ConflictError(f"this upload was rejected ({update.rejection_reason}); send a new one")
+        staged = self._ctx.blobs.staged_size(update.id)
+        if header.resume_offset > staged:
+            raise InvalidRequestError(
+                f"resume_offset {header.resume_offset} is beyond the acknowledged offset {staged}")
+        return UploadSession(update=update, offset=header.resume_offset)
+
+    def _check_header(self, header: UploadHeader, base_version_id: str | None) -> None:
+        problems = []
+        if header.codec not in {c.value for c in CodecKind}:
+            problems.append(f"unknown codec {header.codec!r}")
+        if not 0 < header.total_size <= self._ctx.settings.max_upload_bytes:
+            problems.append(f"total_size must be 1..{self._ctx.settings.max_upload_bytes} bytes")
+        if not _SHA256.match(header.sha256):
+            problems.append("sha256 must be 64 lowercase hex digits")
+        if not header.modalities:
+            problems.append("modalities must not be empty")
+        if header.public_samples <= 0:
+            problems.append("public_samples must be > 0")
+        if problems:
+            raise InvalidRequestError("invalid upload header: " + "; ".join(problems))
+        if header.base_version_id != base_version_id:
+            self._count_rejection("stale_base")
+            raise UpdateRejectedError("stale_base", "the update was trained from another global version")
+
+    def append(self, session: UploadSession, offset: int, data: bytes) -> int:
+        """Stages one chunk durably; returns the new acknowledged offset."""
+        update = session.update
+        if update.state is not UpdateState.PARTIAL:
+            raise ConflictError(f"upload is already {update.state}")
+        if offset != session.offset:
+            raise InvalidRequestError(f"chunk offset {offset} does not continue at {session.offset}")
+        if not data:
+            raise InvalidRequestError("empty chunk")
+        if offset + len(data) > update.declared_size:
+            raise InvalidRequestError(
+                f"chunk ends at {offset + len(data)}, beyond the declared size {update.declared_size}")
+        session.offset = self._ctx.blobs.append_staged(update.id, offset, data)
+        metrics.UPLOAD_BYTES.inc(len(data))
+        return session.offset
+
+    def finish(self, session: UploadSession) -> Update:
+        """Called at the end of a stream: accepts a complete upload, or records progress of a partial one."""
+        update = session.update
+        if update.state is not UpdateState.PARTIAL:
+            return update
+        staged = self._ctx.blobs.staged_size(update.id)
+        if staged < update.declared_size:
+            update.received_bytes = staged
+            self._ctx.store.save_update(update)
+            return update
+        data = self._ctx.blobs.read_staged(update.id)
+        try:
+            self._validate(update, data)
+        except UpdateRejectedError as exc:
+            update.state = UpdateState.REJECTED
+            update.rejection_reason = exc.reason
+            self._ctx.store.save_update(update)
+            self._ctx.blobs.discard_staged(update.id)
+            self._count_rejection(exc.reason)
+            raise
+        return self._accept(update)
+
+    def _accept(self, update: Update) -> Update:
+        store = self._ctx.store
+        with self._locks(update.round_id):
+            round_ = store.get_round(update.round_id)
+            if not round_.state.accepts_uploads:
+                self._count_rejection("round_closed")
+                raise ConflictError(f"round {round_.number} closed while the update arrived ({round_.state})")
+            update.blob_key = self._ctx.blobs.promote_staged(update.id)
+            update.state = UpdateState.ACCEPTED
+            update.received_bytes = update.declared_size
+            update.accepted_at = utcnow()
+            store.save_update(update)
+            if round_.state is RoundState.OPEN:
+                round_.state = check_transition(round_.state, RoundState.COLLECTING)
+                store.save_round(round_)
+        metrics.UPDATES.labels("accepted").inc()
+        self._on_accepted(update.round_id)
+        return update
+
+    def _validate(self, update: Update, data: bytes) -> None:
+        if len(data) != update.declared_size:
+            raise UpdateRejectedError("size", f"received {len(data)} bytes, declared {update.declared_size}")
+        if sha256_hex(data) != update.sha256:
+            raise UpdateRejectedError("checksum", "sha256 of the received bytes differs from the header")
+        try:
+            if peek_header(data).codec.value != update.codec:
+                raise UpdateRejectedError("codec", "payload codec differs from the header")
+            tensors = decode_tensors(data)
+        except CodecError as exc:
+            raise UpdateRejectedError("codec", str(exc)) from exc
+        round_ = self._ctx.store.get_round(update.round_id)
+        federation = self._ctx.store.get_federation(round_.federation_id)
+        schema = _schema(json.dumps(federation.config.model, sort_keys=True))
+        for name, value in tensors.items():
+            if name not in schema:
+                raise UpdateRejectedError("schema", f"unexpected tensor {name!r}")
+            if tuple(value.shape) != tuple(schema[name]):
+                raise UpdateRejectedError(
+                    "schema", f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(schema[name])}")
+            if not np.isfinite(value).all():
+                raise UpdateRejectedError("non_finite", f"tensor {name!r} has NaN or Inf values")
+            if name.startswith("extractors.") and name.split(".")[1] not in update.modalities:
+                raise UpdateRejectedError("schema", f"tensor {name!r} belongs to a modality the device lacks")
+        if not tensors:
+            raise UpdateRejectedError("schema", "the update holds no tensors")
+
+    def status(self, device: Device, round_id: str, upload_id: str) -> tuple[UpdateState, int]:
+        """The state of an upload and how many bytes of it are durably acknowledged."""
+        update = self._ctx.store.find_update(round_id, device.id, upload_id)
+        if update is None:
+            return UpdateState.PARTIAL, 0
+        if update.state is UpdateState.ACCEPTED:
+            return update.state, update.declared_size
+        if update.state is UpdateState.REJECTED:
+            return update.state, 0
+        return update.state, self._ctx.blobs.staged_size(update.id)
+
+    @staticmethod
+    def _count_rejection(reason: str) -> None:
+        metrics.UPDATES.labels("rejected").inc()
+        metrics.UPDATE_REJECTIONS.labels(reason).inc()

@@ -1,0 +1,110 @@
+"""Request and response bodies of the admin API (pydantic). Only the transport layer sees these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.domain.models import Device, Federation, FederationConfig, ModelVersion, Round
+
+
+class FederationConfigBody(BaseModel):
+    """How the federation learns; every field has a working default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aggregation: Literal["mma", "fedavg"] = "mma"
+    clients_per_round: int = Field(0, ge=0, description="Devices invited per round; 0 = every live device")
+    min_updates: int = Field(1, ge=1, description="Quorum of accepted updates needed to commit")
+    round_deadline_s: float = Field(600.0, gt=0)
+    public_epochs: int = Field(3, ge=0)
+    private_epochs: int = Field(1, ge=0)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-3, gt=0, lt=1)
+    upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
+    max_chunk_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
+    seed: int = 0
+    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {\"lora_rank\": 8}")
+
+    def to_domain(self) -> FederationConfig:
+        return FederationConfig(**self.model_dump())
+
+
+class CreateFederationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"name": "avmnist-demo", "config": {"aggregation": "mma", "min_updates": 2}}]})
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    config: FederationConfigBody = Field(default_factory=FederationConfigBody)
+
+
+class FederationOut(BaseModel):
+    id: str
+    name: str
+    state: str
+    current_version_id: str | None
+    created_at: datetime
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, f: Federation) -> FederationOut:
+        return cls(id=f.id, name=f.name, state=f.state.value, current_version_id=f.current_version_id,
+                   created_at=f.created_at, config=FederationConfigBody(**vars(f.config)).model_dump())
+
+
+class RoundOut(BaseModel):
+    id: str
+    federation_id: str
+    number: int
+    state: str
+    participants: list[str]
+    created_at: datetime
+    opened_at: datetime | None
+    deadline_at: datetime | None
+    closed_at: datetime | None
+    failure_reason: str | None
+    base_version_id: str | None
+    version_id: str | None
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, r: Round) -> RoundOut:
+        return cls(id=r.id, federation_id=r.federation_id, number=r.number, state=r.state.value,
+                   participants=list(r.participants), created_at=r.created_at, opened_at=r.opened_at,
+                   deadline_at=r.deadline_at, closed_at=r.closed_at, failure_reason=r.failure_reason,
+                   base_version_id=r.base_version_id, version_id=r.version_id, metrics=dict(r.metrics))
+
+
+class DeviceOut(BaseModel):
+    id: str
+    name: str
+    modalities: list[str]
+    online: bool
+    revoked: bool
+    enrolled_at: datetime
+    last_seen_at: datetime | None
+
+    @classmethod
+    def of(cls, d: Device, online: bool) -> DeviceOut:
+        return cls(id=d.id, name=d.name, modalities=sorted(d.modalities), online=online, revoked=d.revoked,
+                   enrolled_at=d.enrolled_at, last_seen_at=d.last_seen_at)
+
+
+class VersionOut(BaseModel):
+    id: str
+    federation_id: str
+    round_number: int
+    codec: str
+    adapter_sha256: str
+    adapter_size: int
+    anchors_size: int
+    metrics: dict[str, float]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, v: ModelVersion) -> VersionOut:
+        return cls(id=v.id, federation_id=v.federation_id, round_number=v.round_number, codec=v.codec,
+                   adapter_sha256=v.adapter_sha256, adapter_size=v.adapter_size, anchors_size=v.anchors_size,
+                   metrics=dict(v.metrics), created_at=v.created_at)

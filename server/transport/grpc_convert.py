@@ -1,0 +1,67 @@
+"""Conversions between protobuf messages and the coordinator's own types. Protobuf stops here."""
+
+from __future__ import annotations
+
+import json
+
+from mlecs.proto.v1 import fleet_pb2 as pb
+from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
+from server.services.uploads import UploadHeader
+
+_MODALITY_TO_NAME = {pb.MODALITY_IMAGE: "image", pb.MODALITY_AUDIO: "audio",
+                     pb.MODALITY_TEXT: "text", pb.MODALITY_SENSOR: "sensor"}
+_CODEC_TO_NAME = {pb.CODEC_FP32_ZSTD: "fp32", pb.CODEC_FP16_ZSTD: "fp16", pb.CODEC_INT8_ZSTD: "int8"}
+_NAME_TO_CODEC = {v: k for k, v in _CODEC_TO_NAME.items()}
+
+
+def modality_names(values: object) -> list[str]:
+    """Proto modality enums -> names; unknown numbers become a name the validator will refuse."""
+    return [_MODALITY_TO_NAME.get(v, f"unknown({v})") for v in values]  # type: ignore[attr-defined]
+
+
+def codec_to_proto(name: str) -> int:
+    return _NAME_TO_CODEC[name]
+
+
+def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
+    return UploadHeader(
+        round_id=msg.round_id,
+        device_id=msg.device_id,
+        upload_id=msg.upload_id,
+        codec=_CODEC_TO_NAME.get(msg.codec, f"unknown({msg.codec})"),
+        total_size=msg.total_size,
+        sha256=msg.sha256,
+        modalities=frozenset(modality_names(msg.modalities)),
+        public_samples=msg.samples.public_samples,
+        private_samples=msg.samples.private_samples,
+        resume_offset=msg.resume_offset,
+        base_version_id=msg.base_version_id,
+        metrics=dict(msg.metrics),
+    )
+
+
+def assignment_to_proto(assignment: Assignment) -> pb.GetTaskResponse:
+    match assignment:
+        case TrainAssignment(round=round_, config=config):
+            deadline_ms = int(round_.deadline_at.timestamp() * 1000) if round_.deadline_at else 0
+            return pb.GetTaskResponse(train=pb.TrainTask(
+                round_id=round_.id,
+                round_number=round_.number,
+                global_version_id=round_.base_version_id or "",
+                deadline_unix_ms=deadline_ms,
+                config=pb.TrainConfig(
+                    public_epochs=config.public_epochs,
+                    private_epochs=config.private_epochs,
+                    batch_size=config.batch_size,
+                    learning_rate=config.learning_rate,
+                    upload_codec=codec_to_proto(config.upload_codec),
+                    max_chunk_bytes=config.max_chunk_bytes,
+                    seed=config.seed,
+                    model_config_json=json.dumps(config.model, sort_keys=True),
+                ),
+            ))
+        case WaitAssignment(retry_after_s=retry, reason=reason):
+            return pb.GetTaskResponse(wait=pb.WaitTask(retry_after_s=retry, reason=reason))
+        case StopAssignment(reason=reason):
+            return pb.GetTaskResponse(stop=pb.StopTask(reason=reason))
+    raise TypeError(f"unknown assignment {assignment!r}")
