@@ -1,0 +1,3 @@
+from mlecs.cli import main
+
+main()

@@ -1,0 +1,272 @@
+"""A local federation: one coordinator and N agents as separate processes on loopback.
+
+Used by ``mlecs fleet`` and by the end-to-end test. The coordinator and agents are started as
+``python -m server`` / ``python -m edge_agent`` so this module imports neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from mlecs.data.partition import assign_modality_sets
+from mlecs.fleet.admin_client import AdminApiError, AdminClient
+
+
+class FleetError(Exception):
+    """The local federation could not run; the message says what failed and where the logs are."""
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    clients: int = 3
+    rounds: int = 3
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path | None = None
+    setting: str = "canonical"
+    aggregation: str = "mma"
+    public_fraction: float = 0.2
+    partition_scheme: str = "dirichlet"
+    alpha: float = 0.5
+    public_epochs: int = 3
+    private_epochs: int = 1
+    upload_codec: str = "fp16"
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)
+    round_timeout_s: float = 600.0
+    workdir: Path | None = None
+
+
+@dataclass
+class RoundResult:
+    round: int
+    participants: int
+    global_accuracy: float
+    client_accuracy_mean: float
+    upload_bytes_per_client: float
+    upload_ratio: float
+    wall_s: float
+    state: str = "committed"
+    failure_reason: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not (k == "failure_reason" and v is None)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class LocalFleet:
+    """Starts, drives and stops a local federation. Use as a context manager."""
+
+    def __init__(self, options: FleetOptions, say: Callable[[str], None] = print) -> None:
+        self.options = options
+        self.say = say
+        self._owns_workdir = options.workdir is None
+        self.workdir = options.workdir or Path(tempfile.mkdtemp(prefix="mlecs-fleet-"))
+        self.logs = self.workdir / "logs"
+        self._procs: list[tuple[str, subprocess.Popen[bytes], TextIO]] = []
+        self.admin_port = _free_port()
+        self.grpc_port = _free_port()
+        self.admin = AdminClient(f"http://127.0.0.1:{self.admin_port}")
+        self.federation = f"fleet-{int(time.time())}-{os.getpid()}"
+
+    def __enter__(self) -> LocalFleet:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed in close()
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env}, cwd=self.workdir)
+        self._procs.append((name, proc, log))
+        return proc
+
+    def _check_alive(self) -> None:
+        for name, proc, _ in self._procs:
+            if proc.poll() not in (None, 0):
+                raise FleetError(f"{name} exited with code {proc.returncode}; last log lines:\n"
+                                 f"{_tail(self.logs / f'{name}.log')}\n(logs in {self.logs})")
+
+    def start_coordinator(self) -> None:
+        o = self.options
+        env = {
+            "MLECS_DATA_DIR": str(self.workdir / "coordinator"),
+            "MLECS_GRPC_PORT": str(self.grpc_port),
+            "MLECS_ADMIN_PORT": str(self.admin_port),
+            "MLECS_EVAL_SETTING": o.setting,
+            "OMP_NUM_THREADS": "2",
+        }
+        if o.database_url:
+            env["MLECS_DATABASE_URL"] = o.database_url
+        if o.redis_url:
+            env["MLECS_REDIS_URL"] = o.redis_url
+        if o.data_dir:
+            env["MLECS_DATASET_DIR"] = str(o.data_dir)
+        self._spawn("coordinator", ["server", "serve"], env)
+        deadline = time.monotonic() + 120
+        while not self.admin.healthy():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise FleetError(f"coordinator did not answer within 120 s (logs in {self.logs})")
+            time.sleep(0.3)
+        where = "Postgres" if o.database_url else "embedded SQLite"
+        self.say(f"coordinator up (gRPC :{self.grpc_port}, admin http://127.0.0.1:{self.admin_port}, {where})")
+
+    def create_federation(self) -> dict[str, Any]:
+        o = self.options
+        config = {
+            "aggregation": o.aggregation, "min_updates": o.clients, "public_epochs": o.public_epochs,
+            "private_epochs": o.private_epochs, "upload_codec": o.upload_codec, "seed": o.seed,
+            "round_deadline_s": o.round_timeout_s, "model": o.model,
+        }
+        federation: dict[str, Any] = self.admin.post("/v1/federations", {"name": self.federation, "config": config})
+        return federation
+
+    def start_agents(self) -> list[list[str]]:
+        o = self.options
+        modality_sets = assign_modality_sets(o.clients, o.seed)
+        for index, mods in enumerate(modality_sets):
+            names = sorted(m.value for m in mods)
+            lines = [
+                f'coordinator = "127.0.0.1:{self.grpc_port}"',
+                f'federation = "{self.federation}"',
+                f'device_name = "edge-{index}"',
+                f"modalities = {json.dumps(names)}",
+                f'state_dir = "{self.workdir / f"agent-{index}"}"',
+                "torch_threads = 1",
+                "[data]",
+                f'setting = "{o.setting}"',
+                *([f'dir = "{o.data_dir}"'] if o.data_dir else []),
+                "[partition]",
+                f"num_clients = {o.clients}",
+                f"client_index = {index}",
+                f'scheme = "{o.partition_scheme}"',
+                f"alpha = {o.alpha}",
+                f"public_fraction = {o.public_fraction}",
+                f"seed = {o.seed}",
+            ]
+            path = self.workdir / f"agent-{index}.toml"
+            path.write_text("\n".join(lines) + "\n")
+            self._spawn(f"agent-{index}", ["edge_agent", "--config", str(path)],
+                        {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+        return [sorted(m.value for m in mods) for mods in modality_sets]
+
+    def wait_for_devices(self, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            devices = self.admin.get(f"/v1/federations/{self.federation}/devices")
+            online = sum(1 for d in devices if d["online"])
+            if online >= self.options.clients:
+                return
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise FleetError(f"only {online} of {self.options.clients} agents enrolled (logs in {self.logs})")
+            time.sleep(0.5)
+
+    def run_round(self) -> RoundResult:
+        started = time.monotonic()
+        try:
+            round_ = self.admin.post(f"/v1/federations/{self.federation}/rounds")
+        except AdminApiError as exc:
+            raise FleetError(f"could not start a round: {exc.detail}") from exc
+        while round_["state"] not in ("committed", "failed"):
+            self._check_alive()
+            if time.monotonic() - started > self.options.round_timeout_s + 30:
+                raise FleetError(f"round {round_['number']} did not finish (logs in {self.logs})")
+            time.sleep(0.5)
+            round_ = self.admin.get(f"/v1/rounds/{round_['id']}")
+        m = round_["metrics"]
+        return RoundResult(
+            round=round_["number"], participants=int(m.get("participants", 0)),
+            global_accuracy=m.get("global_accuracy", float("nan")),
+            client_accuracy_mean=m.get("client_accuracy_mean", float("nan")),
+            upload_bytes_per_client=m.get("upload_bytes_per_client", 0.0),
+            upload_ratio=m.get("upload_ratio", 0.0),
+            wall_s=m.get("wall_s", time.monotonic() - started),
+            state=round_["state"], failure_reason=round_.get("failure_reason"))
+
+    def stop_federation(self, timeout_s: float = 60) -> None:
+        """Stops the federation so agents exit by themselves (code 0), then stops the coordinator."""
+        try:
+            self.admin.post(f"/v1/federations/{self.federation}/stop")
+        except (AdminApiError, OSError):
+            return
+        deadline = time.monotonic() + timeout_s
+        for name, proc, _ in self._procs:
+            if name.startswith("agent-"):
+                try:
+                    proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def close(self) -> None:
+        for _name, proc, _ in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc, log in self._procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        self._procs.clear()
+        if self._owns_workdir and os.environ.get("MLECS_KEEP_FLEET") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_fleet(options: FleetOptions, say: Callable[[str], None] = print,
+              on_round: Callable[[RoundResult], None] | None = None) -> dict[str, Any]:
+    """Runs a whole local federation and returns ``{"federation", "modalities", "rounds": [...]}``."""
+    with LocalFleet(options, say) as fleet:
+        fleet.start_coordinator()
+        federation = fleet.create_federation()
+        modality_sets = fleet.start_agents()
+        say(f"federation {fleet.federation}: {options.clients} agents with modalities {modality_sets}")
+        fleet.wait_for_devices()
+        results = []
+        for _ in range(options.rounds):
+            result = fleet.run_round()
+            results.append(result)
+            if on_round:
+                on_round(result)
+            if result.state != "committed":
+                break
+        versions = fleet.admin.get(f"/v1/federations/{fleet.federation}/versions")
+        fleet.stop_federation()
+        exit_codes = {name: proc.poll() for name, proc, _ in fleet._procs if name.startswith("agent-")}
+        return {
+            "federation": fleet.federation,
+            "federation_id": federation["id"],
+            "modalities": modality_sets,
+            "initial_accuracy": versions[0]["metrics"].get("accuracy") if versions else None,
+            "agent_exit_codes": exit_codes,
+            "rounds": [r.as_json() for r in results],
+        }
