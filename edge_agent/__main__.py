@@ -42,9 +42,10 @@ def run(
 
     torch.set_num_threads(settings.torch_threads)
     from edge_agent.agent import Agent
+    from edge_agent.client import CoordinatorClient
     from edge_agent.errors import CredentialRejected, RequestRefused
 
-    agent = Agent(settings)
+    agent = Agent(settings, CoordinatorClient(settings.coordinator))
     signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
     signal.signal(signal.SIGINT, lambda *_: agent.shutdown())
     try:

@@ -9,10 +9,10 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from edge_agent.client import CoordinatorClient, Stop, TrainTask, UploadRequest, Wait
 from edge_agent.config import AgentSettings
 from edge_agent.errors import CoordinatorUnavailable, CredentialRejected, RequestRefused
 from edge_agent.state import AgentState, Identity, PendingUpload
+from edge_agent.tasks import Coordinator, Stop, TrainTask, UploadRequest, Wait
 from edge_agent.trainer import AmtTrainer, LocalData, TrainingInterrupted, load_local_data
 from mlecs.codec import CodecKind, decode_tensors, encode_tensors, sha256_hex
 
@@ -23,9 +23,9 @@ T = TypeVar("T")
 class Agent:
     """``run()`` blocks until the coordinator says stop or ``shutdown()`` is called (SIGTERM)."""
 
-    def __init__(self, settings: AgentSettings, client: CoordinatorClient | None = None) -> None:
+    def __init__(self, settings: AgentSettings, client: Coordinator) -> None:
         self.settings = settings
-        self._client = client or CoordinatorClient(settings.coordinator)
+        self._client = client
         self._state = AgentState(settings.state_dir)
         self._stop = threading.Event()
         self._identity: Identity | None = None

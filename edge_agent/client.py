@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
 from edge_agent.errors import AgentError, CoordinatorUnavailable, CredentialRejected, RequestRefused
+from edge_agent.tasks import GlobalVersion, Stop, TrainTask, UploadRequest, Wait
 from mlecs.codec import iter_chunks
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
@@ -21,54 +20,6 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
               grpc.StatusCode.ABORTED}
 _UPLOAD_STATE = {pb.UPLOAD_STATE_PARTIAL: "partial", pb.UPLOAD_STATE_ACCEPTED: "accepted",
                  pb.UPLOAD_STATE_REJECTED: "rejected"}
-
-
-@dataclass(frozen=True)
-class TrainTask:
-    round_id: str
-    round_number: int
-    version_id: str
-    public_epochs: int
-    private_epochs: int
-    batch_size: int
-    learning_rate: float
-    upload_codec: str
-    max_chunk_bytes: int
-    seed: int
-    model: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Wait:
-    seconds: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    reason: str
-
-
-@dataclass(frozen=True)
-class GlobalVersion:
-    version_id: str
-    round_number: int
-    adapter: bytes
-    anchors: bytes
-
-
-@dataclass(frozen=True)
-class UploadRequest:
-    round_id: str
-    device_id: str
-    upload_id: str
-    codec: str
-    sha256: str
-    modalities: list[str]
-    public_samples: int
-    private_samples: int
-    base_version_id: str
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def translate(exc: grpc.RpcError) -> AgentError:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.client import TrainTask
 from edge_agent.config import AgentSettings
+from edge_agent.tasks import TrainTask
 from mlecs.data.avmnist import AVMnistSplit, load_avmnist
 from mlecs.data.partition import PartitionSpec, client_shard
 from mlecs.modality import Modality, parse_modalities

@@ -13,6 +13,13 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mlecs: federated multimodal learning between a coordinator and edge devices.")
 
+
+
+@app.callback()
+def _root() -> None:
+    """mlecs: federated multimodal learning between a coordinator and edge devices."""
+
+
 COLUMNS = ("round", "participants", "global acc", "client acc", "upload B/client", "upload ratio", "wall s")
 
 

@@ -4,6 +4,7 @@ round scheduler in one event loop, with a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -142,10 +143,8 @@ class Coordinator:
     async def _schedule(self, services: Services) -> None:
         """Advances rounds when an update arrives or every interval (deadlines), and flushes presence."""
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.scheduler_interval_s)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await asyncio.to_thread(services.rounds.advance_all)

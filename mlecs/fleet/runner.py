@@ -6,6 +6,7 @@ Used by ``mlecs fleet`` and by the end-to-end test. The coordinator and agents a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -221,10 +222,8 @@ class LocalFleet:
         deadline = time.monotonic() + timeout_s
         for name, proc, _ in self._procs:
             if name.startswith("agent-"):
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
 
     def close(self) -> None:
         for _name, proc, _ in reversed(self._procs):

@@ -97,7 +97,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         device_id, secret = _credential(context)
         return await asyncio.to_thread(self._devices.authenticate, device_id, secret)
 
-    async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolResponse:  # noqa: N802
+    async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolResponse:
         async def body() -> pb.EnrolResponse:
             try:
                 enrolment = await asyncio.to_thread(
@@ -110,14 +110,14 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                                     heartbeat_interval_s=self._devices.heartbeat(enrolment.device))
         return await self._call("Enrol", context, body)
 
-    async def Heartbeat(self, request: pb.HeartbeatRequest,  # noqa: N802
+    async def Heartbeat(self, request: pb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         async def body() -> pb.HeartbeatResponse:
             device = await self._device(context)
             return pb.HeartbeatResponse(next_heartbeat_s=self._devices.heartbeat(device))
         return await self._call("Heartbeat", context, body)
 
-    async def GetTask(self, request: pb.GetTaskRequest,  # noqa: N802
+    async def GetTask(self, request: pb.GetTaskRequest,
                       context: grpc.aio.ServicerContext) -> pb.GetTaskResponse:
         async def body() -> pb.GetTaskResponse:
             device = await self._device(context)
@@ -125,7 +125,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             return assignment_to_proto(await asyncio.to_thread(self._rounds.assignment_for, device))
         return await self._call("GetTask", context, body)
 
-    async def DownloadGlobal(self, request: pb.DownloadGlobalRequest,  # noqa: N802
+    async def DownloadGlobal(self, request: pb.DownloadGlobalRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadChunk]:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -147,7 +147,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         finally:
             metrics.RPC_DURATION.labels("DownloadGlobal", code.name).observe(time.perf_counter() - started)
 
-    async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],  # noqa: N802
+    async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
                            context: grpc.aio.ServicerContext) -> pb.UploadResponse:
         async def body() -> pb.UploadResponse:
             device = await self._device(context)
@@ -172,7 +172,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                                      acknowledged_offset=offset)
         return await self._call("UploadUpdate", context, body)
 
-    async def GetUploadStatus(self, request: pb.UploadStatusRequest,  # noqa: N802
+    async def GetUploadStatus(self, request: pb.UploadStatusRequest,
                               context: grpc.aio.ServicerContext) -> pb.UploadStatusResponse:
         async def body() -> pb.UploadStatusResponse:
             device = await self._device(context)
@@ -183,7 +183,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             return pb.UploadStatusResponse(state=_UPLOAD_STATE[state], acknowledged_offset=offset)
         return await self._call("GetUploadStatus", context, body)
 
-    async def ReportMetrics(self, request: pb.ReportMetricsRequest,  # noqa: N802
+    async def ReportMetrics(self, request: pb.ReportMetricsRequest,
                             context: grpc.aio.ServicerContext) -> pb.ReportMetricsResponse:
         async def body() -> pb.ReportMetricsResponse:
             device = await self._device(context)

@@ -1,0 +1,69 @@
+"""What the coordinator asks of the agent and what the agent sends, in the agent's own terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    round_id: str
+    round_number: int
+    version_id: str
+    public_epochs: int
+    private_epochs: int
+    batch_size: int
+    learning_rate: float
+    upload_codec: str
+    max_chunk_bytes: int
+    seed: int
+    model: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+@dataclass(frozen=True)
+class GlobalVersion:
+    version_id: str
+    round_number: int
+    adapter: bytes
+    anchors: bytes
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    round_id: str
+    device_id: str
+    upload_id: str
+    codec: str
+    sha256: str
+    modalities: list[str]
+    public_samples: int
+    private_samples: int
+    base_version_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator(Protocol):
+    """The calls the agent makes; ``edge_agent.client.CoordinatorClient`` implements them over gRPC."""
+
+    def authenticate(self, device_id: str, secret: str) -> None: ...
+    def enrol(self, federation: str, device_name: str, modalities: list[str]) -> tuple[str, str, int]: ...
+    def heartbeat(self, device_id: str) -> int: ...
+    def get_task(self, device_id: str) -> TrainTask | Wait | Stop: ...
+    def download_global(self, device_id: str, version_id: str = "") -> GlobalVersion: ...
+    def upload_status(self, device_id: str, round_id: str, upload_id: str) -> tuple[str, int]: ...
+    def upload(self, request: UploadRequest, payload: bytes, resume_offset: int,
+               chunk_bytes: int) -> tuple[str, int]: ...
+    def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
