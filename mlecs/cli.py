@@ -42,7 +42,7 @@ def fleet(
         None, envvar="MLECS_DATABASE_URL",
         help="Coordinator database (e.g. postgresql://postgres@127.0.0.1:5432/test). Default: embedded SQLite."),
     redis_url: str | None = typer.Option(
-        None, envvar="MLECS_REDIS_URL", help="Redis for presence (e.g. redis://127.0.0.1:6379/0). Default: in-process."),
+        None, envvar="MLECS_REDIS_URL", help="Redis for presence (redis://127.0.0.1:6379/0). Default: in-process."),
     data_dir: Path | None = typer.Option(None, envvar="MLECS_DATA_DIR", help="AV-MNIST directory."),
     setting: str = typer.Option("canonical", help="Data setting: canonical or hard."),
     aggregation: str = typer.Option("mma", help="mma or fedavg."),

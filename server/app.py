@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -99,10 +100,8 @@ class Coordinator:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.shutdown)
-            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-                pass
         services = await asyncio.to_thread(build_services, self.settings, self._wake, loop)
         self.services = services
         limit = self.settings.max_message_bytes
