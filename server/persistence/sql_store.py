@@ -1,0 +1,336 @@
+"""The durable ``Store`` on SQLAlchemy: one code path for the embedded SQLite file and PostgreSQL.
+
+Every method runs in its own short transaction and commits before it returns. Database errors are
+translated once, here: unique-constraint violations become ``ConflictError``, references to missing
+rows ``NotFoundError``, and an unreachable or locked database ``UnavailableError`` (retryable).
+
+Concurrency: ``save_round`` is an optimistic compare-and-set on the round's lifecycle state. Its
+UPDATE only applies while the stored state may still legally become the new one: the same state, or
+one reachable along the lifecycle of ``server.domain.rounds`` (several steps at once are fine: a
+service may move a round open -> collecting -> aggregating in memory and save once). A committed or
+failed round is immutable, and no round moves backwards. A writer working from a stale copy (say it
+read ``aggregating`` and wants ``committed`` while another process already failed the round)
+therefore gets ``InvalidTransitionError`` instead of silently overwriting the other outcome.
+Two writers that keep the same non-terminal state are not told apart (the domain record has no
+revision counter); within one coordinator ``RoundLocks`` serialises them.
+Other ``save_*`` methods are last-writer-wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from sqlalchemy import Engine, Table, and_, bindparam, or_, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import update as sql_update
+from sqlalchemy.engine import CursorResult, Result
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.domain.errors import ConflictError, InvalidTransitionError, NotFoundError, UnavailableError
+from server.domain.models import Device, DeviceReport, Federation, ModelVersion, Round, Update
+from server.domain.ports import Store
+from server.domain.rounds import RoundState, check_transition
+from server.persistence import mapping
+from server.persistence.database import create_engine_for
+from server.persistence.tables import (
+    DeviceReportRow,
+    DeviceRow,
+    FederationRow,
+    ModelVersionRow,
+    RoundRow,
+    UpdateRow,
+)
+
+_UNFINISHED = [state.value for state in RoundState if not state.is_terminal]
+_DEVICES = cast(Table, DeviceRow.__table__)
+
+RowT = TypeVar("RowT", FederationRow, DeviceRow, RoundRow, UpdateRow, ModelVersionRow)
+
+
+class SqlStore:
+    """Implements ``server.domain.ports.Store`` on a migrated SQLite or PostgreSQL database."""
+
+    def __init__(self, engine: Engine, *, owns_engine: bool = False) -> None:
+        self._engine = engine
+        self._owns_engine = owns_engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def from_url(cls, url: str) -> SqlStore:
+        """A store on its own engine for ``url`` (the schema must already be migrated); ``close`` it."""
+        return cls(create_engine_for(url), owns_engine=True)
+
+    def close(self) -> None:
+        """Releases the connection pool if this store created the engine."""
+        if self._owns_engine:
+            self._engine.dispose()
+
+    # ---- federations ------------------------------------------------------------------------
+
+    def add_federation(self, federation: Federation) -> None:
+        with self._transaction(clash=f"a federation named {federation.name!r} (or id {federation.id}) "
+                                     "already exists") as session:
+            session.add(FederationRow(**mapping.federation_values(federation)))
+
+    def get_federation(self, federation_id: str) -> Federation:
+        with self._transaction() as session:
+            return mapping.to_federation(_get(session, FederationRow, federation_id, "federation"))
+
+    def find_federation_by_name(self, name: str) -> Federation | None:
+        with self._transaction() as session:
+            row = session.scalar(select(FederationRow).where(FederationRow.name == name))
+            return None if row is None else mapping.to_federation(row)
+
+    def list_federations(self) -> list[Federation]:
+        with self._transaction() as session:
+            rows = session.scalars(select(FederationRow).order_by(FederationRow.created_at, FederationRow.id))
+            return [mapping.to_federation(row) for row in rows]
+
+    def save_federation(self, federation: Federation) -> None:
+        with self._transaction(clash=f"a federation named {federation.name!r} already exists") as session:
+            _save(session, FederationRow, mapping.federation_values(federation), "federation")
+
+    # ---- devices ----------------------------------------------------------------------------
+
+    def add_device(self, device: Device) -> None:
+        with self._transaction(
+            clash=f"a device named {device.name!r} (or id {device.id}) already exists in federation "
+                  f"{device.federation_id}",
+            missing=f"federation {device.federation_id} not found",
+        ) as session:
+            session.add(DeviceRow(**mapping.device_values(device)))
+
+    def get_device(self, device_id: str) -> Device:
+        with self._transaction() as session:
+            return mapping.to_device(_get(session, DeviceRow, device_id, "device"))
+
+    def find_device_by_name(self, federation_id: str, name: str) -> Device | None:
+        with self._transaction() as session:
+            row = session.scalar(select(DeviceRow).where(DeviceRow.federation_id == federation_id,
+                                                         DeviceRow.name == name))
+            return None if row is None else mapping.to_device(row)
+
+    def list_devices(self, federation_id: str) -> list[Device]:
+        with self._transaction() as session:
+            rows = session.scalars(select(DeviceRow).where(DeviceRow.federation_id == federation_id)
+                                   .order_by(DeviceRow.name))
+            return [mapping.to_device(row) for row in rows]
+
+    def save_device(self, device: Device) -> None:
+        with self._transaction(
+            clash=f"a device named {device.name!r} already exists in federation {device.federation_id}",
+            missing=f"federation {device.federation_id} not found",
+        ) as session:
+            _save(session, DeviceRow, mapping.device_values(device), "device")
+
+    def touch_devices(self, seen: dict[str, datetime]) -> None:
+        """Records last-seen times in one statement; unknown ids are ignored and times never go back."""
+        if not seen:
+            return
+        statement = (
+            sql_update(_DEVICES)
+            .where(_DEVICES.c.id == bindparam("device_id"),
+                   or_(_DEVICES.c.last_seen_at.is_(None), _DEVICES.c.last_seen_at < bindparam("seen_at")))
+            .values(last_seen_at=bindparam("seen_at"))
+        )
+        with self._transaction() as session:
+            session.execute(statement, [{"device_id": key, "seen_at": at} for key, at in seen.items()])
+
+    # ---- rounds -----------------------------------------------------------------------------
+
+    def add_round(self, round_: Round) -> None:
+        with self._transaction(
+            clash=f"round {round_.number} (or id {round_.id}) already exists in federation {round_.federation_id}",
+            missing=f"federation {round_.federation_id} or one of the round's versions not found",
+        ) as session:
+            session.add(RoundRow(**mapping.round_values(round_)))
+
+    def get_round(self, round_id: str) -> Round:
+        with self._transaction() as session:
+            return mapping.to_round(_get(session, RoundRow, round_id, "round"))
+
+    def list_rounds(self, federation_id: str) -> list[Round]:
+        with self._transaction() as session:
+            rows = session.scalars(select(RoundRow).where(RoundRow.federation_id == federation_id)
+                                   .order_by(RoundRow.number))
+            return [mapping.to_round(row) for row in rows]
+
+    def latest_round(self, federation_id: str) -> Round | None:
+        with self._transaction() as session:
+            row = session.scalar(select(RoundRow).where(RoundRow.federation_id == federation_id)
+                                 .order_by(RoundRow.number.desc()).limit(1))
+            return None if row is None else mapping.to_round(row)
+
+    def list_unfinished_rounds(self) -> list[Round]:
+        with self._transaction() as session:
+            rows = session.scalars(select(RoundRow).where(RoundRow.state.in_(_UNFINISHED))
+                                   .order_by(RoundRow.created_at, RoundRow.number))
+            return [mapping.to_round(row) for row in rows]
+
+    def save_round(self, round_: Round) -> None:
+        """Saves the round if its stored state may still become ``round_.state`` (see the module doc)."""
+        values = mapping.round_values(round_)
+        from_states = [stored.value for stored, targets in _MAY_BECOME.items() if round_.state in targets]
+        with self._transaction(missing=f"a version of round {round_.number} not found") as session:
+            result = session.execute(
+                sql_update(RoundRow).where(and_(RoundRow.id == round_.id, RoundRow.state.in_(from_states)))
+                .values(**_without_id(values))
+            )
+            if _rowcount(result) == 1:
+                return
+            stored = _get(session, RoundRow, round_.id, "round")
+            # Repeating the save of a finished round (a retry after a lost reply) changes nothing: fine.
+            if mapping.round_values(mapping.to_round(stored)) == values:
+                return
+            raise InvalidTransitionError(
+                f"round {round_.number} is {stored.state} in the database, so it cannot be saved as "
+                f"{round_.state}: it was changed since it was read"
+            )
+
+    # ---- updates ----------------------------------------------------------------------------
+
+    def add_update(self, update: Update) -> None:
+        with self._transaction(
+            clash=f"upload {update.upload_id!r} (or update id {update.id}) already exists for device "
+                  f"{update.device_id} in round {update.round_id}",
+            missing=f"round {update.round_id} or device {update.device_id} not found",
+        ) as session:
+            session.add(UpdateRow(**mapping.update_values(update)))
+
+    def find_update(self, round_id: str, device_id: str, upload_id: str) -> Update | None:
+        with self._transaction() as session:
+            row = session.scalar(select(UpdateRow).where(
+                UpdateRow.round_id == round_id, UpdateRow.device_id == device_id, UpdateRow.upload_id == upload_id))
+            return None if row is None else mapping.to_update(row)
+
+    def list_updates(self, round_id: str) -> list[Update]:
+        with self._transaction() as session:
+            rows = session.scalars(select(UpdateRow).where(UpdateRow.round_id == round_id)
+                                   .order_by(UpdateRow.created_at, UpdateRow.id))
+            return [mapping.to_update(row) for row in rows]
+
+    def save_update(self, update: Update) -> None:
+        with self._transaction(
+            clash=f"upload {update.upload_id!r} already exists for device {update.device_id}",
+            missing=f"round {update.round_id} or device {update.device_id} not found",
+        ) as session:
+            _save(session, UpdateRow, mapping.update_values(update), "update")
+
+    # ---- versions ---------------------------------------------------------------------------
+
+    def add_version(self, version: ModelVersion) -> None:
+        with self._transaction(clash=f"model version {version.id} already exists",
+                               missing=f"federation {version.federation_id} not found") as session:
+            session.add(ModelVersionRow(**mapping.version_values(version)))
+
+    def get_version(self, version_id: str) -> ModelVersion:
+        with self._transaction() as session:
+            return mapping.to_version(_get(session, ModelVersionRow, version_id, "model version"))
+
+    def list_versions(self, federation_id: str) -> list[ModelVersion]:
+        with self._transaction() as session:
+            rows = session.scalars(select(ModelVersionRow).where(ModelVersionRow.federation_id == federation_id)
+                                   .order_by(ModelVersionRow.created_at, ModelVersionRow.round_number))
+            return [mapping.to_version(row) for row in rows]
+
+    # ---- device reports ---------------------------------------------------------------------
+
+    def add_device_report(self, report: DeviceReport) -> None:
+        with self._transaction(missing=f"round {report.round_id} or device {report.device_id} not found") as session:
+            session.add(DeviceReportRow(**mapping.report_values(report)))
+
+    def list_device_reports(self, round_id: str) -> list[DeviceReport]:
+        with self._transaction() as session:
+            rows = session.scalars(select(DeviceReportRow).where(DeviceReportRow.round_id == round_id)
+                                   .order_by(DeviceReportRow.reported_at, DeviceReportRow.id))
+            return [mapping.to_report(row) for row in rows]
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, *, clash: str = "a row with the same key already exists",
+                     missing: str = "a referenced row does not exist") -> Iterator[Session]:
+        """A session whose transaction commits on success; database errors come out as domain errors."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except sa_exc.IntegrityError as exc:
+            if _is_unique_violation(exc):
+                raise ConflictError(clash) from exc
+            if _is_foreign_key_violation(exc):
+                raise NotFoundError(missing) from exc
+            raise
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+            raise UnavailableError(
+                f"the {self._engine.dialect.name} database is unavailable: {_reason(exc)}") from exc
+
+
+def _get(session: Session, row_type: type[RowT], key: str, what: str) -> RowT:
+    row = session.get(row_type, key)
+    if row is None:
+        raise NotFoundError(f"{what} {key} not found")
+    return row
+
+
+def _save(session: Session, row_type: type[Any], values: dict[str, Any], what: str) -> None:
+    result = session.execute(sql_update(row_type).where(row_type.id == values["id"]).values(**_without_id(values)))
+    if _rowcount(result) == 0:
+        raise NotFoundError(f"{what} {values['id']} not found")
+
+
+def _without_id(values: dict[str, Any]) -> dict[str, Any]:
+    # Primary keys never change; leaving them out of SET spares PostgreSQL its foreign-key re-checks.
+    return {key: value for key, value in values.items() if key != "id"}
+
+
+def _reachable_from(state: RoundState) -> frozenset[RoundState]:
+    """Every state the lifecycle can lead ``state`` to, in one step or several."""
+    def allowed(source: RoundState, target: RoundState) -> bool:
+        try:
+            check_transition(source, target)
+        except InvalidTransitionError:
+            return False
+        return True
+
+    found: set[RoundState] = set()
+    frontier = [state]
+    while frontier:
+        current = frontier.pop()
+        for target in RoundState:
+            if target not in found and allowed(current, target):
+                found.add(target)
+                frontier.append(target)
+    return frozenset(found)
+
+
+# stored state -> the states a save may write over it (itself, unless finished, plus what follows it)
+_MAY_BECOME = {state: _reachable_from(state) | (set() if state.is_terminal else {state}) for state in RoundState}
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+def _is_unique_violation(exc: sa_exc.IntegrityError) -> bool:
+    # psycopg exposes the SQLSTATE; sqlite3 (Python >= 3.11) the extended result code name.
+    return (getattr(exc.orig, "sqlstate", None) == "23505"
+            or getattr(exc.orig, "sqlite_errorname", None) in ("SQLITE_CONSTRAINT_UNIQUE",
+                                                                "SQLITE_CONSTRAINT_PRIMARYKEY"))
+
+
+def _is_foreign_key_violation(exc: sa_exc.IntegrityError) -> bool:
+    return (getattr(exc.orig, "sqlstate", None) == "23503"
+            or getattr(exc.orig, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_FOREIGNKEY")
+
+
+def _reason(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+if TYPE_CHECKING:  # mypy proves the class satisfies the port it implements
+    _implements_port: type[Store] = SqlStore
