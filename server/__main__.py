@@ -37,7 +37,7 @@ def _logging(level: str) -> None:
 def serve() -> None:
     """Serve devices over gRPC and people over the admin API (migrates the database first).
 
-    With no MLECS_DATABASE_URL the coordinator keeps its state in SQLite under MLECS_DATA_DIR
+    With no MLECS_DATABASE_URL the coordinator keeps its state in SQLite under MLECS_STATE_DIR
     (default ./mlecs-data); with no MLECS_REDIS_URL device presence is kept in-process.
     """
     settings = _settings()

@@ -57,7 +57,7 @@ class Services:
 def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = None,
                    loop: asyncio.AbstractEventLoop | None = None) -> Services:
     """Migrates the database and wires every service. ``wake`` is set when an update is accepted."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     migrate(url)
     ctx = ServiceContext(
@@ -65,7 +65,7 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         store=SqlStore(create_engine_for(url)),
         blobs=FileBlobStore(settings.blob_dir),
         presence=create_presence_store(settings.redis_url),
-        evaluator=GlobalEvaluator(settings.dataset_dir, settings.eval_setting),
+        evaluator=GlobalEvaluator(settings.data_dir, settings.eval_setting),
     )
     locks = RoundLocks()
 

@@ -13,10 +13,10 @@ class CoordinatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MLECS_", env_nested_delimiter="__", extra="ignore")
 
-    data_dir: Path = Path("mlecs-data")
+    state_dir: Path = Path("mlecs-data")
     """Where the embedded database (when no database URL is set) and the blob store live."""
     database_url: str | None = None
-    """SQLAlchemy URL, e.g. ``postgresql://postgres@127.0.0.1:5432/mlecs``. Unset: SQLite under data_dir."""
+    """SQLAlchemy URL, e.g. ``postgresql://postgres@127.0.0.1:5432/mlecs``. Unset: SQLite under state_dir."""
     redis_url: str | None = None
     """e.g. ``redis://127.0.0.1:6379/0``. Unset: presence is kept in this process."""
     grpc_host: str = "127.0.0.1"
@@ -31,17 +31,17 @@ class CoordinatorSettings(BaseSettings):
     presence_ttl_s: float = Field(20.0, gt=0)
     """A device not heard from for this long is offline."""
     scheduler_interval_s: float = Field(1.0, gt=0)
-    dataset_dir: Path | None = None
+    data_dir: Path | None = None
     """AV-MNIST directory for server-side evaluation (default: the data loader's search path)."""
     eval_setting: str = "canonical"
     log_level: str = "INFO"
 
     @property
     def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return self.state_dir / "blobs"
 
     def resolved_database_url(self) -> str:
-        """The configured database URL, or the embedded SQLite file under data_dir."""
+        """The configured database URL, or the embedded SQLite file under state_dir."""
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'coordinator.db').resolve()}"
+        return f"sqlite:///{(self.state_dir / 'coordinator.db').resolve()}"

@@ -118,7 +118,7 @@ class LocalFleet:
     def start_coordinator(self) -> None:
         o = self.options
         env = {
-            "MLECS_DATA_DIR": str(self.workdir / "coordinator"),
+            "MLECS_STATE_DIR": str(self.workdir / "coordinator"),
             "MLECS_GRPC_PORT": str(self.grpc_port),
             "MLECS_ADMIN_PORT": str(self.admin_port),
             "MLECS_EVAL_SETTING": o.setting,
@@ -129,7 +129,7 @@ class LocalFleet:
         if o.redis_url:
             env["MLECS_REDIS_URL"] = o.redis_url
         if o.data_dir:
-            env["MLECS_DATASET_DIR"] = str(o.data_dir)
+            env["MLECS_DATA_DIR"] = str(o.data_dir)
         self._spawn("coordinator", ["server", "serve"], env)
         deadline = time.monotonic() + 120
         while not self.admin.healthy():

@@ -7,7 +7,8 @@
     ├── InvalidRequestError      malformed or inconsistent input (names what is wrong)
     │   └── UpdateRejectedError  an upload failed validation (size, checksum, schema, values)
     ├── UnauthenticatedError     missing or wrong device credential
-    └── PermissionDeniedError    a device acting outside its own identity, or revoked
+    ├── PermissionDeniedError    a device acting outside its own identity, or revoked
+    └── UnavailableError         the database, Redis or blob store is down (retryable)
 
 Each class says whether retrying the same request can help (``retryable``).
 """
