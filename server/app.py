@@ -64,7 +64,7 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         settings=settings,
         store=SqlStore(create_engine_for(url)),
         blobs=FileBlobStore(settings.blob_dir),
-        presence=create_presence_store(settings.redis_url),
+        presence=create_presence_store(settings.redis_url, settings.redis_prefix),
         evaluator=GlobalEvaluator(settings.data_dir, settings.eval_setting),
     )
     locks = RoundLocks()

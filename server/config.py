@@ -19,6 +19,8 @@ class CoordinatorSettings(BaseSettings):
     """SQLAlchemy URL, e.g. ``postgresql://postgres@127.0.0.1:5432/mlecs``. Unset: SQLite under state_dir."""
     redis_url: str | None = None
     """e.g. ``redis://127.0.0.1:6379/0``. Unset: presence is kept in this process."""
+    redis_prefix: str = "mlecs"
+    """Prefix of every Redis key this coordinator writes (several deployments can share one Redis)."""
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     admin_host: str = "127.0.0.1"

@@ -136,6 +136,8 @@ class UploadService:
     def append(self, session: UploadSession, offset: int, data: bytes) -> int:
         """Stages one chunk durably; returns the new acknowledged offset."""
         update = session.update
+        if update.state is UpdateState.ACCEPTED:
+            return session.offset  # a replay of an accepted upload: idempotent, the bytes are not needed
         if update.state is not UpdateState.PARTIAL:
             raise ConflictError(f"upload is already {update.state}")
         if offset != session.offset:
