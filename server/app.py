@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -124,7 +123,6 @@ class Coordinator:
                                                services.versions, services.ready))
         http = uvicorn.Server(uvicorn.Config(admin, host=self.settings.admin_host, port=self.settings.admin_port,
                                              log_level="warning", lifespan="off"))
-        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         http_task = asyncio.create_task(http.serve())
         scheduler = asyncio.create_task(self._schedule(services))
         log.info("coordinator serving gRPC on %s:%d and the admin API on http://%s:%d",

@@ -22,17 +22,17 @@ class CoordinatorSettings(BaseSettings):
     redis_prefix: str = "mlecs"
     """Prefix of every Redis key this coordinator writes (several deployments can share one Redis)."""
     grpc_host: str = "127.0.0.1"
-    grpc_port: int = Field(50051, ge=0, le=65535)
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
-    admin_port: int = Field(8080, ge=0, le=65535)
-    max_message_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    admin_port: int = Field(default=8080, ge=0, le=65535)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     """Largest gRPC message accepted or sent; chunks must fit well inside it."""
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest declared size of one update."""
-    heartbeat_interval_s: int = Field(5, ge=1)
-    presence_ttl_s: float = Field(20.0, gt=0)
+    heartbeat_interval_s: int = Field(default=5, ge=1)
+    presence_ttl_s: float = Field(default=20.0, gt=0)
     """A device not heard from for this long is offline."""
-    scheduler_interval_s: float = Field(1.0, gt=0)
+    scheduler_interval_s: float = Field(default=1.0, gt=0)
     data_dir: Path | None = None
     """AV-MNIST directory for server-side evaluation (default: the data loader's search path)."""
     eval_setting: str = "canonical"

@@ -88,7 +88,7 @@ class DeviceService:
         self._ctx.presence.mark_seen(device.id, self._ctx.settings.presence_ttl_s)
         return self._ctx.settings.heartbeat_interval_s
 
-    def list(self, federation_id_or_name: str) -> list[DeviceView]:
+    def list_for(self, federation_id_or_name: str) -> list[DeviceView]:
         federation = self._federations.get(federation_id_or_name)
         devices = self._ctx.store.list_devices(federation.id)
         online = self._ctx.presence.online(d.id for d in devices)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+
+import numpy as np
 
 from mlecs.codec import CodecKind, encode_tensors, sha256_hex
 from server.domain.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -42,7 +45,7 @@ class FederationService:
         log.info("federation %s created (initial accuracy %.3f)", name, version.metrics.get("accuracy", 0.0))
         return federation
 
-    def store_version(self, federation_id: str, round_number: int, tensors: dict) -> ModelVersion:
+    def store_version(self, federation_id: str, round_number: int, tensors: Mapping[str, np.ndarray]) -> ModelVersion:
         """Encodes and stores a global adapter content-addressed; returns the (unsaved) version record."""
         data = encode_tensors(tensors, GLOBAL_CODEC)
         key = self._ctx.blobs.put(data)
@@ -66,7 +69,7 @@ class FederationService:
                 raise NotFoundError(f"federation {federation_id_or_name!r} not found") from None
             return found
 
-    def list(self) -> list[Federation]:
+    def list_all(self) -> list[Federation]:
         return self._ctx.store.list_federations()
 
     def stop(self, federation_id_or_name: str) -> Federation:

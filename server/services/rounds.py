@@ -15,7 +15,16 @@ from mlecs.codec import decode_tensors
 from server import metrics
 from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
 from server.domain.errors import ConflictError, InvalidRequestError, PermissionDeniedError
-from server.domain.models import Device, DeviceReport, Federation, FederationState, Round, UpdateState, utcnow
+from server.domain.models import (
+    Device,
+    DeviceReport,
+    Federation,
+    FederationState,
+    Round,
+    Update,
+    UpdateState,
+    utcnow,
+)
 from server.domain.rounds import RoundState, check_transition
 from server.learning.global_model import apply_delta, full_model_bytes
 from server.services.context import ServiceContext
@@ -25,6 +34,12 @@ from server.services.locks import RoundLocks
 log = logging.getLogger(__name__)
 
 WAIT_S = 2
+
+
+def _accepted_blob(update: Update) -> str:
+    if update.blob_key is None:  # accepted rows always carry their blob; anything else is corruption
+        raise RuntimeError(f"accepted update {update.id} has no blob")
+    return update.blob_key
 
 
 class RoundService:
@@ -70,7 +85,7 @@ class RoundService:
     def get(self, round_id: str) -> Round:
         return self._ctx.store.get_round(round_id)
 
-    def list(self, federation_ref: str) -> list[Round]:
+    def list_for(self, federation_ref: str) -> list[Round]:
         return self._ctx.store.list_rounds(self._federations.get(federation_ref).id)
 
     # ---- device side ------------------------------------------------------------------------
@@ -151,14 +166,14 @@ class RoundService:
         log.warning("round %d failed: %s", round_.number, reason)
         return round_
 
-    def _commit(self, federation: Federation, round_: Round, accepted: list) -> Round:
+    def _commit(self, federation: Federation, round_: Round, accepted: list[Update]) -> Round:
         started = time.perf_counter()
         store, blobs = self._ctx.store, self._ctx.blobs
         assert round_.base_version_id is not None
         base_version = store.get_version(round_.base_version_id)
         base = decode_tensors(blobs.get(base_version.adapter_key))
         updates = [
-            ClientUpdate(client_id=u.device_id, tensors=decode_tensors(blobs.get(u.blob_key)),
+            ClientUpdate(client_id=u.device_id, tensors=decode_tensors(blobs.get(_accepted_blob(u))),
                          num_samples=max(u.public_samples, 1), modalities=frozenset(u.modalities))
             for u in accepted
         ]
@@ -190,7 +205,7 @@ class RoundService:
                  version.metrics.get("accuracy", float("nan")), len(accepted))
         return round_
 
-    def _round_metrics(self, federation: Federation, round_: Round, accepted: list,
+    def _round_metrics(self, federation: Federation, round_: Round, accepted: list[Update],
                        evaluation: dict[str, float]) -> dict[str, float]:
         sizes = [u.declared_size for u in accepted]
         per_client = float(np.mean(sizes)) if sizes else 0.0

@@ -13,7 +13,7 @@ class VersionService:
         self._ctx = ctx
         self._federations = federations
 
-    def list(self, federation_ref: str) -> list[ModelVersion]:
+    def list_for(self, federation_ref: str) -> list[ModelVersion]:
         return self._ctx.store.list_versions(self._federations.get(federation_ref).id)
 
     def get(self, version_id: str) -> ModelVersion:

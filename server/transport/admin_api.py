@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -47,7 +48,7 @@ class AdminServices:
     rounds: RoundService
     devices: DeviceService
     versions: VersionService
-    ready: object  # callable returning True when dependencies answer
+    ready: Callable[[], bool]  # True when the database and presence store answer
 
 
 def _services(request: Request) -> AdminServices:
@@ -78,7 +79,7 @@ def create_admin_app(services: AdminServices) -> FastAPI:
     @app.get("/readyz", tags=["health"])
     async def readyz(s: Services) -> JSONResponse:
         """Readiness: the database and presence store answer."""
-        ok = await asyncio.to_thread(s.ready)  # type: ignore[arg-type]
+        ok = await asyncio.to_thread(s.ready)
         return JSONResponse(status_code=200 if ok else 503, content={"ready": bool(ok)})
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
@@ -93,7 +94,7 @@ def create_admin_app(services: AdminServices) -> FastAPI:
 
     @app.get("/v1/federations", tags=["federations"])
     async def list_federations(s: Services) -> list[FederationOut]:
-        return [FederationOut.of(f) for f in await asyncio.to_thread(s.federations.list)]
+        return [FederationOut.of(f) for f in await asyncio.to_thread(s.federations.list_all)]
 
     @app.get("/v1/federations/{federation}", tags=["federations"])
     async def get_federation(federation: str, s: Services) -> FederationOut:
@@ -112,7 +113,7 @@ def create_admin_app(services: AdminServices) -> FastAPI:
 
     @app.get("/v1/federations/{federation}/rounds", tags=["rounds"])
     async def list_rounds(federation: str, s: Services) -> list[RoundOut]:
-        return [RoundOut.of(r) for r in await asyncio.to_thread(s.rounds.list, federation)]
+        return [RoundOut.of(r) for r in await asyncio.to_thread(s.rounds.list_for, federation)]
 
     @app.get("/v1/rounds/{round_id}", tags=["rounds"])
     async def get_round(round_id: str, s: Services) -> RoundOut:
@@ -120,12 +121,12 @@ def create_admin_app(services: AdminServices) -> FastAPI:
 
     @app.get("/v1/federations/{federation}/devices", tags=["devices"])
     async def list_devices(federation: str, s: Services) -> list[DeviceOut]:
-        views = await asyncio.to_thread(s.devices.list, federation)
+        views = await asyncio.to_thread(s.devices.list_for, federation)
         return [DeviceOut.of(v.device, v.online) for v in views]
 
     @app.get("/v1/federations/{federation}/versions", tags=["versions"])
     async def list_versions(federation: str, s: Services) -> list[VersionOut]:
-        return [VersionOut.of(v) for v in await asyncio.to_thread(s.versions.list, federation)]
+        return [VersionOut.of(v) for v in await asyncio.to_thread(s.versions.list_for, federation)]
 
     @app.get("/v1/versions/{version_id}", tags=["versions"])
     async def get_version(version_id: str, s: Services) -> VersionOut:

@@ -11,7 +11,7 @@ from server.services.uploads import UploadHeader
 _MODALITY_TO_NAME = {pb.MODALITY_IMAGE: "image", pb.MODALITY_AUDIO: "audio",
                      pb.MODALITY_TEXT: "text", pb.MODALITY_SENSOR: "sensor"}
 _CODEC_TO_NAME = {pb.CODEC_FP32_ZSTD: "fp32", pb.CODEC_FP16_ZSTD: "fp16", pb.CODEC_INT8_ZSTD: "int8"}
-_NAME_TO_CODEC = {v: k for k, v in _CODEC_TO_NAME.items()}
+_NAME_TO_CODEC: dict[str, pb.Codec.ValueType] = {v: k for k, v in _CODEC_TO_NAME.items()}
 
 
 def modality_names(values: object) -> list[str]:
@@ -19,7 +19,7 @@ def modality_names(values: object) -> list[str]:
     return [_MODALITY_TO_NAME.get(v, f"unknown({v})") for v in values]  # type: ignore[attr-defined]
 
 
-def codec_to_proto(name: str) -> int:
+def codec_to_proto(name: str) -> pb.Codec.ValueType:
     return _NAME_TO_CODEC[name]
 
 

@@ -173,7 +173,7 @@ def test_tensors_of_a_modality_the_device_lacks_are_rejected(coordinator):
 
 def test_calls_without_a_valid_credential_are_refused(coordinator):
     federation = _federation(coordinator)
-    client, device_id = _device(coordinator, federation["name"], "cam-3", ["image"])
+    _client, device_id = _device(coordinator, federation["name"], "cam-3", ["image"])
     stranger = CoordinatorClient(coordinator.grpc_address)
     with pytest.raises(CredentialRejected, match="UNAUTHENTICATED"):
         stranger.get_task(device_id)

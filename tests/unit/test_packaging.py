@@ -1,5 +1,6 @@
 """The edge install must stay light: no web framework, ORM or Redis client on a device."""
 
+import contextlib
 import re
 import tomllib
 from importlib import metadata
@@ -25,10 +26,8 @@ def _closure(requirements: list[str]) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             todo.extend(metadata.requires(name) or [])
-        except metadata.PackageNotFoundError:
-            pass
     return seen
 
 

@@ -1,0 +1,39 @@
+"""The whole system in separate processes: `mlecs fleet` with 3 agents for 2 rounds on real AV-MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_local_federation_of_three_agents_learns_and_stays_within_the_upload_budget(tmp_path):
+    out = tmp_path / "fleet.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mlecs", "fleet", "--clients", "3", "--rounds", "2", "--json", str(out),
+         "--workdir", str(tmp_path / "fleet")],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    rounds = report["rounds"]
+
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["state"] == "committed" and r["participants"] == 3 for r in rounds)
+    # Learning: above chance (0.1 for ten digits) after round 1, and better after round 2.
+    assert rounds[0]["global_accuracy"] > 0.3
+    assert rounds[1]["global_accuracy"] > rounds[0]["global_accuracy"]
+    assert report["initial_accuracy"] < rounds[0]["global_accuracy"]
+    assert all(0.1 < r["client_accuracy_mean"] <= 1 for r in rounds)
+    # Communication: what a client uploads is a small, bounded share of the full edge model.
+    assert all(0 < r["upload_bytes_per_client"] < 600_000 for r in rounds)
+    assert all(r["upload_ratio"] <= 0.0065 for r in rounds)
+    # Agents left on their own when the federation stopped (exit code 0), and the table was printed.
+    assert set(report["agent_exit_codes"].values()) == {0}
+    assert "global acc" in result.stdout and len(result.stdout.strip().splitlines()) == 3
+    assert sorted(map(tuple, report["modalities"])) == [("audio",), ("audio", "image"), ("image",)]
