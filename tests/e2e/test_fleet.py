@@ -37,3 +37,35 @@ def test_a_local_federation_of_three_agents_learns_and_stays_within_the_upload_b
     assert set(report["agent_exit_codes"].values()) == {0}
     assert "global acc" in result.stdout and len(result.stdout.strip().splitlines()) == 3
     assert sorted(map(tuple, report["modalities"])) == [("audio",), ("audio", "image"), ("image",)]
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_fleet_on_postgres_and_redis_leaves_its_rounds_and_versions_as_rows(tmp_path, make_postgres_database,
+                                                                              redis_prefix):
+    from sqlalchemy import create_engine, text
+
+    from server.persistence.database import normalise_url
+
+    url = make_postgres_database()
+    out = tmp_path / "fleet.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlecs", "fleet", "--clients", "2", "--rounds", "2", "--backbone", "tiny",
+         "--public-epochs", "1", "--json", str(out), "--database-url", url,
+         "--redis-url", "redis://127.0.0.1:6379/0"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MLECS_REDIS_PREFIX": redis_prefix})  # keys removed after
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Postgres" in result.stderr
+    report = json.loads(out.read_text())
+    engine = create_engine(normalise_url(url))
+    with engine.connect() as conn:
+        rounds = conn.execute(text("SELECT number, state FROM rounds WHERE federation_id = :f ORDER BY number"),
+                              {"f": report["federation_id"]}).all()
+        versions = conn.execute(text("SELECT round_number FROM model_versions WHERE federation_id = :f "
+                                     "ORDER BY round_number"), {"f": report["federation_id"]}).scalars().all()
+        accepted = conn.execute(text("SELECT count(*) FROM updates WHERE state = 'accepted'")).scalar()
+    engine.dispose()
+    assert [tuple(r) for r in rounds] == [(1, "committed"), (2, "committed")]
+    assert versions == [0, 1, 2]
+    assert accepted == 4
