@@ -1,0 +1,57 @@
+"""The hyper-parameters of the edge model M = {E, C, B}; plain data, importable without torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+Backbone = Literal["minilm", "tiny"]
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of the extractors, connector, backbone adapter and head; identical across a federation."""
+
+    feature_dim: int = 64
+    """Width of each extractor's output and of each modality's connector slot."""
+    fused_dim: int = 256
+    """Width of the fused representation z."""
+    num_soft_tokens: int = 4
+    """Soft-prompt tokens made from z; must divide ``fused_dim``."""
+    backbone: Backbone = "minilm"
+    """``minilm``: pretrained all-MiniLM-L6-v2; ``tiny``: a random 2-layer BERT (hidden 64) for fast tests."""
+    lora_rank: int = 4
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("feature_dim", "fused_dim", "num_soft_tokens", "lora_rank", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.fused_dim % self.num_soft_tokens:
+            raise ValueError(
+                f"fused_dim ({self.fused_dim}) must be divisible by num_soft_tokens ({self.num_soft_tokens})"
+            )
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        classes = self.num_classes
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the fields as a JSON-ready dict (the inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Builds a config from a dict; missing keys take defaults, unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,191 @@
+"""Public/private partitioning and modality assignment: disjoint, complete and reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlecs.data.avmnist import AVMnistSplit, load_avmnist_tiny
+from mlecs.data.partition import (
+    AUDIO_ONLY,
+    BOTH,
+    IMAGE_ONLY,
+    PartitionSpec,
+    assign_modality_sets,
+    client_shard,
+    partition_by_speaker,
+    partition_dirichlet,
+    plan_shards,
+    split_public,
+)
+
+
+@pytest.fixture(scope="module")
+def train() -> AVMnistSplit:
+    return load_avmnist_tiny().train
+
+
+def _assert_exact_cover(parts: list[np.ndarray], expected: np.ndarray) -> None:
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined)), "parts overlap"
+    np.testing.assert_array_equal(np.sort(joined), np.sort(expected))
+
+
+def test_split_public_takes_the_requested_share_disjointly() -> None:
+    public, private = split_public(1000, 0.2, seed=3)
+
+    assert len(public) == 200 and len(private) == 800
+    _assert_exact_cover([public, private], np.arange(1000))
+
+
+def test_split_public_is_reproducible_and_depends_on_the_seed() -> None:
+    assert np.array_equal(split_public(500, 0.3, 1)[0], split_public(500, 0.3, 1)[0])
+    assert not np.array_equal(split_public(500, 0.3, 1)[0], split_public(500, 0.3, 2)[0])
+
+
+def test_dirichlet_partition_covers_the_index_disjointly_with_a_minimum_size() -> None:
+    labels = np.repeat(np.arange(10), 50)
+    index = np.arange(0, 500, 2)
+
+    parts = partition_dirichlet(labels, index, num_clients=4, alpha=0.5, seed=0, min_size=10)
+
+    _assert_exact_cover(parts, index)
+    assert min(len(p) for p in parts) >= 10
+
+
+def test_dirichlet_partition_is_reproducible_from_seed() -> None:
+    labels = np.repeat(np.arange(10), 30)
+    index = np.arange(300)
+
+    first = partition_dirichlet(labels, index, 3, 0.5, seed=7)
+    second = partition_dirichlet(labels, index, 3, 0.5, seed=7)
+    other = partition_dirichlet(labels, index, 3, 0.5, seed=8)
+
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_small_alpha_skews_labels_more_than_large_alpha() -> None:
+    labels = np.repeat(np.arange(10), 100)
+    index = np.arange(1000)
+
+    def mean_label_entropy(alpha: float) -> float:
+        entropies = []
+        for part in partition_dirichlet(labels, index, 5, alpha, seed=0):
+            p = np.bincount(labels[part], minlength=10) / len(part)
+            entropies.append(-(p[p > 0] * np.log(p[p > 0])).sum())
+        return float(np.mean(entropies))
+
+    assert mean_label_entropy(0.1) < mean_label_entropy(100.0)
+
+
+def test_dirichlet_partition_rejects_too_little_data_for_the_minimum_size() -> None:
+    with pytest.raises(ValueError, match="min_size"):
+        partition_dirichlet(np.zeros(20, dtype=np.int64), np.arange(20), num_clients=3, alpha=0.5, seed=0)
+
+
+@pytest.mark.parametrize("num_clients", [2, 3, 6])
+def test_speaker_partition_keeps_each_speaker_on_one_client(num_clients: int) -> None:
+    speakers = np.repeat(np.arange(6), 20)
+    index = np.arange(120)
+
+    parts = partition_by_speaker(speakers, index, num_clients, seed=1)
+
+    _assert_exact_cover(parts, index)
+    owners = [set(speakers[p].tolist()) for p in parts]
+    assert sum(len(o) for o in owners) == 6
+    assert all(owners)
+
+
+def test_speaker_partition_with_more_clients_than_speakers_splits_speakers_evenly() -> None:
+    speakers = np.repeat(np.arange(6), 20)
+    index = np.arange(120)
+
+    parts = partition_by_speaker(speakers, index, num_clients=12, seed=0)
+
+    _assert_exact_cover(parts, index)
+    assert all(len(set(speakers[p].tolist())) == 1 for p in parts)
+    assert sorted(len(p) for p in parts) == [10] * 12
+
+
+def test_three_clients_get_one_each_of_both_image_only_and_audio_only() -> None:
+    for seed in range(5):
+        sets = assign_modality_sets(3, seed)
+
+        assert sets[0] == BOTH
+        assert sorted(sets, key=sorted) == sorted([BOTH, IMAGE_ONLY, AUDIO_ONLY], key=sorted)
+
+
+def test_larger_fleets_cycle_the_modality_mix_reproducibly() -> None:
+    sets = assign_modality_sets(9, seed=4)
+
+    assert sets == assign_modality_sets(9, seed=4)
+    assert sets[0] == BOTH
+    assert [sets.count(s) for s in (BOTH, IMAGE_ONLY, AUDIO_ONLY)] == [3, 3, 3]
+
+
+def test_missing_fraction_controls_how_many_clients_miss_a_modality() -> None:
+    sets = assign_modality_sets(10, seed=0, missing_fraction=0.4)
+
+    assert sets.count(IMAGE_ONLY) == 2 and sets.count(AUDIO_ONLY) == 2 and sets.count(BOTH) == 6
+    assert sets[0] == BOTH
+    assert assign_modality_sets(4, seed=0, missing_fraction=0.0) == [BOTH] * 4
+
+
+def test_plan_shards_splits_public_evenly_and_covers_the_training_split(train: AVMnistSplit) -> None:
+    spec = PartitionSpec(num_clients=3, public_fraction=0.25, seed=0)
+
+    shards = plan_shards(train, spec)
+
+    publics = [s.public_index for s in shards]
+    privates = [s.private_index for s in shards]
+    _assert_exact_cover(publics + privates, np.arange(len(train)))
+    assert sum(len(p) for p in publics) == round(0.25 * len(train))
+    assert max(len(p) for p in publics) - min(len(p) for p in publics) <= 1
+    assert [s.client_index for s in shards] == [0, 1, 2]
+
+
+def test_client_shard_recomputes_the_planned_shard(train: AVMnistSplit) -> None:
+    spec = PartitionSpec(num_clients=4, scheme="speaker", seed=5)
+    planned = plan_shards(train, spec)
+
+    for index in range(4):
+        shard = client_shard(train, spec, index)
+        assert shard.modalities == planned[index].modalities
+        np.testing.assert_array_equal(shard.public_index, planned[index].public_index)
+        np.testing.assert_array_equal(shard.private_index, planned[index].private_index)
+
+
+def test_speaker_scheme_keeps_each_speaker_private_data_on_one_client(train: AVMnistSplit) -> None:
+    shards = plan_shards(train, PartitionSpec(num_clients=3, scheme="speaker", seed=0))
+
+    owners = [set(train.speaker[s.private_index].tolist()) for s in shards]
+    assert sum(len(o) for o in owners) == len(np.unique(train.speaker))
+
+
+def test_missing_fraction_in_the_spec_reaches_every_client(train: AVMnistSplit) -> None:
+    spec = PartitionSpec(num_clients=4, seed=0, missing_fraction=0.5)
+
+    assert [s.modalities for s in plan_shards(train, spec)] == assign_modality_sets(4, 0, 0.5)
+    assert client_shard(train, spec, 3).modalities == assign_modality_sets(4, 0, 0.5)[3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_clients": 0}, "num_clients"),
+        ({"num_clients": 3, "scheme": "random"}, "scheme"),
+        ({"num_clients": 3, "alpha": 0.0}, "alpha"),
+        ({"num_clients": 3, "public_fraction": 1.0}, "public_fraction"),
+        ({"num_clients": 3, "seed": -1}, "seed"),
+        ({"num_clients": 3, "missing_fraction": 1.5}, "missing_fraction"),
+    ],
+)
+def test_invalid_partition_spec_names_the_bad_argument(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        PartitionSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_client_index_out_of_range_is_rejected(train: AVMnistSplit) -> None:
+    with pytest.raises(ValueError, match="client_index"):
+        client_shard(train, PartitionSpec(num_clients=2), 2)

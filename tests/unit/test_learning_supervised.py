@@ -1,0 +1,92 @@
+"""Supervised training and evaluation of edge models on the tiny AV-MNIST fixture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlecs.data.avmnist import AVMnist, load_avmnist_tiny
+from mlecs.learning import evaluate, to_inputs, train_supervised
+from mlecs.modality import Modality
+from mlecs.model import ModelConfig, build_edge_model
+
+TINY = ModelConfig(backbone="tiny")
+BOTH = frozenset(Modality)
+IMAGE = frozenset({Modality.IMAGE})
+
+
+@pytest.fixture(scope="module")
+def data() -> AVMnist:
+    return load_avmnist_tiny()
+
+
+def test_a_few_epochs_reduce_the_training_loss(data: AVMnist) -> None:
+    model = build_edge_model(TINY, BOTH, seed=0)
+
+    first = train_supervised(model, data.train, BOTH, epochs=1, batch_size=32, learning_rate=2e-3, seed=0)
+    later = train_supervised(model, data.train, BOTH, epochs=3, batch_size=32, learning_rate=2e-3, seed=1)
+
+    assert later.loss < first.loss
+    assert later.samples == len(data.train) and later.seconds > 0
+
+
+def test_training_is_deterministic_given_the_seed(data: AVMnist) -> None:
+    states = []
+    for _ in range(2):
+        model = build_edge_model(TINY, BOTH, seed=0)
+        train_supervised(model, data.train, BOTH, epochs=1, batch_size=32, learning_rate=1e-3, seed=9)
+        states.append(model.shared_state())
+
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+
+
+def test_training_with_one_modality_leaves_the_other_extractor_unchanged(data: AVMnist) -> None:
+    model = build_edge_model(TINY, BOTH, seed=0)
+    before = model.shared_state()
+
+    train_supervised(model, data.train, IMAGE, epochs=1, batch_size=64, learning_rate=1e-3, seed=0, parameters="shared")
+
+    after = model.shared_state()
+    assert not torch.equal(after["extractors.image.conv1.weight"], before["extractors.image.conv1.weight"])
+    assert torch.equal(after["extractors.audio.conv1.weight"], before["extractors.audio.conv1.weight"])
+
+
+def test_progress_is_reported_for_every_step(data: AVMnist) -> None:
+    model = build_edge_model(TINY, IMAGE, seed=0)
+    calls: list[tuple[int, int, float]] = []
+
+    train_supervised(
+        model,
+        data.train,
+        IMAGE,
+        epochs=2,
+        batch_size=64,
+        learning_rate=1e-3,
+        seed=0,
+        progress=lambda step, total, loss: calls.append((step, total, loss)),
+    )
+
+    assert [c[0] for c in calls] == list(range(1, 7)) and all(c[1] == 6 for c in calls)
+
+
+def test_evaluate_returns_an_accuracy_and_restores_the_training_mode(data: AVMnist) -> None:
+    model = build_edge_model(TINY, BOTH, seed=0).train()
+
+    accuracy = evaluate(model, data.test, IMAGE, batch_size=16)
+
+    assert 0.0 <= accuracy <= 1.0
+    assert model.training
+
+
+def test_training_rejects_modalities_the_model_lacks(data: AVMnist) -> None:
+    model = build_edge_model(TINY, IMAGE, seed=0)
+
+    with pytest.raises(ValueError, match="no extractor for"):
+        train_supervised(model, data.train, BOTH, epochs=1, batch_size=32, learning_rate=1e-3, seed=0)
+
+
+def test_to_inputs_returns_only_the_requested_modalities(data: AVMnist) -> None:
+    inputs = to_inputs(data.test, IMAGE)
+
+    assert list(inputs) == [Modality.IMAGE]
+    assert inputs[Modality.IMAGE].shape == (len(data.test), 1, 28, 28)

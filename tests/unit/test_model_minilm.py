@@ -1,0 +1,34 @@
+"""The real MiniLM backbone loads offline, runs, and trains only the parts meant to train."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mlecs.modality import Modality
+from mlecs.model import ModelConfig, build_edge_model, full_model_fp32_bytes, shared_schema
+from mlecs.model.backbone import base_model
+
+
+def test_minilm_model_loads_offline_runs_and_freezes_the_base_weights() -> None:
+    config = ModelConfig()
+    model = build_edge_model(config, frozenset(Modality), seed=0).eval()
+    batch = {Modality.IMAGE: torch.rand(2, 1, 28, 28), Modality.AUDIO: torch.randn(2, 1, 40, 64)}
+
+    with torch.no_grad():
+        output = model(batch)
+
+    assert output.logits.shape == (2, 10) and torch.isfinite(output.logits).all()
+    base: Any = base_model(model.backbone)
+    assert base.config.hidden_size == 384 and len(base.encoder.layer) == 6
+    frozen = [n for n, p in base.named_parameters() if not p.requires_grad]
+    assert frozen and all("lora_" not in n for n in frozen)
+    trainable_prefixes = {name.split(".")[0] for name in model.shared_state()}
+    assert trainable_prefixes == {"extractors", "connector", "lora", "head"}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.shared_parameters()}
+    # Schema and size are computed without weights, and agree with the real model.
+    assert shared_schema(config) == {n: tuple(t.shape) for n, t in model.shared_state().items()}
+    assert full_model_fp32_bytes(config) == 4 * sum(p.numel() for p in model.parameters())
+    shared = sum(p.numel() for p in model.shared_parameters())
+    assert 150_000 <= shared <= 200_000
