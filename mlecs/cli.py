@@ -47,7 +47,7 @@ def fleet(
     setting: str = typer.Option("canonical", help="Data setting: canonical or hard."),
     aggregation: str = typer.Option("mma", help="mma or fedavg."),
     public_fraction: float = typer.Option(0.2, help="Share of the training pairs that plays the public set."),
-    public_epochs: int = typer.Option(3, help="Epochs of the public (uploaded) stage per round."),
+    public_epochs: int = typer.Option(5, help="Epochs of the public (uploaded) stage per round."),
     private_epochs: int = typer.Option(1, help="Epochs of the private (personal) stage per round."),
     codec: str = typer.Option("fp16", help="Upload codec: fp32, fp16 or int8."),
     backbone: str = typer.Option("minilm", help="Edge backbone: minilm (all-MiniLM-L6-v2) or tiny (tests)."),

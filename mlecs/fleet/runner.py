@@ -40,7 +40,7 @@ class FleetOptions:
     public_fraction: float = 0.2
     partition_scheme: str = "dirichlet"
     alpha: float = 0.5
-    public_epochs: int = 3
+    public_epochs: int = 5
     private_epochs: int = 1
     upload_codec: str = "fp16"
     seed: int = 0

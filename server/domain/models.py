@@ -42,10 +42,10 @@ class FederationConfig:
     """Quorum: the fewest accepted updates a round may commit with."""
     round_deadline_s: float = 600.0
     """After this many seconds an open round commits if quorum was reached, else fails."""
-    public_epochs: int = 3
+    public_epochs: int = 5
     private_epochs: int = 1
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
     max_chunk_bytes: int = 256 * 1024
     seed: int = 0

@@ -19,10 +19,10 @@ class FederationConfigBody(BaseModel):
     clients_per_round: int = Field(0, ge=0, description="Devices invited per round; 0 = every live device")
     min_updates: int = Field(1, ge=1, description="Quorum of accepted updates needed to commit")
     round_deadline_s: float = Field(600.0, gt=0)
-    public_epochs: int = Field(3, ge=0)
+    public_epochs: int = Field(5, ge=0)
     private_epochs: int = Field(1, ge=0)
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(2e-3, gt=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
     upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
     max_chunk_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
     seed: int = 0
