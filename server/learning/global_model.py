@@ -44,6 +44,14 @@ def full_model_bytes(model: Mapping[str, Any]) -> int:
     return int(full_model_fp32_bytes(_model_config(model)))
 
 
+def owning_modality(tensor_name: str) -> str | None:
+    """The modality whose devices alone hold this tensor (an extractor or connector slot), else None."""
+    from mlecs.model import tensor_modality
+
+    owner = tensor_modality(tensor_name)
+    return None if owner is None else owner.value
+
+
 def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """base + delta for every tensor in base; tensors no client touched stay as they were."""
     out = {}

@@ -26,7 +26,7 @@ from server.domain.errors import (
 )
 from server.domain.models import Device, Update, UpdateState, utcnow
 from server.domain.rounds import RoundState, check_transition
-from server.learning.global_model import adapter_schema
+from server.learning.global_model import adapter_schema, owning_modality
 from server.services.context import ServiceContext
 from server.services.locks import RoundLocks
 
@@ -214,7 +214,8 @@ class UploadService:
                     "schema", f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(schema[name])}")
             if not np.isfinite(value).all():
                 raise UpdateRejectedError("non_finite", f"tensor {name!r} has NaN or Inf values")
-            if name.startswith("extractors.") and name.split(".")[1] not in update.modalities:
+            owner = owning_modality(name)
+            if owner is not None and owner not in update.modalities:
                 raise UpdateRejectedError("schema", f"tensor {name!r} belongs to a modality the device lacks")
         if not tensors:
             raise UpdateRejectedError("schema", "the update holds no tensors")

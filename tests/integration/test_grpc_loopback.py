@@ -15,6 +15,7 @@ from edge_agent.client import CoordinatorClient
 from edge_agent.errors import CredentialRejected, RequestRefused
 from edge_agent.tasks import Stop, TrainTask, UploadRequest, Wait
 from mlecs.codec import decode_tensors, encode_tensors, iter_chunks, sha256_hex
+from mlecs.model import tensor_modality
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 from server.config import CoordinatorSettings
@@ -59,7 +60,7 @@ def _delta_for(adapter: bytes, modalities: set[str]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)  # random, so the payload does not compress to a few bytes
     tensors = decode_tensors(adapter)
     return {name: rng.normal(0, 0.01, value.shape).astype(np.float32) for name, value in tensors.items()
-            if not name.startswith("extractors.") or name.split(".")[1] in modalities}
+            if tensor_modality(name) is None or tensor_modality(name) in modalities}
 
 
 def _request(task: TrainTask, device_id: str, payload: bytes, modalities: list[str], **overrides) -> UploadRequest:
