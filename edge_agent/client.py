@@ -110,6 +110,9 @@ class CoordinatorClient:
             raise RequestRefused("download stream carried no header")
         if len(adapter) != header.adapter_size or hashlib.sha256(adapter).hexdigest() != header.adapter_sha256:
             raise CoordinatorUnavailable("global adapter arrived incomplete or corrupted; retrying")
+        if len(anchors) != header.anchors_size or (
+                anchors and hashlib.sha256(anchors).hexdigest() != header.anchors_sha256):
+            raise CoordinatorUnavailable("anchors arrived incomplete or corrupted; retrying")
         return GlobalVersion(header.version_id, header.round_number, bytes(adapter), bytes(anchors))
 
     def upload_status(self, device_id: str, round_id: str, upload_id: str) -> tuple[str, int]:

@@ -10,6 +10,7 @@ import numpy as np
 from mlecs.codec import CodecKind, encode_tensors, sha256_hex
 from server.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.domain.models import Federation, FederationConfig, FederationState, ModelVersion
+from server.learning.anchors import encoded_text_anchors
 from server.learning.global_model import initial_global_state
 from server.services.context import ServiceContext
 
@@ -46,16 +47,19 @@ class FederationService:
         return federation
 
     def store_version(self, federation_id: str, round_number: int, tensors: Mapping[str, np.ndarray]) -> ModelVersion:
-        """Encodes and stores a global adapter content-addressed; returns the (unsaved) version record."""
+        """Stores a global adapter and its anchors content-addressed; returns the (unsaved) version record."""
         data = encode_tensors(tensors, GLOBAL_CODEC)
-        key = self._ctx.blobs.put(data)
+        anchors = encoded_text_anchors()
         return ModelVersion(
             federation_id=federation_id,
             round_number=round_number,
             codec=GLOBAL_CODEC.value,
-            adapter_key=key,
+            adapter_key=self._ctx.blobs.put(data),
             adapter_sha256=sha256_hex(data),
             adapter_size=len(data),
+            anchors_key=self._ctx.blobs.put(anchors),  # same bytes every round: stored once
+            anchors_sha256=sha256_hex(anchors),
+            anchors_size=len(anchors),
         )
 
     def get(self, federation_id_or_name: str) -> Federation:

@@ -85,6 +85,7 @@ def test_a_device_enrols_trains_uploads_with_resume_and_the_round_commits(coordi
 
     version = client.download_global(device_id, task.version_id)
     assert version.version_id == federation["current_version_id"]
+    assert decode_tensors(version.anchors)["text.class"].shape == (10, 384)  # published with every version
     delta = _delta_for(version.adapter, {"image"})
     payload = encode_tensors(delta, "fp16")
     assert len(payload) > 3 * 4096
