@@ -29,8 +29,9 @@ def translate(exc: grpc.RpcError) -> AgentError:
     message = f"{code.name}: {detail}"
     if code in _RETRYABLE:
         return CoordinatorUnavailable(message)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    if code is grpc.StatusCode.UNAUTHENTICATED:
         return CredentialRejected(message)
+    # PERMISSION_DENIED (revoked, not invited, acting as another device) is not cured by enrolling again.
     return RequestRefused(message)
 
 

@@ -2,8 +2,8 @@
 
     AgentError
     ├── CoordinatorUnavailable   network or coordinator down; retry with backoff (retryable)
-    ├── CredentialRejected       our identity is unknown or revoked; enrol again
-    ├── RequestRefused           the coordinator refused the request for a reason that retrying won't fix
+    ├── CredentialRejected       our identity is unknown to the coordinator; enrol again
+    ├── RequestRefused           refused for a reason retrying won't fix (invalid, not permitted, revoked)
     └── ConfigError              (edge_agent.config) the config file is wrong
 """
 

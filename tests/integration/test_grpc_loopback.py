@@ -192,7 +192,7 @@ def test_a_device_cannot_upload_as_another_device(coordinator):
     task = alice.get_task(alice_id)
     assert isinstance(task, TrainTask)
     payload = encode_tensors(_delta_for(alice.download_global(alice_id).adapter, {"image"}), "fp16")
-    with pytest.raises(CredentialRejected, match="only as itself"):
+    with pytest.raises(RequestRefused, match=r"PERMISSION_DENIED.*only as itself"):
         alice.upload(_request(task, bob_id, payload, ["image"]), payload, 0, 65536)
 
 
