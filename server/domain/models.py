@@ -36,6 +36,8 @@ class FederationConfig:
 
     aggregation: Literal["mma", "fedavg"] = "mma"
     """Aggregation rule: ``mma`` (modality-count x sample-count weights) or ``fedavg`` (sample counts)."""
+    lora_mode: Literal["separate", "exact"] = "separate"
+    """LoRA factors: averaged separately (the paper's rule) or ``exact`` (average of B·A, re-factorised)."""
     clients_per_round: int = 0
     """Devices invited per round; 0 invites every live eligible device."""
     min_updates: int = 1
@@ -56,6 +58,8 @@ class FederationConfig:
         problems = []
         if self.aggregation not in ("mma", "fedavg"):
             problems.append(f"aggregation must be 'mma' or 'fedavg', not {self.aggregation!r}")
+        if self.lora_mode not in ("separate", "exact"):
+            problems.append(f"lora_mode must be 'separate' or 'exact', not {self.lora_mode!r}")
         if self.clients_per_round < 0:
             problems.append("clients_per_round must be >= 0")
         if self.min_updates < 1:

@@ -10,7 +10,8 @@ from datetime import timedelta
 
 import numpy as np
 
-from mlecs.aggregation import ClientUpdate, get_aggregator
+from mlecs.aggregation import ClientUpdate, fedavg_weights, get_aggregator, mma_weights
+from mlecs.aggregation.lora_exact import average_lora_products
 from mlecs.codec import decode_tensors
 from server import metrics
 from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
@@ -179,6 +180,8 @@ class RoundService:
         ]
         delta = get_aggregator(federation.config.aggregation)(updates)
         tensors = apply_delta(base, delta)
+        if federation.config.lora_mode == "exact":
+            tensors.update(self._exact_lora(federation, base, updates))
         version = self._federations.store_version(federation.id, round_.number, tensors)
         version.metrics = self._ctx.evaluator.evaluate(federation.config.model, federation.config.seed, tensors)
         store.add_version(version)
@@ -204,6 +207,16 @@ class RoundService:
         log.info("round %d committed: accuracy %.4f from %d update(s)", round_.number,
                  version.metrics.get("accuracy", float("nan")), len(accepted))
         return round_
+
+    @staticmethod
+    def _exact_lora(federation: Federation, base: dict[str, np.ndarray],
+                    updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+        """LoRA factors from the average of the clients' full B·A products (updates carry deltas)."""
+        weights = (mma_weights(updates) if federation.config.aggregation == "mma" else fedavg_weights(updates))
+        full = [ClientUpdate(client_id=u.client_id, num_samples=u.num_samples, modalities=u.modalities,
+                             tensors={n: base[n] + t for n, t in u.tensors.items() if n in base})
+                for u in updates]
+        return average_lora_products(full, weights)
 
     def _round_metrics(self, federation: Federation, round_: Round, accepted: list[Update],
                        evaluation: dict[str, float]) -> dict[str, float]:

@@ -16,6 +16,8 @@ class FederationConfigBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     aggregation: Literal["mma", "fedavg"] = "mma"
+    lora_mode: Literal["separate", "exact"] = Field(
+        "separate", description="LoRA factors averaged separately, or exact: average of B·A re-factorised to rank r")
     clients_per_round: int = Field(0, ge=0, description="Devices invited per round; 0 = every live device")
     min_updates: int = Field(1, ge=1, description="Quorum of accepted updates needed to commit")
     round_deadline_s: float = Field(600.0, gt=0)

@@ -220,3 +220,23 @@ def test_admin_api_errors_are_problem_json_that_say_what_to_do(coordinator):
     assert bad.status_code == 422
     metrics = coordinator.admin.get("/metrics").text
     assert "mlecs_rpc_duration_seconds" in metrics and "mlecs_enrolments_total" in metrics
+
+
+def test_exact_lora_mode_commits_the_product_of_what_the_client_trained(coordinator):
+    federation = _federation(coordinator, lora_mode="exact")
+    assert federation["config"]["lora_mode"] == "exact"
+    client, device_id = _device(coordinator, federation["name"], "cam-x", ["image"])
+    coordinator.admin.post(f"/v1/federations/{federation['id']}/rounds")
+    task = client.get_task(device_id)
+    assert isinstance(task, TrainTask)
+    base = decode_tensors(client.download_global(device_id).adapter)
+    delta = _delta_for(encode_tensors(base, "fp32"), {"image"})
+    payload = encode_tensors(delta, "fp32")
+    request = _request(task, device_id, payload, ["image"], codec="fp32")
+    assert client.upload(request, payload, 0, 65536)[0] == "accepted"
+    round_ = wait_for_round(coordinator.admin, task.round_id)
+    assert round_["state"] == "committed", round_
+    after = decode_tensors(coordinator.admin.get(f"/v1/versions/{round_['version_id']}/adapter").content)
+    a, b = "lora.layer0.query.A", "lora.layer0.query.B"
+    trained = (base[b] + delta[b]).astype(np.float64) @ (base[a] + delta[a]).astype(np.float64)
+    np.testing.assert_allclose(after[b].astype(np.float64) @ after[a], trained, atol=1e-4)
