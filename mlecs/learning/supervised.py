@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mlecs.data.avmnist import AVMnistSplit
+from mlecs.learning.ccl import ccl_loss
 from mlecs.modality import Modality
 from mlecs.model.edge import EdgeModel
 
@@ -57,12 +58,16 @@ def train_supervised(
     seed: int,
     parameters: Literal["shared", "trainable"] = "trainable",
     weight_decay: float = 0.01,
+    ccl_weight: float = 0.0,
+    ccl_temperature: float = 0.1,
     progress: ProgressCallback | None = None,
 ) -> TrainStats:
     """Trains with cross-entropy and AdamW, feeding only ``modalities``; deterministic given ``seed``.
 
     ``parameters="shared"`` updates only the tensors that travel (``model.shared_parameters()``);
     ``"trainable"`` updates everything not frozen. The caller's global RNG state is left untouched.
+    ``ccl_weight > 0`` adds the cross-modal volume loss (``mlecs.learning.ccl``) on the extractor
+    features; it only acts when at least two modalities are fed.
     """
     _check_modalities(model, modalities)
     if len(split) == 0:
@@ -71,6 +76,8 @@ def train_supervised(
         raise ValueError(
             f"epochs, batch_size and learning_rate must be positive, got {epochs}, {batch_size}, {learning_rate}"
         )
+    if ccl_weight < 0:
+        raise ValueError(f"ccl_weight must be >= 0, got {ccl_weight}")
     if parameters == "shared":
         params = model.shared_parameters()
     elif parameters == "trainable":
@@ -86,7 +93,8 @@ def train_supervised(
     model.train()
     try:
         loss_sum, correct = _run_epochs(
-            model, inputs, labels, optimiser, epochs, batch_size, seed, total_steps, progress
+            model, inputs, labels, optimiser, epochs, batch_size, seed, total_steps, progress,
+            (ccl_weight, ccl_temperature),
         )
     finally:
         model.train(was_training)
@@ -108,6 +116,7 @@ def _run_epochs(
     seed: int,
     total_steps: int,
     progress: ProgressCallback | None,
+    ccl: tuple[float, float] = (0.0, 0.1),
 ) -> tuple[float, int]:
     """Runs the optimisation loop; returns (summed loss, correct predictions) of the last epoch."""
     loss_fn = nn.CrossEntropyLoss()
@@ -121,8 +130,13 @@ def _run_epochs(
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0
             for batch in torch.randperm(size, generator=shuffler).split(batch_size):
-                logits = model({m: x[batch] for m, x in inputs.items()}).logits
+                output = model({m: x[batch] for m, x in inputs.items()})
+                logits = output.logits
                 loss = loss_fn(logits, labels[batch])
+                if ccl[0] > 0 and len(output.features) >= 2:
+                    every = torch.ones(len(batch), dtype=torch.bool)
+                    loss = loss + ccl[0] * ccl_loss({str(m): f for m, f in output.features.items()},
+                                                    {str(m): every for m in output.features}, ccl[1])
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()

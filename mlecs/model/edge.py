@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -32,6 +33,8 @@ class ModelOutput(NamedTuple):
     """[N, num_classes] class scores."""
     fused: torch.Tensor
     """[N, fused_dim] the fused representation z (exchanged with the cloud for public samples)."""
+    features: Mapping[Modality, torch.Tensor] = MappingProxyType({})
+    """[N, feature_dim] per present modality: the extractor outputs CCL aligns."""
 
 
 def tensor_modality(name: str) -> Modality | None:
@@ -102,7 +105,7 @@ class EdgeModel(nn.Module):
             raise ValueError(f"all modalities must have the same batch size, got {sorted(sizes)}")
         features = {m: self.extractors[str(m)](x) for m, x in inputs.items()}
         fused, tokens = self.connector(features)
-        return ModelOutput(logits=self.head(encode_tokens(self.backbone, tokens)), fused=fused)
+        return ModelOutput(logits=self.head(encode_tokens(self.backbone, tokens)), fused=fused, features=features)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Returns detached fp32 CPU copies of the tensors that travel between edge and cloud."""

@@ -90,3 +90,41 @@ def test_to_inputs_returns_only_the_requested_modalities(data: AVMnist) -> None:
 
     assert list(inputs) == [Modality.IMAGE]
     assert inputs[Modality.IMAGE].shape == (len(data.test), 1, 28, 28)
+
+
+def _paired_volume(model, data: AVMnist) -> float:
+    from mlecs.learning.ccl import pairwise_volumes
+
+    with torch.no_grad():
+        features = model(to_inputs(data.test, BOTH)).features
+    vols = pairwise_volumes(features[Modality.IMAGE], [features[Modality.AUDIO]])
+    off = ~torch.eye(len(vols), dtype=torch.bool)
+    return float(vols.diagonal().mean() - vols[off].mean())
+
+
+def test_ccl_in_training_aligns_the_modalities_of_the_same_sample(data: AVMnist) -> None:
+    gaps = {}
+    for weight in (0.0, 1.0):
+        model = build_edge_model(TINY, BOTH, seed=0)
+        train_supervised(model, data.train, BOTH, epochs=3, batch_size=32, learning_rate=2e-3, seed=0,
+                         ccl_weight=weight)
+        model.eval()
+        gaps[weight] = _paired_volume(model, data)
+    # Same-sample volumes shrink relative to other pairs when the CCL term is on (held-out samples).
+    assert gaps[1.0] < gaps[0.0]
+
+
+def test_ccl_has_no_effect_when_only_one_modality_is_fed(data: AVMnist) -> None:
+    states = []
+    for weight in (0.0, 1.0):
+        model = build_edge_model(TINY, IMAGE, seed=0)
+        train_supervised(model, data.train, IMAGE, epochs=1, batch_size=32, learning_rate=1e-3, seed=3,
+                         ccl_weight=weight)
+        states.append(model.shared_state())
+    assert all(torch.equal(states[0][n], states[1][n]) for n in states[0])
+
+
+def test_a_negative_ccl_weight_is_refused(data: AVMnist) -> None:
+    with pytest.raises(ValueError, match="ccl_weight"):
+        train_supervised(build_edge_model(TINY, IMAGE, seed=0), data.train, IMAGE, epochs=1, batch_size=8,
+                         learning_rate=1e-3, seed=0, ccl_weight=-1)
