@@ -63,6 +63,13 @@ def fleet(
     """
     from mlecs.fleet.runner import FleetError, FleetOptions, run_fleet
 
+    for option, value, allowed in (("--setting", setting, ("canonical", "hard")),
+                                   ("--aggregation", aggregation, ("mma", "fedavg")),
+                                   ("--codec", codec, ("fp32", "fp16", "int8")),
+                                   ("--backbone", backbone, ("minilm", "tiny"))):
+        if value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+
     options = FleetOptions(
         clients=clients, rounds=rounds, database_url=database_url, redis_url=redis_url, data_dir=data_dir,
         setting=setting, aggregation=aggregation, public_fraction=public_fraction, public_epochs=public_epochs,

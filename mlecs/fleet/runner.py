@@ -147,7 +147,10 @@ class LocalFleet:
             "private_epochs": o.private_epochs, "upload_codec": o.upload_codec, "seed": o.seed,
             "round_deadline_s": o.round_timeout_s, "model": o.model,
         }
-        federation: dict[str, Any] = self.admin.post("/v1/federations", {"name": self.federation, "config": config})
+        try:
+            federation: dict[str, Any] = self.admin.post("/v1/federations", {"name": self.federation, "config": config})
+        except AdminApiError as exc:
+            raise FleetError(f"the coordinator refused the federation: {exc.detail}") from exc
         return federation
 
     def start_agents(self) -> list[list[str]]:

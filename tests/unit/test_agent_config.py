@@ -50,3 +50,4 @@ def test_misspelt_keys_are_refused_not_ignored(tmp_path):
 def test_invalid_toml_is_reported_as_such(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(_write(tmp_path, "coordinator = \n"))
+
