@@ -84,6 +84,10 @@ class CodecError(ValueError):
     """
 
 
+class NonFiniteValuesError(CodecError):
+    """Encoded bytes decode to NaN or Inf (the encoder never writes them): a poisoned or forged update."""
+
+
 _STORED_DTYPE: dict[CodecKind, str] = {
     CodecKind.FP32: "float32",
     CodecKind.FP16: "float16",
@@ -474,7 +478,7 @@ def _decode_entry(payload: memoryview, entry: TensorEntry) -> np.ndarray:
         values = stored.astype(np.float32).reshape(entry.shape)
         # fp32/fp16 bytes can spell nan or inf; the encoder never writes them, so they mean tampering.
         if not np.all(np.isfinite(values)):
-            raise CodecError(f"corrupt tensor set: tensor {entry.name!r} has non-finite values")
+            raise NonFiniteValuesError(f"corrupt tensor set: tensor {entry.name!r} has non-finite values")
     return values
 
 

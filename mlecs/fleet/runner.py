@@ -228,6 +228,10 @@ class LocalFleet:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=max(1.0, deadline - time.monotonic()))
 
+    def agent_exit_codes(self) -> dict[str, int | None]:
+        """Each agent's exit code, or None while it still runs."""
+        return {name: proc.poll() for name, proc, _ in self._procs if name.startswith("agent-")}
+
     def close(self) -> None:
         for _name, proc, _ in reversed(self._procs):
             if proc.poll() is None:
@@ -263,12 +267,11 @@ def run_fleet(options: FleetOptions, say: Callable[[str], None] = print,
                 break
         versions = fleet.admin.get(f"/v1/federations/{fleet.federation}/versions")
         fleet.stop_federation()
-        exit_codes = {name: proc.poll() for name, proc, _ in fleet._procs if name.startswith("agent-")}
         return {
             "federation": fleet.federation,
             "federation_id": federation["id"],
             "modalities": modality_sets,
             "initial_accuracy": versions[0]["metrics"].get("accuracy") if versions else None,
-            "agent_exit_codes": exit_codes,
+            "agent_exit_codes": fleet.agent_exit_codes(),
             "rounds": [r.as_json() for r in results],
         }

@@ -13,9 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import numpy as np
-
-from mlecs.codec import CodecError, CodecKind, decode_tensors, peek_header, sha256_hex
+from mlecs.codec import CodecError, CodecKind, NonFiniteValuesError, decode_tensors, peek_header, sha256_hex
 from server import metrics
 from server.domain.errors import (
     ConflictError,
@@ -198,27 +196,33 @@ class UploadService:
         if sha256_hex(data) != update.sha256:
             raise UpdateRejectedError("checksum", "sha256 of the received bytes differs from the header")
         try:
-            if peek_header(data).codec.value != update.codec:
-                raise UpdateRejectedError("codec", "payload codec differs from the header")
-            tensors = decode_tensors(data)
+            header = peek_header(data)
         except CodecError as exc:
             raise UpdateRejectedError("codec", str(exc)) from exc
+        if header.codec.value != update.codec:
+            raise UpdateRejectedError("codec", "payload codec differs from the header")
+        # Names and shapes are checked from the header, before the payload is inflated.
         round_ = self._ctx.store.get_round(update.round_id)
         federation = self._ctx.store.get_federation(round_.federation_id)
         schema = _schema(json.dumps(federation.config.model, sort_keys=True))
-        for name, value in tensors.items():
-            if name not in schema:
-                raise UpdateRejectedError("schema", f"unexpected tensor {name!r}")
-            if tuple(value.shape) != tuple(schema[name]):
-                raise UpdateRejectedError(
-                    "schema", f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(schema[name])}")
-            if not np.isfinite(value).all():
-                raise UpdateRejectedError("non_finite", f"tensor {name!r} has NaN or Inf values")
-            owner = owning_modality(name)
-            if owner is not None and owner not in update.modalities:
-                raise UpdateRejectedError("schema", f"tensor {name!r} belongs to a modality the device lacks")
-        if not tensors:
+        if not header.tensors:
             raise UpdateRejectedError("schema", "the update holds no tensors")
+        for entry in header.tensors:
+            if entry.name not in schema:
+                raise UpdateRejectedError("schema", f"unexpected tensor {entry.name!r}")
+            if tuple(entry.shape) != tuple(schema[entry.name]):
+                raise UpdateRejectedError(
+                    "schema", f"tensor {entry.name!r} has shape {tuple(entry.shape)}, "
+                    f"expected {tuple(schema[entry.name])}")
+            owner = owning_modality(entry.name)
+            if owner is not None and owner not in update.modalities:
+                raise UpdateRejectedError("schema", f"tensor {entry.name!r} belongs to a modality the device lacks")
+        try:
+            decode_tensors(data)  # the payload itself: checksummed frame, consistent, finite
+        except NonFiniteValuesError as exc:
+            raise UpdateRejectedError("non_finite", str(exc)) from exc
+        except CodecError as exc:
+            raise UpdateRejectedError("codec", str(exc)) from exc
 
     def status(self, device: Device, round_id: str, upload_id: str) -> tuple[UpdateState, int]:
         """The state of an upload and how many bytes of it are durably acknowledged."""

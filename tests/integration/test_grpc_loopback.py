@@ -240,3 +240,29 @@ def test_exact_lora_mode_commits_the_product_of_what_the_client_trained(coordina
     a, b = "lora.layer0.query.A", "lora.layer0.query.B"
     trained = (base[b] + delta[b]).astype(np.float64) @ (base[a] + delta[a]).astype(np.float64)
     np.testing.assert_allclose(after[b].astype(np.float64) @ after[a], trained, atol=1e-4)
+
+
+def _forge_nan(payload: bytes) -> bytes:
+    """An fp32 tensor set whose last value is NaN: what a poisoned client could send (the encoder won't)."""
+    import struct
+
+    import zstandard
+
+    prefix, body = payload[:6], payload[6:]
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(body))
+    raw[-4:] = struct.pack("<f", float("nan"))
+    return prefix + zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(bytes(raw))
+
+
+def test_an_update_carrying_nan_is_rejected_as_non_finite(coordinator):
+    federation = _federation(coordinator)
+    client, device_id = _device(coordinator, federation["name"], "cam-nan", ["image"])
+    coordinator.admin.post(f"/v1/federations/{federation['id']}/rounds")
+    task = client.get_task(device_id)
+    assert isinstance(task, TrainTask)
+    clean = encode_tensors(_delta_for(client.download_global(device_id).adapter, {"image"}), "fp32")
+    poisoned = _forge_nan(clean)
+    with pytest.raises(RequestRefused, match="non_finite"):
+        client.upload(_request(task, device_id, poisoned, ["image"], codec="fp32"), poisoned, 0, 65536)
+    assert coordinator.admin.get(f"/v1/rounds/{task.round_id}").json()["state"] == "open"
+    assert 'mlecs_update_rejections_total{reason="non_finite"}' in coordinator.admin.get("/metrics").text
