@@ -25,7 +25,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 typecheck: setup
-	$(VENV)/bin/mypy mlecs server edge_agent
+	$(VENV)/bin/mypy mlecs server edge_agent benchmarks
 
 protos: setup
 	PATH=$(VENV)/bin:$$PATH tools/gen_protos.sh

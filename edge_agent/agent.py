@@ -116,17 +116,19 @@ class Agent:
         version = self._retry(lambda: self._client.download_global(self._device_id(), task.version_id),
                               "download global")
         trainer = AmtTrainer(self._data, self._state.personal_model_path)
+        anchors = decode_tensors(version.anchors) if version.anchors else {}
         try:
-            outcome = trainer.run(task, decode_tensors(version.adapter), self._stop.is_set)
+            outcome = trainer.run(task, decode_tensors(version.adapter), anchors, self._stop.is_set)
         except TrainingInterrupted:
             log.info("training of round %d interrupted by shutdown", task.round_number)
             return
-        payload = encode_tensors(outcome.delta, CodecKind(task.upload_codec))
+        payload = encode_tensors(outcome.tensors, CodecKind(task.upload_codec))
         pending = PendingUpload(
             round_id=task.round_id, upload_id=uuid.uuid4().hex, base_version_id=version.version_id,
             codec=task.upload_codec, sha256=sha256_hex(payload), size=len(payload),
             public_samples=outcome.public_samples, private_samples=outcome.private_samples,
-            metrics=outcome.metrics | {"chunk_bytes": float(task.max_chunk_bytes)})
+            metrics=outcome.metrics | {"chunk_bytes": float(task.max_chunk_bytes)},
+            fused_sample_ids=outcome.fused_sample_ids)
         # Durable before the first byte leaves: a crash mid-upload resumes this exact update.
         self._state.save_pending(pending, payload)
         self._upload(pending, payload)
@@ -137,7 +139,8 @@ class Agent:
             codec=pending.codec, sha256=pending.sha256, modalities=list(self.settings.modalities),
             public_samples=pending.public_samples, private_samples=pending.private_samples,
             base_version_id=pending.base_version_id,
-            metrics={k: v for k, v in pending.metrics.items() if k != "chunk_bytes"})
+            metrics={k: v for k, v in pending.metrics.items() if k != "chunk_bytes"},
+            fused_sample_ids=list(pending.fused_sample_ids))
         chunk = int(pending.metrics.get("chunk_bytes", 256 * 1024))
         try:
             _, offset = self._retry(lambda: self._client.upload_status(

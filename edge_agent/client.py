@@ -83,7 +83,10 @@ class CoordinatorClient:
                 public_epochs=c.public_epochs, private_epochs=c.private_epochs, batch_size=c.batch_size,
                 learning_rate=c.learning_rate, upload_codec=_CODEC_NAME.get(c.upload_codec, "fp16"),
                 max_chunk_bytes=c.max_chunk_bytes or 256 * 1024, seed=c.seed,
-                model=json.loads(c.model_config_json or "{}"))
+                model=json.loads(c.model_config_json or "{}"),
+                ccl_weight=c.ccl_weight, ccl_temperature=c.ccl_temperature or 0.1,
+                seccl_weight=c.seccl_weight, seccl_temperature=c.seccl_temperature or 0.1,
+                fused_upload_samples=c.fused_upload_samples)
         if kind == "stop":
             return Stop(reply.stop.reason)
         return Wait(max(reply.wait.retry_after_s, 1), reply.wait.reason)
@@ -132,7 +135,8 @@ class CoordinatorClient:
             codec=_CODEC[request.codec], total_size=len(payload), sha256=request.sha256,
             modalities=[_MODALITY[m] for m in request.modalities],
             samples=pb.SampleCounts(public_samples=request.public_samples, private_samples=request.private_samples),
-            resume_offset=resume_offset, base_version_id=request.base_version_id, metrics=request.metrics)
+            resume_offset=resume_offset, base_version_id=request.base_version_id, metrics=request.metrics,
+            fused_sample_ids=request.fused_sample_ids)
 
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=header)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -29,6 +29,7 @@ class PendingUpload:
     public_samples: int
     private_samples: int
     metrics: dict[str, float]
+    fused_sample_ids: list[int] = field(default_factory=list)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -19,6 +19,11 @@ class TrainTask:
     max_chunk_bytes: int
     seed: int
     model: dict[str, Any]
+    ccl_weight: float = 0.0
+    ccl_temperature: float = 0.1
+    seccl_weight: float = 0.0
+    seccl_temperature: float = 0.1
+    fused_upload_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class UploadRequest:
     private_samples: int
     base_version_id: str
     metrics: dict[str, float] = field(default_factory=dict)
+    fused_sample_ids: list[int] = field(default_factory=list)
 
 
 class Coordinator(Protocol):

@@ -1,4 +1,4 @@
-"""AMT on the device: a public-shard stage whose adapter is uploaded, and a private stage kept here.
+"""AMT on the device: the shared core's ``run_amt_round`` on this device's data, with durable personal parts.
 
 torch and the model code are imported only in this module of the agent.
 """
@@ -21,6 +21,8 @@ from mlecs.modality import Modality, parse_modalities
 
 log = logging.getLogger(__name__)
 
+FUSED_TENSOR = "fused.z"  # the update tensor carrying this device's fused z of a few public samples
+
 
 class TrainingInterrupted(Exception):
     """The agent was asked to stop while training."""
@@ -36,7 +38,9 @@ class LocalData:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    delta: dict[str, np.ndarray]
+    tensors: dict[str, np.ndarray]
+    """What is uploaded: the adapter delta, plus ``fused.z`` when representations are sent."""
+    fused_sample_ids: list[int]
     metrics: dict[str, float]
     public_samples: int
     private_samples: int
@@ -60,15 +64,35 @@ def load_local_data(settings: AgentSettings) -> LocalData:
 
 
 class AmtTrainer:
+    """Runs one round of AMT; the personal parts live in ``personal_model_path`` between rounds and restarts."""
+
     def __init__(self, data: LocalData, personal_model_path: Path) -> None:
         self._data = data
         self._personal_path = personal_model_path
 
-    def run(self, task: TrainTask, global_tensors: dict[str, np.ndarray],
-            should_stop: Callable[[], bool]) -> RoundOutcome:
+    def _load_personal(self) -> dict[str, np.ndarray] | None:
         import torch
 
-        from mlecs.learning import evaluate, train_supervised
+        if not self._personal_path.exists():
+            return None
+        try:
+            stored = torch.load(self._personal_path, map_location="cpu", weights_only=True)
+            return {str(k): v.numpy() for k, v in stored.items()}
+        except Exception as exc:  # a torn or foreign file must not stop training: start personal parts afresh
+            log.warning("ignoring unreadable personal model %s: %s", self._personal_path, exc)
+            return None
+
+    def _save_personal(self, tensors: dict[str, np.ndarray]) -> None:
+        import torch
+
+        tmp = self._personal_path.with_suffix(".tmp")
+        torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp)
+        tmp.replace(self._personal_path)  # atomic: a crash leaves the old or the new file, never half of one
+
+    def run(self, task: TrainTask, global_tensors: dict[str, np.ndarray], anchor_tensors: dict[str, np.ndarray],
+            should_stop: Callable[[], bool]) -> RoundOutcome:
+        from mlecs.learning.amt import AmtData, AmtRecipe, run_amt_round
+        from mlecs.learning.seccl import Anchors
         from mlecs.model import ModelConfig, build_edge_model
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -76,30 +100,33 @@ class AmtTrainer:
                 raise TrainingInterrupted()
 
         started = time.perf_counter()
-        data, mods = self._data, self._data.modalities
-        model = build_edge_model(ModelConfig.from_dict(task.model), mods, task.seed)
-        model.load_shared_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_tensors.items()})
-        seed = task.seed * 1_000_003 + task.round_number
-        # (b) public stage: connector, LoRA, head and this device's extractors, from the global adapter.
-        public = train_supervised(model, data.public, mods, epochs=task.public_epochs, batch_size=task.batch_size,
-                                  learning_rate=task.learning_rate, seed=seed, parameters="shared",
-                                  progress=progress)
-        trained = model.shared_state()
-        delta = {name: (value.numpy() - global_tensors[name]).astype(np.float32)
-                 for name, value in trained.items()}
-        # (c) private stage: personalise every trainable part on private data; it never leaves the device.
-        private = train_supervised(model, data.private_train, mods, epochs=task.private_epochs,
-                                   batch_size=task.batch_size, learning_rate=task.learning_rate, seed=seed + 1,
-                                   parameters="trainable", progress=progress)
-        personal_accuracy = evaluate(model, data.private_heldout, mods)
-        torch.save(model.personal_state(), self._personal_path)
-        metrics = {
-            "public_loss": public.loss, "public_accuracy": public.accuracy,
-            "private_loss": private.loss, "private_accuracy": private.accuracy,
-            "personal_accuracy": personal_accuracy,
-            "train_seconds": time.perf_counter() - started,
-        }
+        data = self._data
+        config = ModelConfig.from_dict(task.model)
+        model = build_edge_model(config, data.modalities, task.seed)
+        recipe = AmtRecipe(
+            public_epochs=max(task.public_epochs, 1), private_epochs=task.private_epochs,
+            batch_size=task.batch_size, learning_rate=task.learning_rate,
+            ccl_weight=task.ccl_weight, ccl_temperature=task.ccl_temperature,
+            seccl_weight=task.seccl_weight, seccl_temperature=task.seccl_temperature,
+            fused_upload_samples=task.fused_upload_samples,
+        )
+        anchors = Anchors.from_tensors(anchor_tensors, config.fused_dim) if anchor_tensors else None
+        personal = self._load_personal()
+        result = run_amt_round(
+            model, AmtData(data.modalities, data.public, data.private_train, data.private_heldout),
+            global_tensors, recipe=recipe, seed=task.seed * 1_000_003 + task.round_number,
+            anchors=anchors, personal=personal, progress=progress,
+        )
+        self._save_personal(result.personal)
+        tensors = dict(result.delta)
+        if len(result.fused_ids):
+            tensors[FUSED_TENSOR] = result.fused
+        metrics = dict(result.metrics)
+        metrics["train_seconds"] = time.perf_counter() - started
+        metrics["personal_restored"] = 1.0 if personal else 0.0
         log.info("round %d trained: public acc %.3f, personalised held-out acc %.3f in %.1fs",
-                 task.round_number, public.accuracy, personal_accuracy, metrics["train_seconds"])
-        return RoundOutcome(delta=delta, metrics=metrics, public_samples=len(data.public),
-                            private_samples=len(data.private_train))
+                 task.round_number, metrics["public_accuracy"], metrics.get("personal_accuracy", float("nan")),
+                 metrics["train_seconds"])
+        return RoundOutcome(tensors=tensors, fused_sample_ids=[int(i) for i in result.fused_ids],
+                            metrics=metrics, public_samples=result.public_samples,
+                            private_samples=result.private_samples)

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mlecs.proto.v1 import fleet_pb2_grpc
 from server.config import CoordinatorSettings
 from server.domain.errors import UnavailableError
+from server.learning.anchors import CloudTuner
 from server.learning.global_model import GlobalEvaluator
 from server.persistence.blobs import FileBlobStore
 from server.persistence.database import create_engine_for, migrate
@@ -65,6 +66,7 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         blobs=FileBlobStore(settings.blob_dir),
         presence=create_presence_store(settings.redis_url, settings.redis_prefix),
         evaluator=GlobalEvaluator(settings.data_dir, settings.eval_setting),
+        cloud=CloudTuner(settings.data_dir, settings.eval_setting),
     )
     locks = RoundLocks()
 

@@ -16,7 +16,7 @@ import numpy as np
 from mlecs.data.avmnist import AVMnistSplit
 from mlecs.modality import Modality
 
-Scheme = Literal["speaker", "dirichlet"]
+Scheme = Literal["speaker", "dirichlet", "speaker-dirichlet"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 
 BOTH = frozenset({Modality.IMAGE, Modality.AUDIO})
@@ -36,7 +36,8 @@ class PartitionSpec:
 
     num_clients: int
     scheme: Scheme = "dirichlet"
-    """``dirichlet``: label skew over the private data; ``speaker``: the natural per-speaker partition."""
+    """``dirichlet``: label skew over the private data; ``speaker``: the natural per-speaker partition;
+    ``speaker-dirichlet``: clients dealt to speakers, then each speaker's data label-skewed across its clients."""
     alpha: float = 0.5
     """Dirichlet concentration: smaller means more label skew (only used by ``dirichlet``)."""
     public_fraction: float = 0.2
@@ -168,6 +169,33 @@ def partition_dirichlet(
     )
 
 
+def partition_speaker_dirichlet(
+    speakers: np.ndarray, labels: np.ndarray, index: np.ndarray, num_clients: int, alpha: float, seed: int,
+    min_size: int = 10,
+) -> list[np.ndarray]:
+    """Speaker skew and label skew together: clients are dealt to speakers round-robin (speakers
+    shuffled by seed), then each speaker's samples are split across its clients with Dirichlet(alpha)
+    label shares. With fewer clients than speakers a client takes several speakers whole.
+    """
+    _check_num_clients(num_clients)
+    _check_alpha(alpha)
+    index = np.asarray(index, dtype=np.int64)
+    owners = np.asarray(speakers)[index]
+    unique = _rng(seed, _SPEAKER_SALT).permutation(np.unique(owners))
+    if unique.size == 0:
+        raise ValueError("index is empty: nothing to partition by speaker")
+    if num_clients <= unique.size:
+        return partition_by_speaker(speakers, index, num_clients, seed)
+    shards: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
+    for position, speaker in enumerate(unique):
+        clients = list(range(position, num_clients, unique.size))
+        parts = partition_dirichlet(labels, index[owners == speaker], len(clients), alpha, seed + position,
+                                    min_size=min_size)
+        for client, part in zip(clients, parts, strict=True):
+            shards[client] = part
+    return shards
+
+
 def assign_modality_sets(
     num_clients: int, seed: int, missing_fraction: float | None = None
 ) -> list[frozenset[Modality]]:
@@ -207,6 +235,10 @@ def plan_shards(train: AVMnistSplit, spec: PartitionSpec, missing_fraction: floa
     public_shards = [np.sort(part) for part in np.array_split(shuffled, spec.num_clients)]
     if spec.scheme == "speaker":
         private_shards = partition_by_speaker(train.speaker, private, spec.num_clients, spec.seed)
+    elif spec.scheme == "speaker-dirichlet":
+        private_shards = partition_speaker_dirichlet(
+            train.speaker, train.labels, private, spec.num_clients, spec.alpha, spec.seed
+        )
     else:
         private_shards = partition_dirichlet(train.labels, private, spec.num_clients, spec.alpha, spec.seed)
     modality_sets = assign_modality_sets(spec.num_clients, spec.seed, fraction)

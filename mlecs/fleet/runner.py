@@ -145,6 +145,7 @@ class LocalFleet:
         config = {
             "aggregation": o.aggregation, "min_updates": o.clients, "public_epochs": o.public_epochs,
             "private_epochs": o.private_epochs, "upload_codec": o.upload_codec, "seed": o.seed,
+            "public_fraction": o.public_fraction,
             "round_deadline_s": o.round_timeout_s, "model": o.model,
         }
         try:

@@ -13,10 +13,13 @@ from torch import nn
 from mlecs.data.avmnist import AVMnistSplit
 from mlecs.learning.ccl import ccl_loss
 from mlecs.modality import Modality
-from mlecs.model.edge import EdgeModel
+from mlecs.model.edge import EdgeModel, ModelOutput
 
 ProgressCallback = Callable[[int, int, float], None]
 """Called after every optimiser step with (step, total_steps, batch loss); steps count from 1."""
+
+ExtraLoss = Callable[[ModelOutput, torch.Tensor, torch.Tensor], torch.Tensor]
+"""An extra training term: (model output, batch positions in the split, batch labels) -> scalar loss."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ def train_supervised(
     weight_decay: float = 0.01,
     ccl_weight: float = 0.0,
     ccl_temperature: float = 0.1,
+    extra_loss: ExtraLoss | None = None,
     progress: ProgressCallback | None = None,
 ) -> TrainStats:
     """Trains with cross-entropy and AdamW, feeding only ``modalities``; deterministic given ``seed``.
@@ -67,7 +71,8 @@ def train_supervised(
     ``parameters="shared"`` updates only the tensors that travel (``model.shared_parameters()``);
     ``"trainable"`` updates everything not frozen. The caller's global RNG state is left untouched.
     ``ccl_weight > 0`` adds the cross-modal volume loss (``mlecs.learning.ccl``) on the extractor
-    features; it only acts when at least two modalities are fed.
+    features; it only acts when at least two modalities are fed. ``extra_loss`` adds any other term
+    (SE-CCL's anchor alignment, for one) computed from the batch's output.
     """
     _check_modalities(model, modalities)
     if len(split) == 0:
@@ -94,7 +99,7 @@ def train_supervised(
     try:
         loss_sum, correct = _run_epochs(
             model, inputs, labels, optimiser, epochs, batch_size, seed, total_steps, progress,
-            (ccl_weight, ccl_temperature),
+            (ccl_weight, ccl_temperature), extra_loss,
         )
     finally:
         model.train(was_training)
@@ -117,6 +122,7 @@ def _run_epochs(
     total_steps: int,
     progress: ProgressCallback | None,
     ccl: tuple[float, float] = (0.0, 0.1),
+    extra_loss: ExtraLoss | None = None,
 ) -> tuple[float, int]:
     """Runs the optimisation loop; returns (summed loss, correct predictions) of the last epoch."""
     loss_fn = nn.CrossEntropyLoss()
@@ -137,6 +143,8 @@ def _run_epochs(
                     every = torch.ones(len(batch), dtype=torch.bool)
                     loss = loss + ccl[0] * ccl_loss({str(m): f for m, f in output.features.items()},
                                                     {str(m): every for m in output.features}, ccl[1])
+                if extra_loss is not None:
+                    loss = loss + extra_loss(output, batch, labels[batch])
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -167,3 +175,22 @@ def evaluate(model: EdgeModel, split: AVMnistSplit, modalities: frozenset[Modali
     finally:
         model.train(was_training)
     return correct / len(split)
+
+
+def fused_representations(model: EdgeModel, split: AVMnistSplit, modalities: frozenset[Modality],
+                          batch_size: int = 256) -> torch.Tensor:
+    """The fused ``z`` [len(split), fused_dim] of every sample, fed only ``modalities`` (eval mode, no grad)."""
+    _check_modalities(model, modalities)
+    inputs = to_inputs(split, modalities)
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(split), batch_size):
+                parts.append(model({m: x[start : start + batch_size] for m, x in inputs.items()}).fused)
+    finally:
+        model.train(was_training)
+    if not parts:
+        return torch.zeros(0, model.config.fused_dim)
+    return torch.cat(parts)

@@ -30,6 +30,9 @@ class UpdateState(StrEnum):
     REJECTED = "rejected"    # failed validation; reason recorded
 
 
+MAX_FUSED_UPLOAD_SAMPLES = 256
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How a federation learns. Sent to devices (training part) and used by the scheduler."""
@@ -53,6 +56,20 @@ class FederationConfig:
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)
     """Model configuration (``mlecs.model.ModelConfig.to_dict()``); empty means the defaults."""
+    ccl_weight: float = 0.1
+    """Weight of CCL, the cross-modal volume loss, in both local stages (0 turns it off)."""
+    ccl_temperature: float = 0.1
+    seccl_weight: float = 0.5
+    """Weight of the SE-CCL anchor terms on devices and in cloud tuning (0 turns SE-CCL off)."""
+    seccl_temperature: float = 0.1
+    fused_upload_samples: int = 32
+    """Public samples whose fused z each device uploads for edge -> cloud alignment and MMA's noise term."""
+    agreement_temperature: float = 0.2
+    """MMA noise term: weight factor exp((agreement - best) / this); larger is gentler."""
+    cloud_epochs: int = 1
+    """Epochs of cloud tuning on the public set per round (0: no tuning; anchors still generated)."""
+    public_fraction: float = 0.2
+    """The public set D': this share of the AV-MNIST training pairs (devices' partitions must agree)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +93,16 @@ class FederationConfig:
             problems.append(f"upload_codec must be fp32, fp16 or int8, not {self.upload_codec!r}")
         if not 1024 <= self.max_chunk_bytes <= 4 * 1024 * 1024:
             problems.append("max_chunk_bytes must be between 1 KiB and 4 MiB")
+        if self.ccl_weight < 0 or self.seccl_weight < 0:
+            problems.append("ccl_weight and seccl_weight must be >= 0")
+        if self.ccl_temperature <= 0 or self.seccl_temperature <= 0 or self.agreement_temperature <= 0:
+            problems.append("ccl_temperature, seccl_temperature and agreement_temperature must be > 0")
+        if not 0 <= self.fused_upload_samples <= MAX_FUSED_UPLOAD_SAMPLES:
+            problems.append(f"fused_upload_samples must be 0..{MAX_FUSED_UPLOAD_SAMPLES}")
+        if self.cloud_epochs < 0:
+            problems.append("cloud_epochs must be >= 0")
+        if not 0 < self.public_fraction < 1:
+            problems.append("public_fraction must be in (0, 1)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -137,6 +164,8 @@ class Update:
     base_version_id: str | None = None
     rejection_reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    fused_sample_ids: list[int] = field(default_factory=list)
+    """Public sample ids of the rows of the update's ``fused.z`` tensor (empty: none uploaded)."""
     created_at: datetime = field(default_factory=utcnow)
     accepted_at: datetime | None = None
 

@@ -44,6 +44,36 @@ def full_model_bytes(model: Mapping[str, Any]) -> int:
     return int(full_model_fp32_bytes(_model_config(model)))
 
 
+FUSED_TENSOR = "fused.z"
+"""The update tensor holding the device's fused z of a few public samples (rows: the header's ids)."""
+
+
+def fused_dim(model: Mapping[str, Any]) -> int:
+    """Width of the fused representation z in this federation's model."""
+    return int(_model_config(model).fused_dim)
+
+
+def client_agreements(anchor_tensors: Mapping[str, np.ndarray],
+                      fused: list[tuple[np.ndarray, np.ndarray] | None]) -> list[float | None]:
+    """Per client: mean cosine of its uploaded z to the anchors of the same public ids (None: no evidence)."""
+    from mlecs.aggregation.quality import anchor_agreement
+    from mlecs.learning.seccl import SAMPLE_ANCHOR_IDS, SAMPLE_ANCHORS
+
+    if SAMPLE_ANCHOR_IDS not in anchor_tensors:
+        return [None] * len(fused)
+    ids = np.asarray(anchor_tensors[SAMPLE_ANCHOR_IDS]).astype(np.int64)
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    out: list[float | None] = []
+    for item in fused:
+        rows = [] if item is None else [(k, row_of[int(i)]) for k, i in enumerate(item[0]) if int(i) in row_of]
+        if item is None or not rows:
+            out.append(None)
+            continue
+        mine, theirs = zip(*rows, strict=True)
+        out.append(anchor_agreement(item[1][list(mine)], anchor_tensors[SAMPLE_ANCHORS][list(theirs)]))
+    return out
+
+
 def owning_modality(tensor_name: str) -> str | None:
     """The modality whose devices alone hold this tensor (an extractor or connector slot), else None."""
     from mlecs.model import tensor_modality

@@ -167,6 +167,7 @@ def update_values(update: Update) -> dict[str, Any]:
         "base_version_id": update.base_version_id,
         "rejection_reason": update.rejection_reason,
         "metrics": encode_metrics(update.metrics),
+        "fused_sample_ids": [int(i) for i in update.fused_sample_ids],
         "created_at": update.created_at,
         "accepted_at": update.accepted_at,
     }
@@ -190,6 +191,7 @@ def to_update(row: UpdateRow) -> Update:
         base_version_id=row.base_version_id,
         rejection_reason=row.rejection_reason,
         metrics=decode_metrics(row.metrics),
+        fused_sample_ids=[int(i) for i in (row.fused_sample_ids or [])],
         created_at=row.created_at,
         accepted_at=row.accepted_at,
     )

@@ -54,7 +54,9 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime(), dict[str, Any]: JSON(), list[str]: JSON()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UtcDateTime(), dict[str, Any]: JSON(), list[str]: JSON(), list[int]: JSON(),
+    }
 
 
 class FederationRow(Base):
@@ -147,6 +149,7 @@ class UpdateRow(Base):
     base_version_id: Mapped[str | None] = mapped_column(ID)
     rejection_reason: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]]
+    fused_sample_ids: Mapped[list[int]]
     created_at: Mapped[datetime]
     accepted_at: Mapped[datetime | None]
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from server.config import CoordinatorSettings
 from server.domain.ports import BlobStore, PresenceStore, Store
+from server.learning.anchors import CloudTuner
 from server.learning.global_model import GlobalEvaluator
 
 
@@ -16,3 +17,4 @@ class ServiceContext:
     blobs: BlobStore
     presence: PresenceStore
     evaluator: GlobalEvaluator
+    cloud: CloudTuner

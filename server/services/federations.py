@@ -46,10 +46,14 @@ class FederationService:
         log.info("federation %s created (initial accuracy %.3f)", name, version.metrics.get("accuracy", 0.0))
         return federation
 
-    def store_version(self, federation_id: str, round_number: int, tensors: Mapping[str, np.ndarray]) -> ModelVersion:
-        """Stores a global adapter and its anchors content-addressed; returns the (unsaved) version record."""
+    def store_version(self, federation_id: str, round_number: int, tensors: Mapping[str, np.ndarray],
+                      anchors: bytes | None = None) -> ModelVersion:
+        """Stores a global adapter and its anchors content-addressed; returns the (unsaved) version record.
+
+        Without ``anchors`` (version 0) the version carries the text anchors alone.
+        """
         data = encode_tensors(tensors, GLOBAL_CODEC)
-        anchors = encoded_text_anchors()
+        anchors = anchors if anchors is not None else encoded_text_anchors()
         return ModelVersion(
             federation_id=federation_id,
             round_number=round_number,
@@ -57,7 +61,7 @@ class FederationService:
             adapter_key=self._ctx.blobs.put(data),
             adapter_sha256=sha256_hex(data),
             adapter_size=len(data),
-            anchors_key=self._ctx.blobs.put(anchors),  # same bytes every round: stored once
+            anchors_key=self._ctx.blobs.put(anchors),  # content-addressed: identical anchor sets stored once
             anchors_sha256=sha256_hex(anchors),
             anchors_size=len(anchors),
         )

@@ -10,8 +10,9 @@ from datetime import timedelta
 
 import numpy as np
 
-from mlecs.aggregation import ClientUpdate, fedavg_weights, get_aggregator, mma_weights
+from mlecs.aggregation import ClientUpdate, fedavg_weights, mma_weights, weighted_average_per_tensor
 from mlecs.aggregation.lora_exact import average_lora_products
+from mlecs.aggregation.quality import agreement_weights
 from mlecs.codec import decode_tensors
 from server import metrics
 from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
@@ -27,7 +28,7 @@ from server.domain.models import (
     utcnow,
 )
 from server.domain.rounds import RoundState, check_transition
-from server.learning.global_model import apply_delta, full_model_bytes
+from server.learning.global_model import FUSED_TENSOR, apply_delta, client_agreements, full_model_bytes
 from server.services.context import ServiceContext
 from server.services.federations import FederationService
 from server.services.locks import RoundLocks
@@ -172,23 +173,38 @@ class RoundService:
         store, blobs = self._ctx.store, self._ctx.blobs
         assert round_.base_version_id is not None
         base_version = store.get_version(round_.base_version_id)
+        config = federation.config
         base = decode_tensors(blobs.get(base_version.adapter_key))
-        updates = [
-            ClientUpdate(client_id=u.device_id, tensors=decode_tensors(blobs.get(_accepted_blob(u))),
-                         num_samples=max(u.public_samples, 1), modalities=frozenset(u.modalities))
-            for u in accepted
-        ]
-        delta = get_aggregator(federation.config.aggregation)(updates)
-        tensors = apply_delta(base, delta)
-        if federation.config.lora_mode == "exact":
-            tensors.update(self._exact_lora(federation, base, updates))
-        version = self._federations.store_version(federation.id, round_.number, tensors)
-        version.metrics = self._ctx.evaluator.evaluate(federation.config.model, federation.config.seed, tensors)
+        base_anchors = decode_tensors(blobs.get(base_version.anchors_key)) if base_version.anchors_key else {}
+        updates, fused = [], []
+        for u in accepted:
+            tensors_of_u = decode_tensors(blobs.get(_accepted_blob(u)))
+            z = tensors_of_u.pop(FUSED_TENSOR, None)
+            fused.append((np.asarray(u.fused_sample_ids, dtype=np.int64), z) if z is not None else None)
+            updates.append(ClientUpdate(client_id=u.device_id, tensors=tensors_of_u,
+                                        num_samples=max(u.public_samples, 1), modalities=frozenset(u.modalities)))
+        agreements = client_agreements(base_anchors, fused)
+        quality = agreement_weights(agreements, config.agreement_temperature)
+        if config.aggregation == "mma":
+            weights = mma_weights(updates, quality=quality if any(a is not None for a in agreements) else None)
+        else:
+            weights = fedavg_weights(updates)
+        tensors = apply_delta(base, weighted_average_per_tensor(updates, weights))
+        if config.lora_mode == "exact":
+            tensors.update(self._exact_lora(base, updates, weights))
+        cloud = self._ctx.cloud.run_round(config, tensors, [f for f in fused if f is not None],
+                                          seed=config.seed * 1_000_003 + round_.number)
+        version = self._federations.store_version(federation.id, round_.number, tensors, anchors=cloud.anchors)
+        version.metrics = self._ctx.evaluator.evaluate(config.model, config.seed, tensors) | cloud.metrics
         store.add_version(version)
         federation.current_version_id = version.id
         store.save_federation(federation)
 
         round_.metrics = self._round_metrics(federation, round_, accepted, version.metrics)
+        known = [a for a in agreements if a is not None]
+        if known:
+            round_.metrics["anchor_agreement_mean"] = float(np.mean(known))
+            round_.metrics["quality_weight_min"] = float(min(quality))
         round_.version_id = version.id
         round_.state = check_transition(round_.state, RoundState.COMMITTED)
         round_.closed_at = utcnow()
@@ -199,7 +215,8 @@ class RoundService:
         if round_.opened_at is not None:
             metrics.ROUND_DURATION.observe((round_.closed_at - round_.opened_at).total_seconds())
         metrics.ROUND_PARTICIPANTS.labels("accepted").set(len(accepted))
-        for key, label in (("accuracy", "all"), ("accuracy_image", "image"), ("accuracy_audio", "audio")):
+        for key, label in (("accuracy", "all"), ("accuracy_image", "image"), ("accuracy_audio", "audio"),
+                           ("cloud_accuracy", "cloud")):
             if key in version.metrics:
                 metrics.GLOBAL_ACCURACY.labels(label).set(version.metrics[key])
         if "client_accuracy_mean" in round_.metrics:
@@ -209,10 +226,9 @@ class RoundService:
         return round_
 
     @staticmethod
-    def _exact_lora(federation: Federation, base: dict[str, np.ndarray],
-                    updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+    def _exact_lora(base: dict[str, np.ndarray], updates: list[ClientUpdate],
+                    weights: list[float]) -> dict[str, np.ndarray]:
         """LoRA factors from the average of the clients' full B·A products (updates carry deltas)."""
-        weights = (mma_weights(updates) if federation.config.aggregation == "mma" else fedavg_weights(updates))
         full = [ClientUpdate(client_id=u.client_id, num_samples=u.num_samples, modalities=u.modalities,
                              tensors={n: base[n] + t for n, t in u.tensors.items() if n in base})
                 for u in updates]

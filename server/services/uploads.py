@@ -24,7 +24,7 @@ from server.domain.errors import (
 )
 from server.domain.models import Device, Update, UpdateState, utcnow
 from server.domain.rounds import RoundState, check_transition
-from server.learning.global_model import adapter_schema, owning_modality
+from server.learning.global_model import FUSED_TENSOR, adapter_schema, fused_dim, owning_modality
 from server.services.context import ServiceContext
 from server.services.locks import RoundLocks
 
@@ -48,6 +48,7 @@ class UploadHeader:
     resume_offset: int
     base_version_id: str
     metrics: dict[str, float] = field(default_factory=dict)
+    fused_sample_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class UploadService:
         if not round_.state.accepts_uploads:
             raise ConflictError(f"round {round_.number} is {round_.state}: it accepts no more uploads")
         self._check_header(header, round_.base_version_id)
+        limit = store.get_federation(round_.federation_id).config.fused_upload_samples
+        if len(header.fused_sample_ids) > limit or len(set(header.fused_sample_ids)) != len(header.fused_sample_ids):
+            raise InvalidRequestError(f"fused_sample_ids must be at most {limit} distinct public sample ids")
         if any(u.device_id == device.id and u.state is UpdateState.ACCEPTED for u in store.list_updates(round_.id)):
             raise ConflictError(f"an update from this device for round {round_.number} was already accepted")
         if header.resume_offset != 0:
@@ -96,6 +100,7 @@ class UploadService:
             declared_size=header.total_size, sha256=header.sha256, modalities=header.modalities,
             public_samples=header.public_samples, private_samples=header.private_samples,
             base_version_id=header.base_version_id, metrics=dict(header.metrics),
+            fused_sample_ids=list(header.fused_sample_ids),
         )
         store.add_update(update)
         return UploadSession(update=update, offset=0)
@@ -207,7 +212,16 @@ class UploadService:
         schema = _schema(json.dumps(federation.config.model, sort_keys=True))
         if not header.tensors:
             raise UpdateRejectedError("schema", "the update holds no tensors")
+        fused_shape = (len(update.fused_sample_ids), fused_dim(federation.config.model))
+        if update.fused_sample_ids and FUSED_TENSOR not in {entry.name for entry in header.tensors}:
+            raise UpdateRejectedError("schema", f"fused_sample_ids were declared but {FUSED_TENSOR!r} is missing")
         for entry in header.tensors:
+            if entry.name == FUSED_TENSOR:
+                if tuple(entry.shape) != fused_shape or not update.fused_sample_ids:
+                    raise UpdateRejectedError(
+                        "schema", f"tensor {FUSED_TENSOR!r} has shape {tuple(entry.shape)}, expected {fused_shape} "
+                        "(one row per declared fused_sample_id)")
+                continue
             if entry.name not in schema:
                 raise UpdateRejectedError("schema", f"unexpected tensor {entry.name!r}")
             if tuple(entry.shape) != tuple(schema[entry.name]):

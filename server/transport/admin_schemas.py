@@ -29,6 +29,15 @@ class FederationConfigBody(BaseModel):
     max_chunk_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
     seed: int = 0
     model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {\"lora_rank\": 8}")
+    ccl_weight: float = Field(0.1, ge=0, description="CCL (cross-modal volume loss) weight; 0 turns it off")
+    ccl_temperature: float = Field(0.1, gt=0)
+    seccl_weight: float = Field(0.5, ge=0, description="SE-CCL anchor-alignment weight; 0 turns SE-CCL off")
+    seccl_temperature: float = Field(0.1, gt=0)
+    fused_upload_samples: int = Field(32, ge=0, le=256,
+                                      description="Public samples whose fused z each device uploads")
+    agreement_temperature: float = Field(0.2, gt=0, description="MMA noise term: softness of the agreement weights")
+    cloud_epochs: int = Field(1, ge=0, description="Cloud tuning epochs on the public set per round")
+    public_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the training pairs forming the public set")
 
     def to_domain(self) -> FederationConfig:
         return FederationConfig(**self.model_dump())

@@ -37,6 +37,7 @@ def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
         resume_offset=msg.resume_offset,
         base_version_id=msg.base_version_id,
         metrics=dict(msg.metrics),
+        fused_sample_ids=list(msg.fused_sample_ids),
     )
 
 
@@ -58,6 +59,11 @@ def assignment_to_proto(assignment: Assignment) -> pb.GetTaskResponse:
                     max_chunk_bytes=config.max_chunk_bytes,
                     seed=config.seed,
                     model_config_json=json.dumps(config.model, sort_keys=True),
+                    ccl_weight=config.ccl_weight,
+                    ccl_temperature=config.ccl_temperature,
+                    seccl_weight=config.seccl_weight,
+                    seccl_temperature=config.seccl_temperature,
+                    fused_upload_samples=config.fused_upload_samples,
                 ),
             ))
         case WaitAssignment(retry_after_s=retry, reason=reason):

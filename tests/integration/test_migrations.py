@@ -12,6 +12,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
+from server.domain.models import Device, Federation, FederationConfig, Round, Update
 from server.persistence.database import (
     MIGRATIONS_DIR_ENV,
     create_engine_for,
@@ -20,10 +21,12 @@ from server.persistence.database import (
     migrate,
     migrations_dir,
 )
+from server.persistence.sql_store import SqlStore
 from server.persistence.tables import metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"federations", "devices", "model_versions", "rounds", "updates", "device_reports"}
+HEAD = "0002"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -55,7 +58,7 @@ def _schema_diff(url: str) -> list:
 def test_migrating_up_down_and_up_again_leaves_every_table_in_place(empty_database_url: str) -> None:
     migrate(empty_database_url)
     assert _tables(empty_database_url) == TABLES
-    assert current_revision(empty_database_url) == "0001"
+    assert current_revision(empty_database_url) == HEAD
 
     downgrade(empty_database_url)
     assert _tables(empty_database_url) == set()
@@ -84,7 +87,7 @@ def test_the_schema_comparison_does_notice_a_difference(empty_database_url: str)
 def test_migrating_an_up_to_date_database_again_changes_nothing(empty_database_url: str) -> None:
     migrate(empty_database_url)
     migrate(empty_database_url)
-    assert current_revision(empty_database_url) == "0001"
+    assert current_revision(empty_database_url) == HEAD
 
 
 def test_migrate_accepts_an_engine_and_leaves_it_usable(tmp_path: Path) -> None:
@@ -119,3 +122,34 @@ def test_the_alembic_command_line_config_migrates_the_database_named_in_the_envi
     config.attributes["configure_logging"] = False  # keep pytest's logging as it is
     command.upgrade(config, "head")
     assert _tables(url) == TABLES
+
+
+def test_updates_survive_the_fused_ids_revision_down_and_up(empty_database_url: str) -> None:
+    """0002 adds updates.fused_sample_ids; rows accepted before it keep everything and read as []."""
+    migrate(empty_database_url)
+    store = SqlStore.from_url(empty_database_url)
+    try:
+        federation = Federation(name="fed", config=FederationConfig())
+        store.add_federation(federation)
+        device = Device(federation_id=federation.id, name="dev", modalities=frozenset({"image"}), secret_hash="0" * 64)
+        store.add_device(device)
+        round_ = Round(federation_id=federation.id, number=1)
+        store.add_round(round_)
+        update = Update(round_id=round_.id, device_id=device.id, upload_id="upload-1", codec="fp16", declared_size=10,
+                        sha256="a" * 64, modalities=frozenset({"image"}), public_samples=5, private_samples=7,
+                        fused_sample_ids=[3, 9])
+        store.add_update(update)
+        assert store.list_updates(round_.id)[0].fused_sample_ids == [3, 9]
+    finally:
+        store.close()
+
+    downgrade(empty_database_url, "0001")
+    migrate(empty_database_url)
+    store = SqlStore.from_url(empty_database_url)
+    try:
+        [restored] = store.list_updates(round_.id)
+    finally:
+        store.close()
+    assert (restored.id, restored.upload_id, restored.public_samples, restored.private_samples) == (
+        update.id, "upload-1", 5, 7)
+    assert restored.fused_sample_ids == []

@@ -235,6 +235,11 @@ class TrainConfig(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     MODEL_CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    CCL_WEIGHT_FIELD_NUMBER: _builtins.int
+    CCL_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    SECCL_WEIGHT_FIELD_NUMBER: _builtins.int
+    SECCL_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    FUSED_UPLOAD_SAMPLES_FIELD_NUMBER: _builtins.int
     public_epochs: _builtins.int
     private_epochs: _builtins.int
     batch_size: _builtins.int
@@ -244,6 +249,14 @@ class TrainConfig(_message.Message):
     seed: _builtins.int
     model_config_json: _builtins.str
     """mlecs.model.ModelConfig as JSON: devices build the same model"""
+    ccl_weight: _builtins.float
+    """cross-modal volume loss weight (0: off)"""
+    ccl_temperature: _builtins.float
+    seccl_weight: _builtins.float
+    """SE-CCL anchor alignment weight (0: off)"""
+    seccl_temperature: _builtins.float
+    fused_upload_samples: _builtins.int
+    """public samples whose fused z the device uploads (edge -> cloud)"""
     def __init__(
         self,
         *,
@@ -255,10 +268,15 @@ class TrainConfig(_message.Message):
         max_chunk_bytes: _builtins.int = ...,
         seed: _builtins.int = ...,
         model_config_json: _builtins.str = ...,
+        ccl_weight: _builtins.float = ...,
+        ccl_temperature: _builtins.float = ...,
+        seccl_weight: _builtins.float = ...,
+        seccl_temperature: _builtins.float = ...,
+        fused_upload_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "max_chunk_bytes", b"max_chunk_bytes", "model_config_json", b"model_config_json", "private_epochs", b"private_epochs", "public_epochs", b"public_epochs", "seed", b"seed", "upload_codec", b"upload_codec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "ccl_temperature", b"ccl_temperature", "ccl_weight", b"ccl_weight", "fused_upload_samples", b"fused_upload_samples", "learning_rate", b"learning_rate", "max_chunk_bytes", b"max_chunk_bytes", "model_config_json", b"model_config_json", "private_epochs", b"private_epochs", "public_epochs", b"public_epochs", "seccl_temperature", b"seccl_temperature", "seccl_weight", b"seccl_weight", "seed", b"seed", "upload_codec", b"upload_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,6 +553,7 @@ class UploadHeader(_message.Message):
     RESUME_OFFSET_FIELD_NUMBER: _builtins.int
     BASE_VERSION_ID_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    FUSED_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     device_id: _builtins.str
     upload_id: _builtins.str
@@ -553,6 +572,10 @@ class UploadHeader(_message.Message):
     def samples(self) -> Global___SampleCounts: ...
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def fused_sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """public sample ids of the rows of the update's "fused.z" tensor"""
+
     def __init__(
         self,
         *,
@@ -567,10 +590,11 @@ class UploadHeader(_message.Message):
         resume_offset: _builtins.int = ...,
         base_version_id: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        fused_sample_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version_id", b"base_version_id", "codec", b"codec", "device_id", b"device_id", "metrics", b"metrics", "modalities", b"modalities", "resume_offset", b"resume_offset", "round_id", b"round_id", "samples", b"samples", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version_id", b"base_version_id", "codec", b"codec", "device_id", b"device_id", "fused_sample_ids", b"fused_sample_ids", "metrics", b"metrics", "modalities", b"modalities", "resume_offset", b"resume_offset", "round_id", b"round_id", "samples", b"samples", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,241 @@
+"""One federation in one process: the agents' AMT and the coordinator's aggregation and anchors, minus the network.
+
+Every learning step is the code the services run (``mlecs.learning.amt``, ``mlecs.learning.cloud``,
+``mlecs.aggregation``); only gRPC, the database and the blob store are left out. A method is a set of
+switches on that code (see ``METHODS``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from mlecs.aggregation import ClientUpdate, fedavg_weights, mma_weights, weighted_average_per_tensor
+from mlecs.aggregation.quality import agreement_weights, anchor_agreement
+from mlecs.codec import CodecKind, encode_tensors
+from mlecs.data.avmnist import AVMnist, AVMnistSplit
+from mlecs.data.partition import PartitionSpec, plan_shards
+from mlecs.learning import evaluate
+from mlecs.learning.amt import AmtData, AmtRecipe, run_amt_round
+from mlecs.learning.cloud import CloudRecipe, generate_anchors, mean_edge_fused, tune_cloud
+from mlecs.learning.seccl import Anchors
+from mlecs.modality import Modality
+from mlecs.model import EdgeModel, ModelConfig, build_edge_model
+
+
+@dataclass(frozen=True)
+class Method:
+    """The switches that make a method out of the shared code."""
+
+    federated: bool = True
+    zero_fill: bool = False
+    """Clients missing a modality feed zeros for it through a full model (the FedAvg baseline)."""
+    aggregation: str = "mma"
+    """``mma``: modality-aware weights (with the anchor-agreement factor when SE-CCL is on); ``fedavg``."""
+    ccl: bool = True
+    seccl: bool = True
+
+
+METHODS: dict[str, Method] = {
+    "local": Method(federated=False, ccl=False, seccl=False),
+    "fedavg": Method(zero_fill=True, aggregation="fedavg", ccl=False, seccl=False),
+    "mlecs": Method(),
+    "mlecs-no-ccl": Method(ccl=False),
+    "mlecs-no-seccl": Method(seccl=False),
+    "mlecs-no-mma": Method(aggregation="fedavg"),
+}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_clients: int = 10
+    rounds: int = 10
+    alpha: float = 0.5
+    public_fraction: float = 0.2
+    heldout_fraction: float = 0.2
+    recipe: AmtRecipe = field(default_factory=AmtRecipe)
+    cloud: CloudRecipe = field(default_factory=CloudRecipe)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    agreement_temperature: float = 0.2
+    unseen_speaker: int | None = 0
+    """Speaker left out of every client's data; the global model is also evaluated on its clips."""
+
+
+@dataclass
+class SimResult:
+    global_accuracy: float
+    client_accuracy_mean: float
+    upload_bytes_per_client: float
+    unseen_speaker_accuracy: float | None
+    cloud_accuracy: float | None
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def _zero_filled(split: AVMnistSplit, modalities: frozenset[Modality]) -> AVMnistSplit:
+    images = split.images if Modality.IMAGE in modalities else np.zeros_like(split.images)
+    audio = split.audio if Modality.AUDIO in modalities else np.zeros_like(split.audio)
+    return replace(split, images=images, audio=audio)
+
+
+def _client_data(data: AVMnist, config: SimConfig, p: float, seed: int, zero_fill: bool) -> list[AmtData]:
+    train = data.train
+    keep = np.arange(len(train))
+    if config.unseen_speaker is not None:
+        keep = keep[train.speaker != config.unseen_speaker]
+    train = train.subset(keep)
+    spec = PartitionSpec(num_clients=config.num_clients, scheme="speaker-dirichlet", alpha=config.alpha,
+                         public_fraction=config.public_fraction, seed=seed)
+    clients = []
+    for shard in plan_shards(train, spec, missing_fraction=p):
+        private = np.random.default_rng([seed, shard.client_index]).permutation(shard.private_index)
+        n_heldout = max(1, round(len(private) * config.heldout_fraction))
+        parts = [train.subset(shard.public_index), train.subset(np.sort(private[n_heldout:])),
+                 train.subset(np.sort(private[:n_heldout]))]
+        modalities = shard.modalities
+        if zero_fill:
+            parts = [_zero_filled(part, modalities) for part in parts]
+            modalities = frozenset(Modality)
+        clients.append(AmtData(modalities, *parts))
+    return clients
+
+
+def _eval_sets(data: AVMnist, config: SimConfig) -> tuple[AVMnistSplit, AVMnistSplit | None]:
+    test = data.test
+    if config.unseen_speaker is None:
+        return test, None
+    unseen_train = data.train.subset(np.nonzero(data.train.speaker == config.unseen_speaker)[0])
+    unseen_test = test.subset(np.nonzero(test.speaker == config.unseen_speaker)[0])
+    seen_test = test.subset(np.nonzero(test.speaker != config.unseen_speaker)[0])
+    unseen = replace(
+        unseen_train,
+        images=np.concatenate([unseen_train.images, unseen_test.images]),
+        audio=np.concatenate([unseen_train.audio, unseen_test.audio]),
+        labels=np.concatenate([unseen_train.labels, unseen_test.labels]),
+        speaker=np.concatenate([unseen_train.speaker, unseen_test.speaker]),
+        sample_ids=np.concatenate([unseen_train.sample_ids, unseen_test.sample_ids]),
+    )
+    return seen_test, unseen
+
+
+def _update_bytes(delta: dict[str, np.ndarray], fused: np.ndarray) -> int:
+    tensors = dict(delta)
+    if len(fused):
+        tensors["fused.z"] = fused
+    return len(encode_tensors(tensors, CodecKind.FP16))
+
+
+def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimConfig,
+             text_anchors: np.ndarray | None, say: Callable[[str], None] = lambda _: None) -> SimResult:
+    """Runs one federation of ``config.rounds`` rounds with the named method; deterministic given ``seed``."""
+    method = METHODS[method_name]
+    started = time.perf_counter()
+    recipe = replace(config.recipe,
+                     ccl_weight=config.recipe.ccl_weight if method.ccl else 0.0,
+                     seccl_weight=config.recipe.seccl_weight if method.seccl else 0.0,
+                     fused_upload_samples=config.recipe.fused_upload_samples if method.seccl else 0)
+    cloud_recipe = replace(config.cloud, ccl_weight=config.cloud.ccl_weight if method.ccl else 0.0)
+    clients = _client_data(data, config, p, seed, method.zero_fill)
+    test, unseen = _eval_sets(data, config)
+    models: dict[frozenset[Modality], EdgeModel] = {}
+
+    def model_for(modalities: frozenset[Modality]) -> EdgeModel:
+        if modalities not in models:
+            models[modalities] = build_edge_model(config.model, modalities, seed)
+        return models[modalities]
+
+    every = frozenset(Modality)
+    cloud = model_for(every)
+    global_tensors = {k: v.numpy() for k, v in cloud.shared_state().items()}
+    public_ids = np.concatenate([c.public.sample_ids for c in clients])
+    public = data.train.subset(np.nonzero(np.isin(data.train.sample_ids, public_ids))[0])
+    anchors: Anchors | None = None
+    if method.seccl and text_anchors is not None:
+        anchors = Anchors(np.zeros(0, dtype=np.int64), np.zeros((0, config.model.fused_dim), np.float32), text_anchors)
+    local_states = [dict(global_tensors) for _ in clients]
+    personal: list[dict[str, np.ndarray] | None] = [None] * len(clients)
+    history: list[dict[str, float]] = []
+    client_acc, upload_bytes, cloud_acc = float("nan"), 0.0, None
+    for round_number in range(1, config.rounds + 1):
+        round_seed = seed * 1_000_003 + round_number * 101
+        updates, uploads, accs, sizes = [], [], [], []
+        for index, client in enumerate(clients):
+            start = local_states[index] if not method.federated else global_tensors
+            result = run_amt_round(model_for(client.modalities), client, start, recipe=recipe,
+                                   seed=round_seed + index, anchors=anchors, personal=personal[index])
+            accs.append(result.metrics.get("personal_accuracy", float("nan")))
+            if not method.federated:
+                # Local-only: the device keeps training its own model; nothing is aggregated.
+                local_states[index] = {k: v.numpy() for k, v in model_for(client.modalities).shared_state().items()}
+                continue
+            personal[index] = result.personal
+            sizes.append(_update_bytes(result.delta, result.fused))
+            updates.append(ClientUpdate(client_id=str(index), tensors=result.delta,
+                                        num_samples=result.public_samples,
+                                        modalities=frozenset(str(m) for m in client.modalities)))
+            uploads.append((result.fused_ids, result.fused))
+        client_acc = float(np.nanmean(accs))
+        record: dict[str, float] = {"round": float(round_number), "client_accuracy_mean": client_acc}
+        if method.federated:
+            weights = _weights(method, updates, uploads, anchors, config.agreement_temperature)
+            delta = weighted_average_per_tensor(updates, weights)
+            global_tensors = {k: (v + delta[k]).astype(np.float32) if k in delta else v
+                              for k, v in global_tensors.items()}
+            upload_bytes = float(np.mean(sizes))
+            if method.seccl:
+                tune_cloud(cloud, global_tensors, public, recipe=cloud_recipe, seed=round_seed,
+                           edge_fused=mean_edge_fused(uploads), text_anchors=text_anchors)
+                cloud_acc = evaluate(cloud, test, every)
+                anchors = generate_anchors(cloud, public, text_anchors)
+                record["cloud_accuracy"] = cloud_acc
+            cloud.load_shared_state(_as_torch(global_tensors))
+            record["global_accuracy"] = evaluate(cloud, test, every)
+        else:
+            record["global_accuracy"] = _local_global_accuracy(clients, local_states, model_for, test)
+        say(f"  round {round_number}: global {record['global_accuracy']:.3f}  client {client_acc:.3f}")
+        history.append(record)
+    unseen_acc = None
+    if unseen is not None:
+        if method.federated:
+            cloud.load_shared_state(_as_torch(global_tensors))
+            unseen_acc = evaluate(cloud, unseen, every)
+        else:
+            unseen_acc = _local_global_accuracy(clients, local_states, model_for, unseen)
+    return SimResult(global_accuracy=history[-1]["global_accuracy"], client_accuracy_mean=client_acc,
+                     upload_bytes_per_client=upload_bytes, unseen_speaker_accuracy=unseen_acc,
+                     cloud_accuracy=cloud_acc, history=history, seconds=time.perf_counter() - started)
+
+
+def _as_torch(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in tensors.items()}
+
+
+def _weights(method: Method, updates: list[ClientUpdate], uploads: list[tuple[np.ndarray, np.ndarray]],
+             anchors: Anchors | None, temperature: float) -> list[float]:
+    if method.aggregation == "fedavg":
+        return fedavg_weights(updates)
+    quality = None
+    if method.seccl and anchors is not None and len(anchors.sample_ids):
+        agreements: list[float | None] = []
+        for ids, fused in uploads:
+            positions, found = anchors.lookup(ids)
+            agreements.append(anchor_agreement(fused[positions], found) if len(positions) else None)
+        quality = agreement_weights(agreements, temperature)
+    return mma_weights(updates, quality=quality)
+
+
+def _local_global_accuracy(clients: list[AmtData], states: list[dict[str, np.ndarray]],
+                           model_for: Callable[[frozenset[Modality]], EdgeModel], test: AVMnistSplit) -> float:
+    """Local-only has no global model: the mean test accuracy of the clients' own models, own modalities."""
+    scores = []
+    for client, state in zip(clients, states, strict=True):
+        model = model_for(client.modalities)
+        model.load_shared_state(_as_torch(state))
+        scores.append(evaluate(model, test, client.modalities))
+    return float(np.mean(scores))

@@ -1,0 +1,189 @@
+"""AMT, adaptive multimodal tuning: one device's work in one round, shared by the agent and the benchmark.
+
+(a) start from the global adapter; (b) train the shared tensors on the device's shard of the public
+set (task loss + CCL + SE-CCL toward the cloud's anchors); the difference to the global adapter is
+the update to upload, with the fused ``z`` of a few public samples; (c) personalise on private data
+(task loss + CCL + the class-anchor term), starting from (b) with the personal parts the device kept
+from its previous round, then evaluate the personalised model on a local held-out split. The personal
+parts never leave the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mlecs.data.avmnist import AVMnistSplit
+from mlecs.learning.seccl import Anchors, class_anchor_loss, project_class_anchors, sample_anchor_loss
+from mlecs.learning.supervised import (
+    ExtraLoss,
+    ProgressCallback,
+    evaluate,
+    fused_representations,
+    train_supervised,
+)
+from mlecs.modality import Modality
+from mlecs.model.edge import EdgeModel, ModelOutput
+
+DEFAULT_PERSONAL_PREFIXES: tuple[str, ...] = ("head.",)
+
+
+@dataclass(frozen=True)
+class AmtRecipe:
+    """How a device trains in a round; the coordinator sends it with the task."""
+
+    public_epochs: int = 2
+    private_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    ccl_weight: float = 0.1
+    """Weight of the cross-modal volume loss (both stages; acts only on samples with >= 2 modalities)."""
+    ccl_temperature: float = 0.1
+    seccl_weight: float = 0.5
+    """Weight of the SE-CCL anchor terms (0 turns SE-CCL off)."""
+    seccl_temperature: float = 0.1
+    fused_upload_samples: int = 32
+    """How many public samples' fused z the device uploads for edge -> cloud alignment (0: none)."""
+    personal_prefixes: tuple[str, ...] = DEFAULT_PERSONAL_PREFIXES
+    """Tensor-name prefixes of the personal parts kept on the device from round to round."""
+
+    def __post_init__(self) -> None:
+        for name in ("public_epochs", "private_epochs", "batch_size"):
+            value = getattr(self, name)
+            lowest = 1 if name == "batch_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+        if self.public_epochs < 1:
+            raise ValueError("public_epochs must be at least 1: the public stage produces the update")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        for name in ("ccl_weight", "seccl_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("ccl_temperature", "seccl_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.fused_upload_samples < 0:
+            raise ValueError(f"fused_upload_samples must be >= 0, got {self.fused_upload_samples!r}")
+
+
+@dataclass(frozen=True)
+class AmtData:
+    """A device's data: its public shard, private training data and a private held-out split."""
+
+    modalities: frozenset[Modality]
+    public: AVMnistSplit
+    private_train: AVMnistSplit
+    private_heldout: AVMnistSplit
+
+
+@dataclass(frozen=True, eq=False)
+class AmtResult:
+    delta: dict[str, np.ndarray]
+    """Public-stage tensors minus the global ones: the update to upload."""
+    fused_ids: np.ndarray
+    """Public sample ids whose fused z is uploaded (int64 [k])."""
+    fused: np.ndarray
+    """Their fused z after the public stage, float32 [k, fused_dim]."""
+    personal: dict[str, np.ndarray]
+    """The personal parts to keep for the next round."""
+    metrics: dict[str, float]
+    public_samples: int
+    private_samples: int
+
+
+def _anchor_loss(model: EdgeModel, split: AVMnistSplit, anchors: Anchors | None, recipe: AmtRecipe,
+                 use_sample_anchors: bool) -> ExtraLoss | None:
+    """The SE-CCL term for a stage, or None when it has nothing to act on."""
+    if anchors is None or recipe.seccl_weight == 0:
+        return None
+    classes = None
+    if anchors.text is not None:
+        classes = torch.from_numpy(project_class_anchors(anchors.text, model.config.fused_dim))
+    per_sample = has_anchor = None
+    if use_sample_anchors and len(anchors.sample_ids):
+        positions, found = anchors.lookup(split.sample_ids)
+        if len(positions) >= 2:
+            per_sample = torch.zeros(len(split), found.shape[1])
+            per_sample[torch.from_numpy(positions)] = torch.from_numpy(np.asarray(found, dtype=np.float32))
+            has_anchor = torch.zeros(len(split), dtype=torch.bool)
+            has_anchor[torch.from_numpy(positions)] = True
+    if classes is None and per_sample is None:
+        return None
+    weight, temperature = recipe.seccl_weight, recipe.seccl_temperature
+
+    def loss(output: ModelOutput, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = output.fused.sum() * 0.0
+        if classes is not None:
+            total = total + class_anchor_loss(output.fused, labels, classes, temperature)
+        if per_sample is not None and has_anchor is not None:
+            rows = has_anchor[batch]
+            if int(rows.sum()) >= 2:
+                total = total + sample_anchor_loss(output.fused[rows], per_sample[batch][rows], temperature)
+        return weight * total
+
+    return loss
+
+
+def run_amt_round(
+    model: EdgeModel,
+    data: AmtData,
+    global_tensors: Mapping[str, np.ndarray],
+    *,
+    recipe: AmtRecipe,
+    seed: int,
+    anchors: Anchors | None = None,
+    personal: Mapping[str, np.ndarray] | None = None,
+    progress: ProgressCallback | None = None,
+) -> AmtResult:
+    """Runs (a)-(c) on ``model`` (which it overwrites); deterministic given ``seed``."""
+    mods = data.modalities
+    # (a) the global adapter
+    model.load_shared_state({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_tensors.items()})
+    # (b) public stage: the shared tensors only; its result is what travels
+    public = train_supervised(
+        model, data.public, mods, epochs=recipe.public_epochs, batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate, seed=seed, parameters="shared",
+        ccl_weight=recipe.ccl_weight, ccl_temperature=recipe.ccl_temperature,
+        extra_loss=_anchor_loss(model, data.public, anchors, recipe, use_sample_anchors=True), progress=progress,
+    )
+    trained = model.shared_state()
+    delta = {name: (value.numpy() - np.asarray(global_tensors[name], dtype=np.float32)).astype(np.float32)
+             for name, value in trained.items()}
+    fused_ids, fused = _fused_sample(model, data, recipe.fused_upload_samples, seed)
+
+    # (c) private stage: personal parts from last round (if any) over the public-stage model
+    if personal:
+        current = model.personal_state()
+        current.update({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in personal.items()
+                        if k in current and tuple(current[k].shape) == tuple(np.shape(v))})
+        model.load_personal_state(current)
+    metrics = {"public_loss": public.loss, "public_accuracy": public.accuracy}
+    if recipe.private_epochs and len(data.private_train):
+        private = train_supervised(
+            model, data.private_train, mods, epochs=recipe.private_epochs, batch_size=recipe.batch_size,
+            learning_rate=recipe.learning_rate, seed=seed + 1, parameters="trainable",
+            ccl_weight=recipe.ccl_weight, ccl_temperature=recipe.ccl_temperature,
+            extra_loss=_anchor_loss(model, data.private_train, anchors, recipe, use_sample_anchors=False),
+            progress=progress,
+        )
+        metrics.update(private_loss=private.loss, private_accuracy=private.accuracy)
+    if len(data.private_heldout):
+        metrics["personal_accuracy"] = evaluate(model, data.private_heldout, mods)
+    kept = {name: value.numpy() for name, value in model.personal_state().items()
+            if name.startswith(recipe.personal_prefixes)}
+    return AmtResult(delta=delta, fused_ids=fused_ids, fused=fused, personal=kept, metrics=metrics,
+                     public_samples=len(data.public), private_samples=len(data.private_train))
+
+
+def _fused_sample(model: EdgeModel, data: AmtData, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fused z of up to ``count`` public samples, chosen by seed (edge -> cloud alignment)."""
+    if count == 0 or len(data.public) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, model.config.fused_dim), dtype=np.float32)
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(data.public))[:count])
+    subset = data.public.subset(chosen)
+    z = fused_representations(model, subset, data.modalities).numpy().astype(np.float32)
+    return subset.sample_ids.astype(np.int64), z

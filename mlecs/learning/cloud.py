@@ -1,0 +1,96 @@
+"""The cloud's side of SE-CCL: tune the cloud model toward the edges, then generate the round's anchors.
+
+The cloud holds the whole public set with every modality. Each round it starts from the new global
+adapter, trains on the public set with the task loss, the class-anchor term and, for the public ids
+edges uploaded, a pull toward the edges' mean fused ``z`` (edge -> cloud). The tuned model then embeds
+every public sample once; those fused representations are the sample anchors every edge receives
+(cloud -> edge). The cost is one pass over the public set per round, whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mlecs.data.avmnist import AVMnistSplit
+from mlecs.learning.seccl import Anchors, class_anchor_loss, project_class_anchors, sample_anchor_loss
+from mlecs.learning.supervised import TrainStats, fused_representations, train_supervised
+from mlecs.modality import Modality
+from mlecs.model.edge import EdgeModel, ModelOutput
+
+
+@dataclass(frozen=True)
+class CloudRecipe:
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seccl_weight: float = 0.5
+    seccl_temperature: float = 0.1
+    ccl_weight: float = 0.1
+
+
+def mean_edge_fused(uploads: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Averages the edges' unit-normalised fused z per public id: (sorted unique ids, mean z [k, d])."""
+    uploads = [(np.asarray(i, dtype=np.int64), np.asarray(z, dtype=np.float32)) for i, z in uploads if len(i)]
+    if not uploads:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    ids = np.concatenate([i for i, _ in uploads])
+    z = np.concatenate([v for _, v in uploads])
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    unique, inverse = np.unique(ids, return_inverse=True)
+    sums = np.zeros((len(unique), z.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, z)
+    counts = np.bincount(inverse, minlength=len(unique))[:, None]
+    return unique, (sums / counts).astype(np.float32)
+
+
+def tune_cloud(
+    model: EdgeModel,
+    global_tensors: Mapping[str, np.ndarray],
+    public: AVMnistSplit,
+    *,
+    recipe: CloudRecipe,
+    seed: int,
+    edge_fused: tuple[np.ndarray, np.ndarray] | None = None,
+    text_anchors: np.ndarray | None = None,
+) -> TrainStats:
+    """Loads the global adapter into the full-modality cloud model and tunes it on the public set."""
+    model.load_shared_state({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_tensors.items()})
+    every = frozenset(Modality)
+    extra = None
+    if recipe.seccl_weight > 0:
+        classes = None if text_anchors is None else torch.from_numpy(
+            project_class_anchors(text_anchors, model.config.fused_dim))
+        targets = has_target = None
+        if edge_fused is not None and len(edge_fused[0]) >= 2:
+            positions, found = Anchors(edge_fused[0], edge_fused[1]).lookup(public.sample_ids)
+            if len(positions) >= 2:
+                targets = torch.zeros(len(public), found.shape[1])
+                targets[torch.from_numpy(positions)] = torch.from_numpy(found)
+                has_target = torch.zeros(len(public), dtype=torch.bool)
+                has_target[torch.from_numpy(positions)] = True
+        weight, temperature = recipe.seccl_weight, recipe.seccl_temperature
+
+        def alignment(output: ModelOutput, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            total = output.fused.sum() * 0.0
+            if classes is not None:
+                total = total + class_anchor_loss(output.fused, labels, classes, temperature)
+            if targets is not None and has_target is not None:
+                rows = has_target[batch]
+                if int(rows.sum()) >= 2:
+                    total = total + sample_anchor_loss(output.fused[rows], targets[batch][rows], temperature)
+            return weight * total
+
+        extra = alignment
+    return train_supervised(model, public, every, epochs=recipe.epochs, batch_size=recipe.batch_size,
+                            learning_rate=recipe.learning_rate, seed=seed, parameters="shared",
+                            ccl_weight=recipe.ccl_weight, extra_loss=extra)
+
+
+def generate_anchors(model: EdgeModel, public: AVMnistSplit, text_anchors: np.ndarray | None) -> Anchors:
+    """One pass of the cloud model over the public set: the sample anchors (plus the text anchors)."""
+    fused = fused_representations(model, public, frozenset(Modality)).numpy().astype(np.float32)
+    return Anchors(sample_ids=public.sample_ids.astype(np.int64), fused=fused, text=text_anchors)
