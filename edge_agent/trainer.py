@@ -112,6 +112,8 @@ class AmtTrainer:
         )
         anchors = Anchors.from_tensors(anchor_tensors, config.fused_dim) if anchor_tensors else None
         personal = self._load_personal()
+        if personal:
+            log.info("personal parts restored: %d tensor(s) from %s", len(personal), self._personal_path)
         result = run_amt_round(
             model, AmtData(data.modalities, data.public, data.private_train, data.private_heldout),
             global_tensors, recipe=recipe, seed=task.seed * 1_000_003 + task.round_number,

@@ -9,6 +9,8 @@ import sys
 import time
 import uuid
 
+import torch
+
 from server.config import CoordinatorSettings
 from tests.integration.coordinator_harness import running_coordinator, wait_for_round
 
@@ -64,6 +66,30 @@ def test_the_agent_trains_a_round_then_stops_cleanly_on_sigterm(tmp_path):
                 agent.kill()
         assert agent.returncode == 0, output
         assert "agent stopped" in output
+        assert "personal parts restored" not in output  # nothing to restore in the first round
+
+        # Restarted, the agent keeps its identity and trains the next round from its personal parts.
+        first_personal = torch.load(tmp_path / "state" / "personal.pt", weights_only=True)
+        assert first_personal and all(k.startswith("head.") for k in first_personal)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "--config", str(tmp_path / "agent.toml")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        try:
+            _wait(lambda: any(d["online"] for d in c.admin.get(f"/v1/federations/{name}/devices").json()),
+                  120, "restarted agent did not come back")
+            round_id = c.admin.post(f"/v1/federations/{name}/rounds").json()["id"]
+            round_ = wait_for_round(c.admin, round_id, timeout_s=180)
+            assert round_["state"] == "committed", round_
+            agent.send_signal(signal.SIGTERM)
+            output, _ = agent.communicate(timeout=60)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+        assert "personal parts restored: 2 tensor(s)" in output, output
+        assert len(c.admin.get(f"/v1/federations/{name}/devices").json()) == 1  # same device, not a new one
+        second_personal = torch.load(tmp_path / "state" / "personal.pt", weights_only=True)
+        assert not torch.equal(first_personal["head.weight"], second_personal["head.weight"])
 
 
 def test_a_config_error_exits_with_code_2_and_says_what_is_wrong(tmp_path):
