@@ -32,7 +32,7 @@ class PartitionSettings(BaseModel):
 
     num_clients: int = Field(ge=1)
     client_index: int = Field(ge=0)
-    scheme: Literal["speaker", "dirichlet"] = "dirichlet"
+    scheme: Literal["speaker", "dirichlet", "speaker-dirichlet"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     public_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
