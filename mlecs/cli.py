@@ -20,7 +20,8 @@ def _root() -> None:
     """mlecs: federated multimodal learning between a coordinator and edge devices."""
 
 
-COLUMNS = ("round", "participants", "global acc", "client acc", "upload B/client", "upload ratio", "wall s")
+COLUMNS = ("round", "participants", "global acc", "client acc", "cloud acc", "upload B/client", "upload ratio",
+           "wall s")
 
 
 def _row(r: dict) -> str:
@@ -28,7 +29,8 @@ def _row(r: dict) -> str:
         return "   n/a" if x is None or math.isnan(x) else f"{x:.4f}"
 
     return (f"{r['round']:>5}  {r['participants']:>12}  {pct(r['global_accuracy']):>10}  "
-            f"{pct(r['client_accuracy_mean']):>10}  {r['upload_bytes_per_client']:>15,.0f}  "
+            f"{pct(r['client_accuracy_mean']):>10}  {pct(r.get('cloud_accuracy', math.nan)):>9}  "
+            f"{r['upload_bytes_per_client']:>15,.0f}  "
             f"{r['upload_ratio'] * 100:>11.3f}%  {r['wall_s']:>6.1f}"
             + ("" if r.get("state", "committed") == "committed" else f"  FAILED: {r.get('failure_reason')}"))
 
@@ -84,7 +86,7 @@ def fleet(
     def on_round(result: object) -> None:
         nonlocal header_printed
         if not header_printed:
-            typer.echo("  ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, (5, 12, 10, 10, 15, 12, 6), strict=True)))
+            typer.echo("  ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, (5, 12, 10, 10, 9, 15, 12, 6), strict=True)))
             header_printed = True
         typer.echo(_row(result.as_json()))  # type: ignore[attr-defined]
 

@@ -55,6 +55,7 @@ class RoundResult:
     participants: int
     global_accuracy: float
     client_accuracy_mean: float
+    cloud_accuracy: float
     upload_bytes_per_client: float
     upload_ratio: float
     wall_s: float
@@ -212,6 +213,7 @@ class LocalFleet:
             round=round_["number"], participants=int(m.get("participants", 0)),
             global_accuracy=m.get("global_accuracy", float("nan")),
             client_accuracy_mean=m.get("client_accuracy_mean", float("nan")),
+            cloud_accuracy=m.get("cloud_accuracy", float("nan")),
             upload_bytes_per_client=m.get("upload_bytes_per_client", 0.0),
             upload_ratio=m.get("upload_ratio", 0.0),
             wall_s=m.get("wall_s", time.monotonic() - started),

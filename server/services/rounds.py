@@ -245,7 +245,8 @@ class RoundService:
             "upload_bytes_per_client": per_client,
             "upload_ratio": per_client / full_model_bytes(federation.config.model),
         }
-        out.update({f"global_{k}": v for k, v in evaluation.items() if k != "accuracy"})
+        out.update({(k if k.startswith("cloud_") else f"global_{k}"): v
+                    for k, v in evaluation.items() if k != "accuracy"})
         personal = [u.metrics["personal_accuracy"] for u in accepted if "personal_accuracy" in u.metrics]
         if personal:
             out["client_accuracy_mean"] = float(np.mean(personal))

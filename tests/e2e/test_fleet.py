@@ -30,6 +30,8 @@ def test_a_local_federation_of_three_agents_learns_and_stays_within_the_upload_b
     assert rounds[1]["global_accuracy"] > rounds[0]["global_accuracy"]
     assert report["initial_accuracy"] < rounds[0]["global_accuracy"]
     assert all(0.1 < r["client_accuracy_mean"] <= 1 for r in rounds)
+    # SE-CCL: the coordinator tuned and evaluated its cloud model every round.
+    assert all(0.1 < r["cloud_accuracy"] <= 1 for r in rounds)
     # Communication: what a client uploads is a small, bounded share of the full edge model.
     assert all(0 < r["upload_bytes_per_client"] < 600_000 for r in rounds)
     assert all(r["upload_ratio"] <= 0.0065 for r in rounds)
