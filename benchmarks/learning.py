@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = args.setting or (["hard"] if args.quick else list(SETTINGS))
     ps = args.p or ([0.0, 0.4] if args.quick else [0.0, 0.2, 0.4, 0.6])
-    seeds = args.seeds or (2 if args.quick else 3)
-    rounds = args.rounds or (5 if args.quick else 8)
+    seeds = args.seeds if args.seeds is not None else (2 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 8)
     if seeds < 1 or rounds < 1 or args.clients < 2:
         print("error: --seeds and --rounds must be >= 1 and --clients >= 2", file=sys.stderr)
         return 2

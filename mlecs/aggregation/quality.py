@@ -23,6 +23,8 @@ def anchor_agreement(fused: np.ndarray, anchors: np.ndarray) -> float:
     if fused.shape != anchors.shape or fused.ndim != 2 or fused.shape[0] == 0:
         raise AggregationError(
             f"agreement needs two equal non-empty [k, d] arrays, got {fused.shape} and {anchors.shape}")
+    if not (np.all(np.isfinite(fused)) and np.all(np.isfinite(anchors))):
+        raise AggregationError("fused representations hold non-finite values")
     norms = np.linalg.norm(fused, axis=1) * np.linalg.norm(anchors, axis=1)
     cosine = np.einsum("ij,ij->i", fused, anchors) / np.maximum(norms, 1e-12)
     if not np.all(np.isfinite(cosine)):

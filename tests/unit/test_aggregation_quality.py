@@ -47,7 +47,6 @@ def test_agreement_rejects_mismatched_or_empty_arrays(fused: np.ndarray, anchors
         anchor_agreement(fused, anchors)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf, before the check
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_agreement_rejects_non_finite_representations(bad: float) -> None:
     fused = np.array([[1.0, bad], [1.0, 0.0]])

@@ -15,6 +15,7 @@ from mlecs.data.partition import (
     client_shard,
     partition_by_speaker,
     partition_dirichlet,
+    partition_speaker_dirichlet,
     plan_shards,
     split_public,
 )
@@ -189,3 +190,116 @@ def test_invalid_partition_spec_names_the_bad_argument(kwargs: dict[str, object]
 def test_client_index_out_of_range_is_rejected(train: AVMnistSplit) -> None:
     with pytest.raises(ValueError, match="client_index"):
         client_shard(train, PartitionSpec(num_clients=2), 2)
+
+
+# --- speaker-dirichlet -------------------------------------------------------------------------------------
+
+
+def _speakers_and_labels() -> tuple[np.ndarray, np.ndarray]:
+    """3 speakers x 60 samples, 6 of each digit per speaker."""
+    return np.repeat(np.arange(3), 60), np.tile(np.arange(10), 18)
+
+
+@pytest.mark.parametrize("num_clients", [4, 7, 9])
+def test_speaker_dirichlet_gives_every_client_one_speaker_and_covers_the_index(num_clients: int) -> None:
+    speakers, labels = _speakers_and_labels()
+    index = np.arange(180)
+
+    parts = partition_speaker_dirichlet(speakers, labels, index, num_clients, alpha=0.5, seed=0)
+
+    assert len(parts) == num_clients
+    _assert_exact_cover(parts, index)
+    assert all(len(p) >= 10 for p in parts)
+    owners = [set(speakers[p].tolist()) for p in parts]
+    assert all(len(o) == 1 for o in owners)
+    clients_per_speaker = sorted(np.bincount([o.pop() for o in owners], minlength=3).tolist())
+    expected = [num_clients // 3 + (1 if s < num_clients % 3 else 0) for s in range(3)]
+    assert clients_per_speaker == sorted(expected)
+
+
+def test_speaker_dirichlet_covers_a_subset_index_with_positions_into_the_full_arrays() -> None:
+    speakers, labels = _speakers_and_labels()
+    index = np.arange(1, 180, 2)  # odd positions only: 30 per speaker
+
+    parts = partition_speaker_dirichlet(speakers, labels, index, num_clients=5, alpha=1.0, seed=2, min_size=5)
+
+    _assert_exact_cover(parts, index)
+    assert all(len(set(speakers[p].tolist())) == 1 for p in parts)
+
+
+def test_speaker_dirichlet_is_reproducible_from_seed() -> None:
+    speakers, labels = _speakers_and_labels()
+    index = np.arange(180)
+
+    first = partition_speaker_dirichlet(speakers, labels, index, 7, 0.5, seed=4)
+    second = partition_speaker_dirichlet(speakers, labels, index, 7, 0.5, seed=4)
+    other = partition_speaker_dirichlet(speakers, labels, index, 7, 0.5, seed=5)
+
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize("num_clients", [1, 2, 3])
+def test_speaker_dirichlet_equals_the_speaker_partition_with_at_most_one_client_per_speaker(num_clients: int) -> None:
+    speakers, labels = _speakers_and_labels()
+    index = np.arange(0, 180, 3)
+
+    parts = partition_speaker_dirichlet(speakers, labels, index, num_clients, alpha=0.1, seed=3)
+    expected = partition_by_speaker(speakers, index, num_clients, seed=3)
+
+    assert len(parts) == len(expected) == num_clients
+    assert all(np.array_equal(a, b) for a, b in zip(parts, expected, strict=True))
+
+
+def test_speaker_dirichlet_skews_labels_within_a_speaker_more_with_small_alpha() -> None:
+    speakers, labels = np.repeat(np.arange(2), 500), np.tile(np.arange(10), 100)
+    index = np.arange(1000)
+
+    def mean_label_entropy(alpha: float) -> float:
+        entropies = []
+        for part in partition_speaker_dirichlet(speakers, labels, index, 8, alpha, seed=0):
+            p = np.bincount(labels[part], minlength=10) / len(part)
+            entropies.append(-(p[p > 0] * np.log(p[p > 0])).sum())
+        return float(np.mean(entropies))
+
+    assert mean_label_entropy(0.1) < mean_label_entropy(100.0) - 0.3
+    assert mean_label_entropy(100.0) > 0.95 * np.log(10)
+
+
+def test_speaker_dirichlet_refuses_a_speaker_too_small_for_its_clients() -> None:
+    speakers, labels = _speakers_and_labels()
+
+    with pytest.raises(ValueError, match="min_size"):
+        partition_speaker_dirichlet(speakers, labels, np.arange(180), 9, 0.5, seed=0, min_size=25)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"num_clients": 0}, "num_clients"), ({"alpha": 0.0}, "alpha")])
+def test_speaker_dirichlet_rejects_bad_arguments(kwargs: dict[str, object], match: str) -> None:
+    speakers, labels = _speakers_and_labels()
+    arguments: dict[str, object] = {"num_clients": 4, "alpha": 0.5, **kwargs}
+
+    with pytest.raises(ValueError, match=match):
+        partition_speaker_dirichlet(speakers, labels, np.arange(180), seed=0, **arguments)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        partition_speaker_dirichlet(speakers, labels, np.zeros(0, np.int64), 4, 0.5, seed=0)
+
+
+def test_plan_shards_accepts_the_speaker_dirichlet_scheme(train: AVMnistSplit) -> None:
+    spec = PartitionSpec(num_clients=8, scheme="speaker-dirichlet", seed=0)
+
+    shards = plan_shards(train, spec)
+
+    assert spec.scheme == "speaker-dirichlet"
+    _assert_exact_cover([s.public_index for s in shards] + [s.private_index for s in shards], np.arange(len(train)))
+    assert all(len(set(train.speaker[s.private_index].tolist())) == 1 for s in shards)
+    assert all(len(s.private_index) >= 10 for s in shards)
+    assert [s.modalities for s in shards] == assign_modality_sets(8, 0)
+
+
+def test_speaker_dirichlet_shards_match_the_speaker_scheme_with_few_clients(train: AVMnistSplit) -> None:
+    mixed = plan_shards(train, PartitionSpec(num_clients=3, scheme="speaker-dirichlet", seed=1))
+    speaker = plan_shards(train, PartitionSpec(num_clients=3, scheme="speaker", seed=1))
+
+    for a, b in zip(mixed, speaker, strict=True):
+        np.testing.assert_array_equal(a.private_index, b.private_index)
+        np.testing.assert_array_equal(a.public_index, b.public_index)

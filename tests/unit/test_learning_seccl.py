@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_sgd_on_a_free_tensor_reduces_the_sample_anchor_loss() -> None:
         optimiser.step()
 
     assert losses[-1] < 0.5 * losses[0]
-    assert all(later <= earlier + 1e-6 for earlier, later in zip(losses, losses[1:], strict=False))
+    assert all(later <= earlier + 1e-6 for earlier, later in itertools.pairwise(losses))
 
 
 def test_no_gradient_flows_into_the_sample_anchors() -> None:
