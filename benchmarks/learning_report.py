@@ -9,7 +9,12 @@ from typing import Any
 
 import numpy as np
 
-METRICS = (("global_accuracy", "global"), ("client_accuracy_mean", "client"), ("unseen_speaker_accuracy", "unseen spk"))
+METRICS = (
+    ("global_accuracy", "global model, test split"),
+    ("client_accuracy_mean", "personalised clients, local held-out (mean)"),
+    ("unseen_speaker_accuracy", "global model, unseen speaker"),
+    ("cloud_accuracy", "cloud model, test split"),
+)
 
 
 def _cells(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
@@ -27,7 +32,7 @@ def _mean_std(values: list[float | None]) -> str:
 
 
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    """One table per setting: a row per method, a column per (p, metric), accuracy in % (mean ± std)."""
+    """Per setting, one table per metric: a row per method, a column per p, accuracy in % (mean ± std)."""
     cells = _cells(records)
     out = []
     for setting in sorted({r["setting"] for r in records}):
@@ -35,16 +40,17 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         methods = list(dict.fromkeys(r["method"] for r in records if r["setting"] == setting))
         seeds = len({r["seed"] for r in records if r["setting"] == setting})
         out.append(f"### {setting} (accuracy %, mean ± std over {seeds} seed(s))\n")
-        header = ["method"] + [f"p={p:g} {label}" for p in ps for _, label in METRICS]
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "---|" * len(header))
-        for method in methods:
-            row = [method]
-            for p in ps:
-                runs = cells.get((setting, method, p), [])
-                row += [_mean_std([r.get(key) for r in runs]) for key, _ in METRICS]
-            out.append("| " + " | ".join(row) + " |")
-        out.append("")
+        for key, label in METRICS:
+            if not any(r.get(key) is not None for r in records if r["setting"] == setting):
+                continue
+            out.append(f"{label}:\n")
+            header = ["method"] + [f"p={p:g}" for p in ps]
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "---|" * len(header))
+            for method in methods:
+                row = [method] + [_mean_std([r.get(key) for r in cells.get((setting, method, p), [])]) for p in ps]
+                out.append("| " + " | ".join(row) + " |")
+            out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -60,7 +66,7 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(len(settings), 2, figsize=(11, 4 * len(settings)), squeeze=False)
     for row, setting in enumerate(settings):
         methods = list(dict.fromkeys(r["method"] for r in records if r["setting"] == setting))
-        for col, (key, label) in enumerate(METRICS[:2]):
+        for col, (key, label) in enumerate(METRICS[:2]):  # global and client accuracy
             ax = axes[row][col]
             for method in methods:
                 ps = sorted(p for s, m, p in cells if s == setting and m == method)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import benchmarks.learning as learning_cli
-from benchmarks.federation_sim import METHODS, SimConfig, SimResult, simulate
+from benchmarks.federation_sim import DEFAULT_METHODS, METHODS, SimConfig, SimResult, simulate
 from benchmarks.learning import build_parser
 from benchmarks.learning_report import markdown_table, plot_accuracy
 from mlecs.data.avmnist import AVMnist, load_avmnist_tiny
@@ -33,10 +33,11 @@ def tiny() -> AVMnist:
 @pytest.fixture(scope="module")
 def results(tiny: AVMnist) -> dict[str, SimResult]:
     """One round of each kind of method, with one of the two clients missing a modality (p = 0.5)."""
-    return {name: simulate(tiny, name, 0.5, 0, CONFIG, TEXT) for name in ("mlecs", "fedavg", "local")}
+    names = ("mlecs", "fedavg", "local", "mlecs-exact-lora")
+    return {name: simulate(tiny, name, 0.5, 0, CONFIG, TEXT) for name in names}
 
 
-@pytest.mark.parametrize("method", ["mlecs", "fedavg", "local"])
+@pytest.mark.parametrize("method", ["mlecs", "fedavg", "local", "mlecs-exact-lora"])
 def test_simulate_reports_accuracies_and_one_history_record_per_round(
     results: dict[str, SimResult], method: str
 ) -> None:
@@ -76,7 +77,8 @@ def test_simulate_is_deterministic_and_skips_the_unseen_speaker_when_there_is_no
 
 
 def test_methods_are_the_baselines_and_the_ablations() -> None:
-    assert set(METHODS) == {"local", "fedavg", "mlecs", "mlecs-no-ccl", "mlecs-no-seccl", "mlecs-no-mma"}
+    assert DEFAULT_METHODS == ("local", "fedavg", "mlecs", "mlecs-no-ccl", "mlecs-no-seccl", "mlecs-no-mma")
+    assert set(METHODS) == {*DEFAULT_METHODS, "mlecs-exact-lora"} and METHODS["mlecs-exact-lora"].exact_lora
     assert not METHODS["local"].federated and METHODS["fedavg"].zero_fill
     assert METHODS["mlecs-no-mma"].aggregation == "fedavg" and METHODS["mlecs-no-seccl"].seccl is False
 
@@ -101,10 +103,13 @@ def test_markdown_table_shows_mean_and_std_in_percent() -> None:
 
     lines = table.splitlines()
     assert lines[0] == "### hard (accuracy %, mean ± std over 2 seed(s))"
-    assert lines[2] == ("| method | p=0 global | p=0 client | p=0 unseen spk"
-                        " | p=0.4 global | p=0.4 client | p=0.4 unseen spk |")
-    assert lines[4] == "| mlecs | 50.0 ± 10.0 | 50.0 ± 0.0 | – | 30.0 ± 0.0 | 50.0 ± 0.0 | – |"
-    assert lines[5] == "| local | 25.0 ± 0.0 | 50.0 ± 0.0 | – | – | – | – |"
+    assert lines[2] == "global model, test split:"
+    assert lines[4] == "| method | p=0 | p=0.4 |"
+    assert lines[6] == "| mlecs | 50.0 ± 10.0 | 30.0 ± 0.0 |"
+    assert lines[7] == "| local | 25.0 ± 0.0 | – |"
+    client = lines.index("personalised clients, local held-out (mean):")
+    assert lines[client + 4] == "| mlecs | 50.0 ± 0.0 | 50.0 ± 0.0 |"
+    assert "unseen speaker" not in table  # no record measured it: no empty table
 
 
 def test_markdown_table_makes_one_table_per_setting() -> None:
@@ -113,7 +118,7 @@ def test_markdown_table_makes_one_table_per_setting() -> None:
     table = markdown_table(records)
 
     assert table.index("### canonical") < table.index("### hard")
-    assert "| fedavg | 10.0 ± 0.0 | 50.0 ± 0.0 | – |" in table
+    assert "| fedavg | 10.0 ± 0.0 |" in table
     assert "over 1 seed(s)" in table
 
 
@@ -135,7 +140,7 @@ def test_parser_reads_lists_of_p_methods_and_settings(tmp_path: Path) -> None:
 
     assert args.p == [0.0, 0.4] and args.methods == ["mlecs", "local"] and args.setting == ["hard"]
     assert args.out == tmp_path and args.backbone == "tiny" and args.clients == 10
-    assert build_parser().parse_args(["--out", "x"]).methods == list(METHODS)
+    assert build_parser().parse_args(["--out", "x"]).methods == [m for m in METHODS if m != "mlecs-exact-lora"]
 
 
 @pytest.mark.parametrize(
@@ -202,7 +207,7 @@ def test_main_runs_the_grid_and_writes_results_table_and_plot(tmp_path: Path, fa
     assert all(call[0] == "hard" for call in fake_runs)
     records = json.loads((out / "results.json").read_text())
     assert len(records) == 8 and {r["rounds"] for r in records} == {3}
-    assert "| mlecs | 55.0 ± 5.0 | 40.0 ± 0.0 | 30.0 ± 0.0 |" in (out / "results.md").read_text()
+    assert "| mlecs | 55.0 ± 5.0 | 55.0 ± 5.0 |" in (out / "results.md").read_text()  # global, both p
     assert (out / "accuracy_vs_p.png").read_bytes()[:8] == PNG_MAGIC
 
 
