@@ -66,7 +66,8 @@ class SimConfig:
     recipe: AmtRecipe = field(default_factory=AmtRecipe)
     cloud: CloudRecipe = field(default_factory=CloudRecipe)
     model: ModelConfig = field(default_factory=ModelConfig)
-    agreement_temperature: float = 0.2
+    agreement_temperature: float | None = 0.2
+    """MMA's noise factor softness; None leaves the factor out (modality count x samples only)."""
     unseen_speaker: int | None = 0
     """Speaker left out of every client's data; the global model is also evaluated on its clips."""
 
@@ -227,16 +228,16 @@ def _as_torch(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _weights(method: Method, updates: list[ClientUpdate], uploads: list[tuple[np.ndarray, np.ndarray]],
-             anchors: Anchors | None, temperature: float) -> list[float]:
+             anchors: Anchors | None, temperature: float | None) -> list[float]:
     if method.aggregation == "fedavg":
         return fedavg_weights(updates)
     quality = None
-    if method.seccl and anchors is not None and len(anchors.sample_ids):
+    if method.seccl and temperature is not None and anchors is not None and len(anchors.sample_ids):
         agreements: list[float | None] = []
         for ids, fused in uploads:
             positions, found = anchors.lookup(ids)
             agreements.append(anchor_agreement(fused[positions], found) if len(positions) else None)
-        quality = agreement_weights(agreements, temperature)
+        quality = agreement_weights(agreements, temperature, groups=[u.modalities for u in updates])
     return mma_weights(updates, quality=quality)
 
 

@@ -28,7 +28,9 @@ from mlecs.learning.supervised import (
 from mlecs.modality import Modality
 from mlecs.model.edge import EdgeModel, ModelOutput
 
-DEFAULT_PERSONAL_PREFIXES: tuple[str, ...] = ("head.",)
+# The device's own encoders (extractors and their connector slots) and its classifier head stay
+# personal; the modality-independent connector core and LoRA come fresh from the global model each round.
+DEFAULT_PERSONAL_PREFIXES: tuple[str, ...] = ("extractors.", "connector.slots.", "head.")
 
 
 @dataclass(frozen=True)

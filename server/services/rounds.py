@@ -184,7 +184,9 @@ class RoundService:
             updates.append(ClientUpdate(client_id=u.device_id, tensors=tensors_of_u,
                                         num_samples=max(u.public_samples, 1), modalities=frozenset(u.modalities)))
         agreements = client_agreements(base_anchors, fused)
-        quality = agreement_weights(agreements, config.agreement_temperature)
+        # Peers with the same modality set are compared with each other (see agreement_weights).
+        quality = agreement_weights(agreements, config.agreement_temperature,
+                                    groups=[frozenset(u.modalities) for u in updates])
         if config.aggregation == "mma":
             weights = mma_weights(updates, quality=quality if any(a is not None for a in agreements) else None)
         else:

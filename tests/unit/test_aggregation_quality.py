@@ -138,3 +138,22 @@ def test_mma_weights_reject_quality_that_does_not_fit(quality: list[float], matc
 
     with pytest.raises(AggregationError, match=match):
         mma_weights(updates, quality=quality)
+
+
+def test_agreement_is_judged_among_clients_with_the_same_modality_set() -> None:
+    both, image = frozenset({"image", "audio"}), frozenset({"image"})
+    # The image-only client agrees less with the all-modality anchors, as any would, but is the best
+    # of its group; the second image-only client is one temperature below it.
+    weights = agreement_weights([0.9, 0.5, 0.3], temperature=0.2, groups=[both, image, image])
+
+    assert weights == pytest.approx([1.0, 1.0, np.exp(-1.0)])
+    assert agreement_weights([0.9, 0.5, 0.3], temperature=0.2) == pytest.approx(
+        [1.0, np.exp(-2.0), np.exp(-3.0)])
+
+
+def test_grouped_agreement_gives_silent_clients_the_mean_factor_and_checks_lengths() -> None:
+    weights = agreement_weights([0.8, 0.6, None], temperature=0.2, groups=["a", "a", "b"])
+
+    assert weights == pytest.approx([1.0, np.exp(-1.0), (1.0 + np.exp(-1.0)) / 2])
+    with pytest.raises(AggregationError, match="groups"):
+        agreement_weights([0.8, 0.6], groups=["a"])

@@ -126,8 +126,14 @@ def test_the_round_is_deterministic_given_the_seed(
     assert any(not np.array_equal(other_seed.delta[n], image_result.delta[n]) for n in image_result.delta)
 
 
-def test_personal_parts_are_the_head_only(image_result: AmtResult) -> None:
-    assert set(image_result.personal) == {"head.weight", "head.bias"}
+def test_personal_parts_are_the_devices_encoders_and_head(image_result: AmtResult) -> None:
+    names = set(image_result.personal)
+    assert {"head.weight", "head.bias"} <= names
+    assert any(n.startswith("extractors.image.") for n in names)
+    assert any(n.startswith("connector.slots.image.") for n in names)
+    assert not any(n.startswith(("connector.core.", "lora.", "extractors.audio", "connector.slots.audio"))
+                   for n in names)
+    assert names == {n for n in image_result.delta if n.startswith(("extractors.", "connector.slots.", "head."))}
     assert image_result.personal["head.weight"].shape == (TINY.num_classes, 64)
     assert image_result.personal["head.bias"].shape == (TINY.num_classes,)
 
@@ -230,8 +236,8 @@ def test_recipe_rejects_invalid_settings(kwargs: dict[str, Any], match: str) -> 
         AmtRecipe(**kwargs)
 
 
-def test_recipe_defaults_are_valid_and_keep_the_head_personal() -> None:
+def test_recipe_defaults_are_valid_and_keep_encoders_and_head_personal() -> None:
     recipe = AmtRecipe(private_epochs=0, seccl_weight=0.0, ccl_weight=0.0, fused_upload_samples=0)
 
-    assert recipe.personal_prefixes == ("head.",)
+    assert recipe.personal_prefixes == ("extractors.", "connector.slots.", "head.")
     assert AmtRecipe().public_epochs >= 1
