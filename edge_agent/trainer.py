@@ -110,7 +110,12 @@ class AmtTrainer:
             seccl_weight=task.seccl_weight, seccl_temperature=task.seccl_temperature,
             fused_upload_samples=task.fused_upload_samples,
         )
-        anchors = Anchors.from_tensors(anchor_tensors, config.fused_dim) if anchor_tensors else None
+        anchors = None
+        if anchor_tensors:
+            try:
+                anchors = Anchors.from_tensors(anchor_tensors, config.fused_dim)
+            except ValueError as exc:  # a bad anchor set costs this round its SE-CCL term, not the round
+                log.warning("ignoring the version's anchors: %s", exc)
         personal = self._load_personal()
         if personal:
             log.info("personal parts restored: %d tensor(s) from %s", len(personal), self._personal_path)

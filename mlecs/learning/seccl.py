@@ -113,7 +113,11 @@ class Anchors:
         if len(ids) and (not np.all(ids == np.round(ids)) or ids.min() < 0):
             raise ValueError("anchor sample ids must be non-negative integers")
         fused = np.asarray(tensors.get(SAMPLE_ANCHORS, np.zeros((0, fused_dim))), dtype=np.float32)
+        if fused.ndim != 2 or fused.shape[1] != fused_dim:
+            raise ValueError(f"sample anchors have shape {list(fused.shape)}, expected [N, {fused_dim}]")
         text = tensors.get(TEXT_ANCHORS)
+        if text is not None and (np.ndim(text) != 2 or len(text) < 2):
+            raise ValueError(f"text anchors have shape {list(np.shape(text))}, expected [classes >= 2, dim]")
         return cls(sample_ids=ids.astype(np.int64), fused=fused,
                    text=None if text is None else np.asarray(text, dtype=np.float32))
 

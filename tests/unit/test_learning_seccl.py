@@ -268,3 +268,13 @@ def test_lookup_with_no_hits_or_no_anchors_returns_empty_results() -> None:
 
     positions, found = _anchors([1, 2]).lookup(np.zeros(0, np.int64))
     assert positions.shape == (0,) and found.shape == (0, 4)
+
+
+def test_anchor_sets_of_the_wrong_width_are_refused_when_read() -> None:
+    tensors = {SAMPLE_ANCHOR_IDS: np.arange(3, dtype=np.float32), SAMPLE_ANCHORS: np.ones((3, 8), np.float32)}
+
+    assert Anchors.from_tensors(tensors, fused_dim=8).fused.shape == (3, 8)
+    with pytest.raises(ValueError, match=r"expected \[N, 16\]"):
+        Anchors.from_tensors(tensors, fused_dim=16)
+    with pytest.raises(ValueError, match="text anchors"):
+        Anchors.from_tensors({TEXT_ANCHORS: np.ones(4, np.float32)}, fused_dim=8)
