@@ -184,16 +184,7 @@ class RoundService:
             updates.append(ClientUpdate(client_id=u.device_id, tensors=tensors_of_u,
                                         num_samples=max(u.public_samples, 1), modalities=frozenset(u.modalities)))
         agreements = client_agreements(base_anchors, fused)
-        # Peers with the same modality set are compared with each other (see agreement_weights).
-        quality = agreement_weights(agreements, config.agreement_temperature,
-                                    groups=[frozenset(u.modalities) for u in updates])
-        if config.aggregation == "mma":
-            weights = mma_weights(updates, quality=quality if any(a is not None for a in agreements) else None)
-        else:
-            weights = fedavg_weights(updates)
-        tensors = apply_delta(base, weighted_average_per_tensor(updates, weights))
-        if config.lora_mode == "exact":
-            tensors.update(self._exact_lora(base, updates, weights))
+        tensors, quality = self._aggregate(federation, base, updates, agreements)
         cloud = self._ctx.cloud.run_round(config, tensors, [f for f in fused if f is not None],
                                           seed=config.seed * 1_000_003 + round_.number)
         version = self._federations.store_version(federation.id, round_.number, tensors, anchors=cloud.anchors)
@@ -226,6 +217,22 @@ class RoundService:
         log.info("round %d committed: accuracy %.4f from %d update(s)", round_.number,
                  version.metrics.get("accuracy", float("nan")), len(accepted))
         return round_
+
+    def _aggregate(self, federation: Federation, base: dict[str, np.ndarray], updates: list[ClientUpdate],
+                   agreements: list[float | None]) -> tuple[dict[str, np.ndarray], list[float]]:
+        """The new global tensors and each client's noise factor (1 where there was no evidence)."""
+        config = federation.config
+        # Peers with the same modality set are compared with each other (see agreement_weights).
+        quality = agreement_weights(agreements, config.agreement_temperature,
+                                    groups=[frozenset(u.modalities) for u in updates])
+        if config.aggregation == "mma":
+            weights = mma_weights(updates, quality=quality if any(a is not None for a in agreements) else None)
+        else:
+            weights = fedavg_weights(updates)
+        tensors = apply_delta(base, weighted_average_per_tensor(updates, weights))
+        if config.lora_mode == "exact":
+            tensors.update(self._exact_lora(base, updates, weights))
+        return tensors, quality
 
     @staticmethod
     def _exact_lora(base: dict[str, np.ndarray], updates: list[ClientUpdate],
