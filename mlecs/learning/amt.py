@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mlecs.data.avmnist import AVMnistSplit
-from mlecs.learning.seccl import Anchors, class_anchor_loss, project_class_anchors, sample_anchor_loss
+from mlecs.learning.seccl import Anchors, alignment_loss
 from mlecs.learning.supervised import (
     ExtraLoss,
     ProgressCallback,
@@ -26,7 +26,7 @@ from mlecs.learning.supervised import (
     train_supervised,
 )
 from mlecs.modality import Modality
-from mlecs.model.edge import EdgeModel, ModelOutput
+from mlecs.model.edge import EdgeModel
 
 # The device's own encoders (extractors and their connector slots) and its classifier head stay
 # personal; the modality-independent connector core and LoRA come fresh from the global model each round.
@@ -99,35 +99,12 @@ class AmtResult:
 
 def _anchor_loss(model: EdgeModel, split: AVMnistSplit, anchors: Anchors | None, recipe: AmtRecipe,
                  use_sample_anchors: bool) -> ExtraLoss | None:
-    """The SE-CCL term for a stage, or None when it has nothing to act on."""
-    if anchors is None or recipe.seccl_weight == 0:
+    """The SE-CCL term for a stage (cloud -> edge), or None when it has nothing to act on."""
+    if anchors is None:
         return None
-    classes = None
-    if anchors.text is not None:
-        classes = torch.from_numpy(project_class_anchors(anchors.text, model.config.fused_dim))
-    per_sample = has_anchor = None
-    if use_sample_anchors and len(anchors.sample_ids):
-        positions, found = anchors.lookup(split.sample_ids)
-        if len(positions) >= 2:
-            per_sample = torch.zeros(len(split), found.shape[1])
-            per_sample[torch.from_numpy(positions)] = torch.from_numpy(np.asarray(found, dtype=np.float32))
-            has_anchor = torch.zeros(len(split), dtype=torch.bool)
-            has_anchor[torch.from_numpy(positions)] = True
-    if classes is None and per_sample is None:
-        return None
-    weight, temperature = recipe.seccl_weight, recipe.seccl_temperature
-
-    def loss(output: ModelOutput, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total = output.fused.sum() * 0.0
-        if classes is not None:
-            total = total + class_anchor_loss(output.fused, labels, classes, temperature)
-        if per_sample is not None and has_anchor is not None:
-            rows = has_anchor[batch]
-            if int(rows.sum()) >= 2:
-                total = total + sample_anchor_loss(output.fused[rows], per_sample[batch][rows], temperature)
-        return weight * total
-
-    return loss
+    return alignment_loss(split.sample_ids, targets=anchors if use_sample_anchors else None,
+                          class_text=anchors.text, fused_dim=model.config.fused_dim,
+                          weight=recipe.seccl_weight, temperature=recipe.seccl_temperature)
 
 
 def run_amt_round(

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from mlecs.data.avmnist import AVMnistSplit
-from mlecs.learning.seccl import Anchors, class_anchor_loss, project_class_anchors, sample_anchor_loss
+from mlecs.learning.seccl import Anchors, alignment_loss
 from mlecs.learning.supervised import TrainStats, fused_representations, train_supervised
 from mlecs.modality import Modality
-from mlecs.model.edge import EdgeModel, ModelOutput
+from mlecs.model.edge import EdgeModel
 
 
 @dataclass(frozen=True)
@@ -60,31 +60,12 @@ def tune_cloud(
     """Loads the global adapter into the full-modality cloud model and tunes it on the public set."""
     model.load_shared_state({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_tensors.items()})
     every = frozenset(Modality)
-    extra = None
-    if recipe.seccl_weight > 0:
-        classes = None if text_anchors is None else torch.from_numpy(
-            project_class_anchors(text_anchors, model.config.fused_dim))
-        targets = has_target = None
-        if edge_fused is not None and len(edge_fused[0]) >= 2:
-            positions, found = Anchors(edge_fused[0], edge_fused[1]).lookup(public.sample_ids)
-            if len(positions) >= 2:
-                targets = torch.zeros(len(public), found.shape[1])
-                targets[torch.from_numpy(positions)] = torch.from_numpy(found)
-                has_target = torch.zeros(len(public), dtype=torch.bool)
-                has_target[torch.from_numpy(positions)] = True
-        weight, temperature = recipe.seccl_weight, recipe.seccl_temperature
-
-        def alignment(output: ModelOutput, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            total = output.fused.sum() * 0.0
-            if classes is not None:
-                total = total + class_anchor_loss(output.fused, labels, classes, temperature)
-            if targets is not None and has_target is not None:
-                rows = has_target[batch]
-                if int(rows.sum()) >= 2:
-                    total = total + sample_anchor_loss(output.fused[rows], targets[batch][rows], temperature)
-            return weight * total
-
-        extra = alignment
+    targets = None
+    if edge_fused is not None and len(edge_fused[0]) >= 2:
+        targets = Anchors(edge_fused[0], edge_fused[1])  # edge -> cloud: the edges' mean z per public id
+    extra = alignment_loss(public.sample_ids, targets=targets, class_text=text_anchors,
+                           fused_dim=model.config.fused_dim, weight=recipe.seccl_weight,
+                           temperature=recipe.seccl_temperature)
     return train_supervised(model, public, every, epochs=recipe.epochs, batch_size=recipe.batch_size,
                             learning_rate=recipe.learning_rate, seed=seed, parameters="shared",
                             ccl_weight=recipe.ccl_weight, extra_loss=extra)

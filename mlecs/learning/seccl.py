@@ -15,8 +15,10 @@ Both terms are InfoNCE over cosine similarities with a temperature.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,3 +132,44 @@ class Anchors:
         hit = (sorted_ids[where] == sample_ids) if len(sorted_ids) else np.zeros(len(sample_ids), dtype=bool)
         positions = np.nonzero(hit)[0]
         return positions, self.fused[order[where[positions]]]
+
+
+AlignmentLoss = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(model output with ``.fused``, batch positions in the split, batch labels) -> weighted SE-CCL loss."""
+
+
+def alignment_loss(sample_ids: np.ndarray, *, targets: Anchors | None, class_text: np.ndarray | None,
+                   fused_dim: int, weight: float, temperature: float) -> AlignmentLoss | None:
+    """The SE-CCL training term over a split whose samples have ``sample_ids``, or None if it has nothing to do.
+
+    ``targets``: per-sample fused z to pull toward (the cloud's anchors on an edge, the edges' mean z on
+    the cloud); only the split's samples that have one take part. ``class_text``: the class text
+    anchors, applied to every sample through its label.
+    """
+    if weight == 0:
+        return None
+    classes = None if class_text is None else torch.from_numpy(project_class_anchors(class_text, fused_dim))
+    per_sample = has_target = None
+    if targets is not None and len(targets.sample_ids):
+        positions, found = targets.lookup(np.asarray(sample_ids))
+        if len(positions) >= 2:
+            index = torch.from_numpy(positions)
+            per_sample = torch.zeros(len(sample_ids), found.shape[1])
+            per_sample[index] = torch.from_numpy(np.asarray(found, dtype=np.float32))
+            has_target = torch.zeros(len(sample_ids), dtype=torch.bool)
+            has_target[index] = True
+    if classes is None and per_sample is None:
+        return None
+
+    def loss(output: Any, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        fused = output.fused
+        total = fused.sum() * 0.0
+        if classes is not None:
+            total = total + class_anchor_loss(fused, labels, classes, temperature)
+        if per_sample is not None and has_target is not None:
+            rows = has_target[batch]
+            if int(rows.sum()) >= 2:
+                total = total + sample_anchor_loss(fused[rows], per_sample[batch][rows], temperature)
+        return weight * total
+
+    return loss
