@@ -66,14 +66,15 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(len(settings), 2, figsize=(11, 4 * len(settings)), squeeze=False)
     for row, setting in enumerate(settings):
         methods = list(dict.fromkeys(r["method"] for r in records if r["setting"] == setting))
-        for col, (key, label) in enumerate(METRICS[:2]):  # global and client accuracy
+        for col, (key, label) in enumerate((("global_accuracy", "global model"),
+                                            ("client_accuracy_mean", "personalised clients (mean)"))):
             ax = axes[row][col]
             for method in methods:
                 ps = sorted(p for s, m, p in cells if s == setting and m == method)
                 values = [[r[key] for r in cells[(setting, method, p)]] for p in ps]
                 ax.errorbar(ps, [100 * np.mean(v) for v in values], yerr=[100 * np.std(v) for v in values],
                             marker="o", capsize=3, label=method)
-            ax.set_title(f"{setting}: {label} accuracy")
+            ax.set_title(f"{setting}: {label}")
             ax.set_xlabel("fraction of clients missing one modality (p)")
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
