@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md and the plot")
     parser.add_argument("--quick", action="store_true",
-                        help="hard setting, 2 seeds, p in {0, 0.4}, 5 rounds: a few minutes on 2 cores")
+                        help="hard setting, 2 seeds, p in {0, 0.4}, 5 rounds: 5-8 minutes on 2 cores")
     parser.add_argument("--setting", type=_names(SETTINGS), default=None,
                         help="comma-separated AV-MNIST settings (default: canonical,hard; --quick: hard)")
     parser.add_argument("--methods", type=_names(list(METHODS)), default=list(DEFAULT_METHODS),
