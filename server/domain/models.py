@@ -69,7 +69,8 @@ class FederationConfig:
     cloud_epochs: int = 1
     """Epochs of cloud tuning on the public set per round (0: no tuning; anchors still generated)."""
     public_fraction: float = 0.2
-    """The public set D': this share of the AV-MNIST training pairs (devices' partitions must agree)."""
+    """The public set D': this share of the AV-MNIST training pairs, drawn with ``seed``; the devices'
+    partitions must use the same fraction and seed, so that the cloud's anchors cover their public shards."""
 
     def __post_init__(self) -> None:
         problems = []
