@@ -138,6 +138,7 @@ class Coordinator:
             http.should_exit = True
             await server.stop(grace=5)
             await asyncio.gather(http_task, scheduler, return_exceptions=True)
+            await asyncio.to_thread(services.rounds.release_leases)
 
     async def _schedule(self, services: Services) -> None:
         """Advances rounds when an update arrives or every interval (deadlines), and flushes presence."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -33,6 +35,12 @@ class CoordinatorSettings(BaseSettings):
     presence_ttl_s: float = Field(default=20.0, gt=0)
     """A device not heard from for this long is offline."""
     scheduler_interval_s: float = Field(default=1.0, gt=0)
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}", min_length=1,
+                            max_length=200)
+    """Names this process in leases; replicas sharing a database must differ (the default does)."""
+    lease_ttl_s: float = Field(default=10.0, gt=0)
+    """A replica driving a federation's rounds holds a lease this long, renewed while it works; a replica
+    that dies is replaced by another after at most this long."""
     data_dir: Path | None = None
     """AV-MNIST directory for server-side evaluation (default: the data loader's search path)."""
     eval_setting: str = "canonical"

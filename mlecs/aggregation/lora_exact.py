@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mlecs.aggregation.base import AggregationError, ClientUpdate, normalise_weights
+from mlecs.aggregation.base import AggregationError, ClientUpdate
 
 
 def lora_pairs(names: Sequence[str] | set[str]) -> list[tuple[str, str]]:
@@ -32,24 +32,9 @@ def average_lora_products(updates: Sequence[ClientUpdate], weights: Sequence[flo
         raise AggregationError("no updates to aggregate")
     if len(weights) != len(updates):
         raise AggregationError(f"{len(weights)} weights for {len(updates)} updates")
-    names = set().union(*(u.tensors.keys() for u in updates))
-    out: dict[str, np.ndarray] = {}
-    for a_name, b_name in lora_pairs(names):
-        holders = [(u, w) for u, w in zip(updates, weights, strict=True)
-                   if a_name in u.tensors and b_name in u.tensors]
-        share = normalise_weights([w for _, w in holders], f"weights of the holders of {a_name}")
-        rank = np.asarray(holders[0][0].tensors[a_name]).shape[0]
-        product = None
-        for (update, _), w in zip(holders, share, strict=True):
-            a = np.asarray(update.tensors[a_name], dtype=np.float64)
-            b = np.asarray(update.tensors[b_name], dtype=np.float64)
-            if a.shape[0] != rank or b.shape[1] != rank:
-                raise AggregationError(f"{update.client_id}: {a_name}/{b_name} do not have rank {rank}")
-            term = w * (b @ a)
-            product = term if product is None else product + term
-        assert product is not None
-        u, s, vt = np.linalg.svd(product, full_matrices=False)
-        root = np.sqrt(s[:rank])
-        out[b_name] = (u[:, :rank] * root).astype(np.float32)
-        out[a_name] = (root[:, None] * vt[:rank]).astype(np.float32)
-    return out
+    from mlecs.aggregation.streaming import StreamingLoraProducts
+
+    products = StreamingLoraProducts()
+    for update, weight in zip(updates, weights, strict=True):
+        products.add(update.client_id, update.tensors, weight)
+    return products.result()

@@ -3,7 +3,9 @@
     CoordinatorError
     ├── NotFoundError            a federation, device, round, upload or version does not exist
     ├── ConflictError            the request contradicts current state (duplicate name, closed round)
-    │   └── InvalidTransitionError   a round state change the lifecycle does not allow
+    │   ├── InvalidTransitionError   a round state change the lifecycle does not allow
+    │   ├── LateUpdateError          an upload for a round that already closed (a straggler)
+    │   └── LeaseLostError           a replica's lease passed to another replica; its write was refused
     ├── InvalidRequestError      malformed or inconsistent input (names what is wrong)
     │   └── UpdateRejectedError  an upload failed validation (size, checksum, schema, values)
     ├── UnauthenticatedError     missing or wrong device credential
@@ -32,6 +34,14 @@ class ConflictError(CoordinatorError):
 
 class InvalidTransitionError(ConflictError):
     """A round lifecycle transition that is not allowed."""
+
+
+class LateUpdateError(ConflictError):
+    """An update arrived after its round closed: the round committed or failed without it."""
+
+
+class LeaseLostError(ConflictError):
+    """The fencing token presented is no longer current: another replica took over the work."""
 
 
 class InvalidRequestError(CoordinatorError):

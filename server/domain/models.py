@@ -71,6 +71,26 @@ class FederationConfig:
     public_fraction: float = 0.2
     """The public set D': this share of the AV-MNIST training pairs, drawn with ``seed``; the devices'
     partitions must use the same fraction and seed, so that the cloud's anchors cover their public shards."""
+    mode: Literal["sync", "async"] = "sync"
+    """``sync``: rounds with over-selection, quorum and deadline. ``async``: buffered asynchronous
+    aggregation (FedBuff): every ``async_buffer`` accepted updates, staleness-weighted, make a version."""
+    overselect: float = 0.0
+    """Sync mode: invite ceil(clients_per_round x (1 + overselect)) devices and commit once
+    clients_per_round updates arrived; the stragglers' late uploads are refused."""
+    async_buffer: int = 4
+    """Async mode: accepted updates per aggregation (K)."""
+    max_staleness: int = 4
+    """Async mode: an update trained from a version more than this many versions old is refused."""
+    staleness_exponent: float = 0.5
+    """Async mode: an update s versions stale weighs (1 + s) ** -staleness_exponent."""
+    eligible_modality_sets: list[list[str]] = field(default_factory=list)
+    """Only devices whose modality set is one of these take part (e.g. [["audio", "image"]]); empty: all."""
+    target_rounds: int = 0
+    """The scheduler opens rounds by itself until this many are committed (a failed round is followed by
+    the next); 0: rounds start only when launched through the admin API."""
+    server_learning: bool = True
+    """After each commit: evaluate the global model, tune the cloud model and generate anchors. Off for
+    a pure aggregation service (or a coordinator without the data set)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,8 +124,37 @@ class FederationConfig:
             problems.append("cloud_epochs must be >= 0")
         if not 0 < self.public_fraction < 1:
             problems.append("public_fraction must be in (0, 1)")
+        if self.mode not in ("sync", "async"):
+            problems.append(f"mode must be 'sync' or 'async', not {self.mode!r}")
+        if not 0 <= self.overselect <= 10:
+            problems.append("overselect must be between 0 and 10")
+        if self.async_buffer < 1:
+            problems.append("async_buffer must be >= 1")
+        if self.max_staleness < 0 or self.staleness_exponent < 0:
+            problems.append("max_staleness and staleness_exponent must be >= 0")
+        if self.target_rounds < 0:
+            problems.append("target_rounds must be >= 0")
+        problems.extend(_modality_set_problems(self.eligible_modality_sets))
         if problems:
             raise ValueError("; ".join(problems))
+
+    def eligible(self, modalities: frozenset[str]) -> bool:
+        """Whether a device with these modalities may take part in this federation's rounds."""
+        return not self.eligible_modality_sets or any(
+            frozenset(m.strip().lower() for m in allowed) == modalities for allowed in self.eligible_modality_sets)
+
+
+def _modality_set_problems(sets: list[list[str]]) -> list[str]:
+    from mlecs.modality import parse_modalities
+
+    problems = []
+    for allowed in sets:
+        try:
+            if not allowed or len(parse_modalities(list(allowed))) != len(allowed):
+                raise ValueError("empty or repeated")
+        except ValueError as exc:
+            problems.append(f"eligible_modality_sets: {allowed!r} is not a set of modality names ({exc})")
+    return problems
 
 
 @dataclass
@@ -137,6 +186,9 @@ class Round:
     id: str = field(default_factory=new_id)
     state: RoundState = RoundState.CREATED
     participants: list[str] = field(default_factory=list)
+    """Devices invited (sync mode) or eligible and live when the round opened (async mode)."""
+    target_updates: int = 0
+    """The round commits as soon as this many updates are accepted (0: when every participant's is)."""
     created_at: datetime = field(default_factory=utcnow)
     opened_at: datetime | None = None
     deadline_at: datetime | None = None
@@ -167,6 +219,8 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     fused_sample_ids: list[int] = field(default_factory=list)
     """Public sample ids of the rows of the update's ``fused.z`` tensor (empty: none uploaded)."""
+    anchor_agreement: float | None = None
+    """Set by the coordinator at acceptance: mean cosine of ``fused.z`` to the base version's anchors."""
     created_at: datetime = field(default_factory=utcnow)
     accepted_at: datetime | None = None
 
@@ -185,6 +239,15 @@ class ModelVersion:
     id: str = field(default_factory=new_id)
     metrics: dict[str, float] = field(default_factory=dict)
     created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof of holding a lease: writes that present it succeed only while ``token`` is still current."""
+
+    lease: str
+    holder: str
+    token: int
 
 
 @dataclass

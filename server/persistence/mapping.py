@@ -120,6 +120,7 @@ def round_values(round_: Round) -> dict[str, Any]:
         "number": round_.number,
         "state": round_.state.value,
         "participants": list(round_.participants),
+        "target_updates": round_.target_updates,
         "created_at": round_.created_at,
         "opened_at": round_.opened_at,
         "deadline_at": round_.deadline_at,
@@ -138,6 +139,7 @@ def to_round(row: RoundRow) -> Round:
         number=row.number,
         state=RoundState(row.state),
         participants=list(row.participants),
+        target_updates=row.target_updates,
         created_at=row.created_at,
         opened_at=row.opened_at,
         deadline_at=row.deadline_at,
@@ -168,6 +170,7 @@ def update_values(update: Update) -> dict[str, Any]:
         "rejection_reason": update.rejection_reason,
         "metrics": encode_metrics(update.metrics),
         "fused_sample_ids": [int(i) for i in update.fused_sample_ids],
+        "anchor_agreement": update.anchor_agreement,
         "created_at": update.created_at,
         "accepted_at": update.accepted_at,
     }
@@ -192,6 +195,7 @@ def to_update(row: UpdateRow) -> Update:
         rejection_reason=row.rejection_reason,
         metrics=decode_metrics(row.metrics),
         fused_sample_ids=[int(i) for i in (row.fused_sample_ids or [])],
+        anchor_agreement=row.anchor_agreement,
         created_at=row.created_at,
         accepted_at=row.accepted_at,
     )

@@ -14,13 +14,20 @@ therefore gets ``InvalidTransitionError`` instead of silently overwriting the ot
 Two writers that keep the same non-terminal state are not told apart (the domain record has no
 revision counter); within one coordinator ``RoundLocks`` serialises them.
 Other ``save_*`` methods are last-writer-wins.
+
+Several replicas: ``accept_update`` locks the round's row (``SELECT ... FOR UPDATE`` on PostgreSQL)
+while it checks that the round still takes uploads and writes the acceptance, and moving a round to
+aggregating updates that same row, so an update is either accepted before the aggregator's transition
+(and listed by it) or refused as late: never acknowledged and then left out. Work that one replica at
+a time should do is claimed with ``acquire_lease``; its fencing token is checked inside the
+transactions that ``save_round`` and ``commit_round`` run when given a ``Fence``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import Engine, Table, and_, bindparam, or_, select
@@ -29,8 +36,25 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.domain.errors import ConflictError, InvalidTransitionError, NotFoundError, UnavailableError
-from server.domain.models import Device, DeviceReport, Federation, ModelVersion, Round, Update
+from server.domain.errors import (
+    ConflictError,
+    InvalidTransitionError,
+    LateUpdateError,
+    LeaseLostError,
+    NotFoundError,
+    UnavailableError,
+)
+from server.domain.models import (
+    Device,
+    DeviceReport,
+    Federation,
+    Fence,
+    ModelVersion,
+    Round,
+    Update,
+    UpdateState,
+    utcnow,
+)
 from server.domain.ports import Store
 from server.domain.rounds import RoundState, check_transition
 from server.persistence import mapping
@@ -39,6 +63,7 @@ from server.persistence.tables import (
     DeviceReportRow,
     DeviceRow,
     FederationRow,
+    LeaseRow,
     ModelVersionRow,
     RoundRow,
     UpdateRow,
@@ -170,25 +195,59 @@ class SqlStore:
                                    .order_by(RoundRow.created_at, RoundRow.number))
             return [mapping.to_round(row) for row in rows]
 
-    def save_round(self, round_: Round) -> None:
-        """Saves the round if its stored state may still become ``round_.state`` (see the module doc)."""
-        values = mapping.round_values(round_)
-        from_states = [stored.value for stored, targets in _MAY_BECOME.items() if round_.state in targets]
+    def save_round(self, round_: Round, fence: Fence | None = None) -> None:
+        """Saves the round if its stored state may still become ``round_.state`` (see the module doc)
+        and, given a fence, only while its token is current (else LeaseLostError)."""
         with self._transaction(missing=f"a version of round {round_.number} not found") as session:
-            result = session.execute(
-                sql_update(RoundRow).where(and_(RoundRow.id == round_.id, RoundRow.state.in_(from_states)))
-                .values(**_without_id(values))
-            )
-            if _rowcount(result) == 1:
-                return
-            stored = _get(session, RoundRow, round_.id, "round")
-            # Repeating the save of a finished round (a retry after a lost reply) changes nothing: fine.
-            if mapping.round_values(mapping.to_round(stored)) == values:
-                return
-            raise InvalidTransitionError(
-                f"round {round_.number} is {stored.state} in the database, so it cannot be saved as "
-                f"{round_.state}: it was changed since it was read"
-            )
+            if fence is not None:
+                _check_fence(session, fence)
+            _cas_round(session, round_)
+
+    def commit_round(self, round_: Round, version: ModelVersion, fence: Fence | None = None) -> None:
+        """In one transaction: adds the round's new version, makes it the federation's current one and
+        saves the round (committed). Nothing is written if the fence is stale or the round changed."""
+        with self._transaction(clash=f"model version {version.id} already exists",
+                               missing=f"federation {version.federation_id} not found") as session:
+            if fence is not None:
+                _check_fence(session, fence)
+            session.add(ModelVersionRow(**mapping.version_values(version)))
+            session.flush()
+            session.execute(sql_update(FederationRow).where(FederationRow.id == version.federation_id)
+                            .values(current_version_id=version.id))
+            _cas_round(session, round_)
+
+    # ---- leases -----------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float, now: datetime | None = None) -> Fence | None:
+        """Claims or renews the lease ``name`` for ``holder``; None while another holder's is unexpired.
+
+        Renewing keeps the token; taking a lease over (new, or expired) issues the next token.
+        """
+        now = now or utcnow()
+        expires = now + timedelta(seconds=ttl_s)
+        try:
+            with self._transaction() as session:
+                row = session.scalar(select(LeaseRow).where(LeaseRow.name == name).with_for_update())
+                if row is None:
+                    session.add(LeaseRow(name=name, holder=holder, token=1, expires_at=expires))
+                    return Fence(name, holder, 1)
+                if row.holder != holder and row.expires_at > now:
+                    return None
+                if row.holder != holder:
+                    row.token += 1
+                    row.holder = holder
+                row.expires_at = expires
+                return Fence(name, holder, row.token)
+        except ConflictError:  # two replicas created the row at once; the other one won
+            return None
+
+    def release_lease(self, fence: Fence) -> None:
+        """Gives the lease up early (at shutdown) so another replica need not wait for it to expire."""
+        with self._transaction() as session:
+            session.execute(sql_update(LeaseRow).where(LeaseRow.name == fence.lease, LeaseRow.holder == fence.holder,
+                                                       LeaseRow.token == fence.token)
+                            .values(expires_at=utcnow() - timedelta(seconds=1)))
+
 
     # ---- updates ----------------------------------------------------------------------------
 
@@ -199,6 +258,38 @@ class SqlStore:
             missing=f"round {update.round_id} or device {update.device_id} not found",
         ) as session:
             session.add(UpdateRow(**mapping.update_values(update)))
+
+    def find_update_by_upload(self, device_id: str, upload_id: str) -> Update | None:
+        """The device's update with this upload id, in whichever round it landed."""
+        with self._transaction() as session:
+            row = session.scalar(select(UpdateRow).where(UpdateRow.device_id == device_id,
+                                                         UpdateRow.upload_id == upload_id))
+            return None if row is None else mapping.to_update(row)
+
+    def accept_update(self, update: Update) -> Round:
+        """Saves ``update`` (state ACCEPTED) only while its round takes uploads and holds no other accepted
+        update from the device; moves an open round to collecting. Returns the round as stored.
+
+        Raises LateUpdateError when the round closed, ConflictError for a second update from the device.
+        """
+        with self._transaction(missing=f"round {update.round_id} or update {update.id} not found") as session:
+            row = session.scalar(select(RoundRow).where(RoundRow.id == update.round_id).with_for_update())
+            if row is None:
+                raise NotFoundError(f"round {update.round_id} not found")
+            round_ = mapping.to_round(row)
+            if not round_.state.accepts_uploads:
+                raise LateUpdateError(f"round {round_.number} is {round_.state}: the update arrived too late "
+                                      "and was not counted; the device should take its next task")
+            other = session.scalar(select(UpdateRow.id).where(
+                UpdateRow.round_id == update.round_id, UpdateRow.device_id == update.device_id,
+                UpdateRow.state == UpdateState.ACCEPTED.value, UpdateRow.id != update.id).limit(1))
+            if other is not None:
+                raise ConflictError(f"an update from this device for round {round_.number} was already accepted")
+            _save(session, UpdateRow, mapping.update_values(update), "update")
+            if round_.state is RoundState.OPEN:
+                round_.state = RoundState.COLLECTING
+                row.state = round_.state.value
+            return round_
 
     def find_update(self, round_id: str, device_id: str, upload_id: str) -> Update | None:
         with self._transaction() as session:
@@ -266,6 +357,34 @@ class SqlStore:
         except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
             raise UnavailableError(
                 f"the {self._engine.dialect.name} database is unavailable: {_reason(exc)}") from exc
+
+
+def _cas_round(session: Session, round_: Round) -> None:
+    values = mapping.round_values(round_)
+    from_states = [stored.value for stored, targets in _MAY_BECOME.items() if round_.state in targets]
+    result = session.execute(
+        sql_update(RoundRow).where(and_(RoundRow.id == round_.id, RoundRow.state.in_(from_states)))
+        .values(**_without_id(values))
+    )
+    if _rowcount(result) == 1:
+        return
+    stored = _get(session, RoundRow, round_.id, "round")
+    # Repeating the save of a finished round (a retry after a lost reply) changes nothing: fine.
+    if mapping.round_values(mapping.to_round(stored)) == values:
+        return
+    raise InvalidTransitionError(
+        f"round {round_.number} is {stored.state} in the database, so it cannot be saved as "
+        f"{round_.state}: it was changed since it was read"
+    )
+
+
+def _check_fence(session: Session, fence: Fence) -> None:
+    """Raises LeaseLostError unless ``fence`` still holds its lease; locks the lease row meanwhile."""
+    row = session.scalar(select(LeaseRow).where(LeaseRow.name == fence.lease).with_for_update())
+    if row is None or row.token != fence.token or row.holder != fence.holder:
+        current = "nobody" if row is None else f"{row.holder} (token {row.token})"
+        raise LeaseLostError(f"lease {fence.lease} with token {fence.token} is no longer held by {fence.holder}; "
+                             f"now held by {current}")
 
 
 def _get(session: Session, row_type: type[RowT], key: str, what: str) -> RowT:

@@ -9,7 +9,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -116,6 +129,7 @@ class RoundRow(Base):
     # Indexed: the scheduler scans for rounds that are not finished yet.
     state: Mapped[str] = mapped_column(STATE, index=True)
     participants: Mapped[list[str]]
+    target_updates: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime]
     opened_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
@@ -128,8 +142,10 @@ class RoundRow(Base):
 
 class UpdateRow(Base):
     __tablename__ = "updates"
-    # The unique index starts with round_id, so it also serves "all updates of a round".
-    __table_args__ = (UniqueConstraint("round_id", "device_id", "upload_id"),)
+    # The unique index starts with round_id, so it also serves "all updates of a round". The second
+    # makes an upload id the device's idempotency key across rounds (an async update may land in a later one).
+    __table_args__ = (UniqueConstraint("round_id", "device_id", "upload_id"),
+                      UniqueConstraint("device_id", "upload_id"))
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
     round_id: Mapped[str] = mapped_column(ID, ForeignKey("rounds.id"))
@@ -150,6 +166,8 @@ class UpdateRow(Base):
     rejection_reason: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]]
     fused_sample_ids: Mapped[list[int]]
+    anchor_agreement: Mapped[float | None] = mapped_column(Float)
+    """Computed by the coordinator at acceptance: the MMA noise-term evidence (None: nothing to compare)."""
     created_at: Mapped[datetime]
     accepted_at: Mapped[datetime | None]
 
@@ -163,6 +181,21 @@ class DeviceReportRow(Base):
     device_id: Mapped[str] = mapped_column(ID, ForeignKey("devices.id"), index=True)
     metrics: Mapped[dict[str, Any]]
     reported_at: Mapped[datetime]
+
+
+class LeaseRow(Base):
+    """A named, expiring claim on work (e.g. advancing a federation's rounds) held by one replica.
+
+    ``token`` grows by one whenever the lease changes hands: the fencing token a holder presents with its
+    writes, so a replica that lost its lease (paused, partitioned) cannot commit over its successor.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    token: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime]
 
 
 metadata = Base.metadata

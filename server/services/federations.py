@@ -38,7 +38,8 @@ class FederationService:
             raise InvalidRequestError(f"invalid model configuration: {exc}") from exc
         federation = Federation(name=name, config=config)
         version = self.store_version(federation.id, 0, tensors)
-        version.metrics = self._ctx.evaluator.evaluate(config.model, config.seed, tensors)
+        if config.server_learning:
+            version.metrics = self._ctx.evaluator.evaluate(config.model, config.seed, tensors)
         store.add_federation(federation)
         store.add_version(version)
         federation.current_version_id = version.id

@@ -1,36 +1,54 @@
-"""Launching rounds, telling devices what to do, and driving rounds to commit or failure."""
+"""Opening rounds, telling devices what to do, and driving rounds to commit or failure.
+
+Scheduling is per federation (``FederationConfig.mode``):
+
+* ``sync``: a round invites devices (over-selected), commits once its target of updates arrived, or
+  once the quorum is met and the missing devices are offline, or at the deadline with the quorum; it
+  fails at the deadline without one. Uploads after the round closed are refused as late.
+* ``async``: a round is a buffer that any eligible device feeds; every ``async_buffer`` accepted updates
+  are aggregated with staleness discounts (FedBuff) and the next buffer opens at once.
+
+With several replicas, each federation is driven by whichever replica holds its lease; the lease's
+fencing token is checked in the transactions that move or commit a round (``server.domain.ports``).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from datetime import timedelta
 
 import numpy as np
 
-from mlecs.aggregation import ClientUpdate, fedavg_weights, mma_weights, weighted_average_per_tensor
-from mlecs.aggregation.lora_exact import average_lora_products
-from mlecs.aggregation.quality import agreement_weights
 from mlecs.codec import decode_tensors
 from server import metrics
 from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
-from server.domain.errors import ConflictError, InvalidRequestError, PermissionDeniedError
+from server.domain.errors import (
+    ConflictError,
+    InvalidRequestError,
+    LeaseLostError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from server.domain.models import (
     Device,
     DeviceReport,
     Federation,
     FederationState,
+    Fence,
     Round,
     Update,
     UpdateState,
     utcnow,
 )
 from server.domain.rounds import RoundState, check_transition
-from server.learning.global_model import FUSED_TENSOR, apply_delta, client_agreements, full_model_bytes
+from server.domain.scheduling import Action, Decision, decide, invitation_count, select_participants
+from server.learning.global_model import full_model_bytes
+from server.services.aggregation import aggregate
 from server.services.context import ServiceContext
 from server.services.federations import FederationService
+from server.services.leases import lease_kept
 from server.services.locks import RoundLocks
 
 log = logging.getLogger(__name__)
@@ -44,45 +62,22 @@ def _accepted_blob(update: Update) -> str:
     return update.blob_key
 
 
+def federation_lease(federation_id: str) -> str:
+    return f"federation:{federation_id}"
+
+
 class RoundService:
     def __init__(self, ctx: ServiceContext, federations: FederationService, locks: RoundLocks) -> None:
         self._ctx = ctx
         self._federations = federations
         self._locks = locks
+        self._fences: dict[str, Fence] = {}
 
     # ---- admin side -------------------------------------------------------------------------
 
     def start(self, federation_ref: str) -> Round:
-        """Creates the next round, invites live devices and opens it for training."""
-        store = self._ctx.store
-        federation = self._federations.get(federation_ref)
-        if federation.state is not FederationState.ACTIVE:
-            raise ConflictError(f"federation {federation.name!r} is {federation.state}; start a new one")
-        latest = store.latest_round(federation.id)
-        if latest is not None and not latest.state.is_terminal:
-            raise ConflictError(f"round {latest.number} is still {latest.state}; wait for it to finish")
-        devices = [d for d in store.list_devices(federation.id) if not d.revoked]
-        online = self._ctx.presence.online(d.id for d in devices)
-        eligible = sorted(d.id for d in devices if d.id in online)
-        config = federation.config
-        if len(eligible) < config.min_updates:
-            raise ConflictError(
-                f"{len(eligible)} live device(s) but the quorum is {config.min_updates}; "
-                "start agents or lower min_updates"
-            )
-        number = 1 if latest is None else latest.number + 1
-        if config.clients_per_round and config.clients_per_round < len(eligible):
-            eligible = sorted(random.Random(config.seed * 100_003 + number).sample(eligible, config.clients_per_round))
-        round_ = Round(federation_id=federation.id, number=number, participants=eligible,
-                       base_version_id=federation.current_version_id)
-        store.add_round(round_)
-        round_.state = check_transition(round_.state, RoundState.OPEN)
-        round_.opened_at = utcnow()
-        round_.deadline_at = round_.opened_at + timedelta(seconds=config.round_deadline_s)
-        store.save_round(round_)
-        metrics.ROUND_PARTICIPANTS.labels("invited").set(len(eligible))
-        log.info("round %d of %s opened with %d participant(s)", number, federation.name, len(eligible))
-        return round_
+        """Opens the next round now (admin launch); ConflictError says why it cannot."""
+        return self._open_next(self._federations.get(federation_ref))
 
     def get(self, round_id: str) -> Round:
         return self._ctx.store.get_round(round_id)
@@ -90,10 +85,43 @@ class RoundService:
     def list_for(self, federation_ref: str) -> list[Round]:
         return self._ctx.store.list_rounds(self._federations.get(federation_ref).id)
 
+    def _open_next(self, federation: Federation) -> Round:
+        store = self._ctx.store
+        if federation.state is not FederationState.ACTIVE:
+            raise ConflictError(f"federation {federation.name!r} is {federation.state}; start a new one")
+        latest = store.latest_round(federation.id)
+        if latest is not None and not latest.state.is_terminal:
+            raise ConflictError(f"round {latest.number} is still {latest.state}; wait for it to finish")
+        config = federation.config
+        devices = [d for d in store.list_devices(federation.id) if not d.revoked and config.eligible(d.modalities)]
+        online = self._ctx.presence.online(d.id for d in devices)
+        live = [(d.id, frozenset(d.modalities)) for d in devices if d.id in online]
+        if len(live) < config.min_updates:
+            raise ConflictError(
+                f"{len(live)} live eligible device(s) but the quorum is {config.min_updates}; "
+                "start agents, lower min_updates or widen eligible_modality_sets")
+        number = 1 if latest is None else latest.number + 1
+        if config.mode == "async":
+            participants, target = sorted(d for d, _ in live), config.async_buffer
+        else:
+            invite, target = invitation_count(len(live), config.clients_per_round, config.overselect)
+            participants = select_participants(live, invite, seed=config.seed * 100_003 + number)
+        round_ = Round(federation_id=federation.id, number=number, participants=participants,
+                       target_updates=target, base_version_id=federation.current_version_id)
+        round_.state = check_transition(round_.state, RoundState.OPEN)
+        round_.opened_at = utcnow()
+        round_.deadline_at = round_.opened_at + timedelta(seconds=config.round_deadline_s)
+        store.add_round(round_)  # a unique (federation, number) index: two replicas cannot both open it
+        metrics.ROUND_PARTICIPANTS.labels("invited").set(len(participants))
+        metrics.ROUND_PARTICIPANTS.labels("target").set(target)
+        log.info("round %d of %s opened (%s): %d participant(s), target %d", number, federation.name,
+                 config.mode, len(participants), target)
+        return round_
+
     # ---- device side ------------------------------------------------------------------------
 
     def assignment_for(self, device: Device) -> Assignment:
-        """Train the open round the device was invited to, wait, or stop when the federation has."""
+        """Train the open round the device may join, wait, or stop when the federation has."""
         store = self._ctx.store
         federation = store.get_federation(device.federation_id)
         if federation.state is FederationState.STOPPED:
@@ -101,34 +129,99 @@ class RoundService:
         latest = store.latest_round(federation.id)
         if latest is None or not latest.state.accepts_uploads:
             return WaitAssignment(WAIT_S, "no open round")
-        if device.id not in latest.participants:
-            return WaitAssignment(WAIT_S, f"not invited to round {latest.number}")
+        if not self.may_contribute(federation, latest, device):
+            return WaitAssignment(WAIT_S, f"not a participant of round {latest.number}")
         done = any(u.device_id == device.id and u.state is UpdateState.ACCEPTED
                    for u in store.list_updates(latest.id))
         if done:
             return WaitAssignment(WAIT_S, f"update for round {latest.number} already accepted")
         return TrainAssignment(round=latest, config=federation.config)
 
+    @staticmethod
+    def may_contribute(federation: Federation, round_: Round, device: Device) -> bool:
+        """Sync rounds take updates from their invited devices; async buffers from any eligible device."""
+        if round_.federation_id != device.federation_id:
+            return False
+        if federation.config.mode == "async":
+            return not device.revoked and federation.config.eligible(frozenset(device.modalities))
+        return device.id in round_.participants
+
     def record_report(self, device: Device, round_id: str, values: dict[str, float]) -> None:
         """Stores metrics a device reports for a round it took part in."""
-        round_ = self._ctx.store.get_round(round_id)
-        if round_.federation_id != device.federation_id or device.id not in round_.participants:
+        store = self._ctx.store
+        round_ = store.get_round(round_id)
+        contributed = any(u.device_id == device.id for u in store.list_updates(round_id))
+        if round_.federation_id != device.federation_id or not (contributed or device.id in round_.participants):
             raise PermissionDeniedError(f"device did not take part in round {round_.number}")
         if len(values) > 64 or any(len(k) > 64 or not math.isfinite(v) for k, v in values.items()):
             raise InvalidRequestError("metrics: at most 64 finite values with names of at most 64 characters")
-        self._ctx.store.add_device_report(DeviceReport(round_id=round_id, device_id=device.id, metrics=values))
+        store.add_device_report(DeviceReport(round_id=round_id, device_id=device.id, metrics=values))
 
     # ---- scheduler side ---------------------------------------------------------------------
 
     def advance_all(self) -> None:
-        """Moves every unfinished round on by one decision (commit, fail or keep waiting)."""
-        for round_ in self._ctx.store.list_unfinished_rounds():
+        """One scheduler tick: for every federation whose lease this replica holds (or wins), move its
+        unfinished round on by one decision and open the next round when the federation wants one."""
+        store = self._ctx.store
+        for federation in store.list_federations():
             try:
-                self.advance(round_.id)
-            except Exception:  # one broken round must not stall the others
-                log.exception("could not advance round %s", round_.id)
+                self._drive(federation)
+            except LeaseLostError as exc:
+                log.warning("stopped driving %s: %s", federation.name, exc)
+                self._fences.pop(federation.id, None)
+            except UnavailableError:
+                raise
+            except Exception:  # one broken federation must not stall the others
+                log.exception("could not advance the rounds of %s", federation.name)
 
-    def advance(self, round_id: str) -> Round:
+    def release_leases(self) -> None:
+        """Hands this replica's leases back (at shutdown) so another replica takes over at once."""
+        for fence in list(self._fences.values()):
+            try:
+                self._ctx.store.release_lease(fence)
+            except UnavailableError as exc:
+                log.warning("could not release lease %s: %s", fence.lease, exc)
+        self._fences.clear()
+
+    def _drive(self, federation: Federation) -> None:
+        store = self._ctx.store
+        latest = store.latest_round(federation.id)
+        unfinished = latest is not None and not latest.state.is_terminal
+        if not unfinished and not self._wants_next(federation):
+            return
+        settings = self._ctx.settings
+        fence = store.acquire_lease(federation_lease(federation.id), settings.replica_id, settings.lease_ttl_s)
+        if fence is None:
+            self._fences.pop(federation.id, None)
+            return  # another replica drives this federation
+        if self._fences.get(federation.id) != fence:
+            log.info("driving federation %s (lease token %d)", federation.name, fence.token)
+        self._fences[federation.id] = fence
+        if unfinished:
+            assert latest is not None
+            latest = self.advance(latest.id, fence)
+        if latest is None or latest.state.is_terminal:
+            federation = store.get_federation(federation.id)
+            if self._wants_next(federation):
+                try:
+                    self._open_next(federation)
+                except ConflictError as exc:
+                    log.debug("next round of %s not opened yet: %s", federation.name, exc)
+
+    def _wants_next(self, federation: Federation) -> bool:
+        """Whether the scheduler opens rounds by itself: async buffers always, sync up to target_rounds."""
+        config = federation.config
+        if federation.state is not FederationState.ACTIVE:
+            return False
+        if config.mode == "sync" and config.target_rounds == 0:
+            return False
+        if config.target_rounds == 0:
+            return True
+        committed = sum(r.state is RoundState.COMMITTED for r in self._ctx.store.list_rounds(federation.id))
+        return committed < config.target_rounds
+
+    def advance(self, round_id: str, fence: Fence | None = None) -> Round:
+        """Commits, fails or leaves the round as it is, by the rules of ``server.domain.scheduling``."""
         store = self._ctx.store
         with self._locks(round_id):
             round_ = store.get_round(round_id)
@@ -136,124 +229,131 @@ class RoundService:
             if round_.state.is_terminal:
                 return round_
             if federation.state is FederationState.STOPPED:
-                return self._fail(round_, "federation stopped")
-            accepted = [u for u in store.list_updates(round_.id) if u.state is UpdateState.ACCEPTED]
-            everyone = {u.device_id for u in accepted} >= set(round_.participants)
-            past_deadline = round_.deadline_at is not None and utcnow() >= round_.deadline_at
-            if round_.state is RoundState.AGGREGATING:
-                pass  # a previous attempt was interrupted: aggregate again
-            elif everyone or (past_deadline and len(accepted) >= federation.config.min_updates):
+                return self._fail(round_, "federation stopped", fence)
+            if round_.state is not RoundState.AGGREGATING:  # AGGREGATING: an interrupted attempt, redo it
+                decision = self._decide(federation, round_)
+                if decision.action is Action.WAIT:
+                    return round_
+                if decision.action is Action.FAIL:
+                    return self._fail(round_, decision.reason, fence)
+                log.info("round %d of %s closes: %s", round_.number, federation.name, decision.reason)
                 if round_.state is RoundState.OPEN:
                     round_.state = check_transition(round_.state, RoundState.COLLECTING)
                 round_.state = check_transition(round_.state, RoundState.AGGREGATING)
-                store.save_round(round_)
-            elif past_deadline:
-                return self._fail(
-                    round_, f"deadline passed with {len(accepted)} of {federation.config.min_updates} "
-                    "required updates")
-            else:
-                return round_
+                store.save_round(round_, fence)
+            # Listed after the round stopped taking uploads: no acceptance can slip in after this read.
+            accepted = [u for u in store.list_updates(round_.id) if u.state is UpdateState.ACCEPTED]
             try:
-                return self._commit(federation, round_, accepted)
+                if fence is None:
+                    return self._commit(federation, round_, accepted, None)
+                with lease_kept(store, fence, self._ctx.settings.lease_ttl_s):
+                    return self._commit(federation, round_, accepted, fence)
+            except (LeaseLostError, UnavailableError):
+                raise  # not the round's fault: whoever holds the lease next retries the aggregation
             except Exception as exc:
                 log.exception("aggregation of round %d failed", round_.number)
-                return self._fail(round_, f"aggregation failed: {exc}")
+                return self._fail(round_, f"aggregation failed: {exc}", fence)
 
-    def _fail(self, round_: Round, reason: str) -> Round:
+    def _decide(self, federation: Federation, round_: Round) -> Decision:
+        store, config = self._ctx.store, federation.config
+        updates = store.list_updates(round_.id)
+        accepted = {u.device_id for u in updates if u.state is UpdateState.ACCEPTED}
+        past_deadline = round_.deadline_at is not None and utcnow() >= round_.deadline_at
+        pending_online: int | None = None
+        if config.mode == "sync":
+            missing = [d for d in round_.participants if d not in accepted]
+            try:
+                pending_online = len(self._ctx.presence.online(missing))
+            except UnavailableError:
+                pending_online = None  # without presence we cannot tell who is gone: keep waiting
+        target = round_.target_updates or len(round_.participants)
+        return decide(accepted=len(accepted), target=target, min_updates=config.min_updates,
+                      past_deadline=past_deadline, pending_online=pending_online)
+
+    def _fail(self, round_: Round, reason: str, fence: Fence | None) -> Round:
         round_.state = check_transition(round_.state, RoundState.FAILED)
         round_.failure_reason = reason
         round_.closed_at = utcnow()
-        self._ctx.store.save_round(round_)
+        self._ctx.store.save_round(round_, fence)
         metrics.ROUNDS.labels("failed").inc()
         log.warning("round %d failed: %s", round_.number, reason)
         return round_
 
-    def _commit(self, federation: Federation, round_: Round, accepted: list[Update]) -> Round:
+    def _staleness(self, round_: Round, updates: list[Update]) -> list[int]:
+        """Versions between each update's base and the round's (0 for every update of a sync round)."""
+        versions = self._ctx.store.list_versions(round_.federation_id)
+        order = {v.id: i for i, v in enumerate(versions)}
+        current = order.get(round_.base_version_id or "", len(versions) - 1)
+        return [max(0, current - order.get(u.base_version_id or "", current)) for u in updates]
+
+    def _commit(self, federation: Federation, round_: Round, accepted: list[Update], fence: Fence | None) -> Round:
         started = time.perf_counter()
         store, blobs = self._ctx.store, self._ctx.blobs
         assert round_.base_version_id is not None
         base_version = store.get_version(round_.base_version_id)
         config = federation.config
         base = decode_tensors(blobs.get(base_version.adapter_key))
-        base_anchors = decode_tensors(blobs.get(base_version.anchors_key)) if base_version.anchors_key else {}
-        updates, fused = [], []
-        for u in accepted:
-            tensors_of_u = decode_tensors(blobs.get(_accepted_blob(u)))
-            z = tensors_of_u.pop(FUSED_TENSOR, None)
-            fused.append((np.asarray(u.fused_sample_ids, dtype=np.int64), z) if z is not None else None)
-            updates.append(ClientUpdate(client_id=u.device_id, tensors=tensors_of_u,
-                                        num_samples=max(u.public_samples, 1), modalities=frozenset(u.modalities)))
-        agreements = client_agreements(base_anchors, fused)
-        tensors, quality = self._aggregate(federation, base, updates, agreements)
-        cloud = self._ctx.cloud.run_round(config, tensors, [f for f in fused if f is not None],
-                                          seed=config.seed * 1_000_003 + round_.number)
-        version = self._federations.store_version(federation.id, round_.number, tensors, anchors=cloud.anchors)
-        version.metrics = self._ctx.evaluator.evaluate(config.model, config.seed, tensors) | cloud.metrics
-        store.add_version(version)
-        federation.current_version_id = version.id
-        store.save_federation(federation)
+        staleness = self._staleness(round_, accepted)
+        result = aggregate(config, base, accepted, staleness, lambda u: blobs.get(_accepted_blob(u)))
+        anchors, evaluation = None, {}
+        if config.server_learning:
+            cloud = self._ctx.cloud.run_round(config, result.tensors, result.fused,
+                                              seed=config.seed * 1_000_003 + round_.number)
+            anchors = cloud.anchors
+            evaluation = self._ctx.evaluator.evaluate(config.model, config.seed, result.tensors) | cloud.metrics
+        version = self._federations.store_version(federation.id, round_.number, result.tensors, anchors=anchors)
+        version.metrics = evaluation
 
-        round_.metrics = self._round_metrics(federation, round_, accepted, version.metrics)
-        known = [a for a in agreements if a is not None]
-        if known:
-            round_.metrics["anchor_agreement_mean"] = float(np.mean(known))
-            round_.metrics["quality_weight_min"] = float(min(quality))
+        round_.metrics = self._round_metrics(federation, round_, accepted, evaluation)
+        if any(u.anchor_agreement is not None for u in accepted):
+            round_.metrics["anchor_agreement_mean"] = float(np.mean(
+                [u.anchor_agreement for u in accepted if u.anchor_agreement is not None]))
+            round_.metrics["quality_weight_min"] = float(min(result.quality))
+        if config.mode == "async":
+            round_.metrics["staleness_mean"] = float(np.mean(staleness)) if staleness else 0.0
+            round_.metrics["staleness_max"] = float(max(staleness, default=0))
         round_.version_id = version.id
         round_.state = check_transition(round_.state, RoundState.COMMITTED)
         round_.closed_at = utcnow()
-        store.save_round(round_)
+        store.commit_round(round_, version, fence)  # one transaction, refused if the lease moved on
+        federation.current_version_id = version.id
 
-        metrics.ROUNDS.labels("committed").inc()
-        metrics.AGGREGATION_SECONDS.observe(time.perf_counter() - started)
-        if round_.opened_at is not None:
-            metrics.ROUND_DURATION.observe((round_.closed_at - round_.opened_at).total_seconds())
-        metrics.ROUND_PARTICIPANTS.labels("accepted").set(len(accepted))
-        for key, label in (("accuracy", "all"), ("accuracy_image", "image"), ("accuracy_audio", "audio"),
-                           ("cloud_accuracy", "cloud")):
-            if key in version.metrics:
-                metrics.GLOBAL_ACCURACY.labels(label).set(version.metrics[key])
-        if "client_accuracy_mean" in round_.metrics:
-            metrics.CLIENT_ACCURACY.set(round_.metrics["client_accuracy_mean"])
+        self._observe_commit(round_, accepted, version.metrics, time.perf_counter() - started)
         log.info("round %d committed: accuracy %.4f from %d update(s)", round_.number,
                  version.metrics.get("accuracy", float("nan")), len(accepted))
         return round_
 
-    def _aggregate(self, federation: Federation, base: dict[str, np.ndarray], updates: list[ClientUpdate],
-                   agreements: list[float | None]) -> tuple[dict[str, np.ndarray], list[float]]:
-        """The new global tensors and each client's noise factor (1 where there was no evidence)."""
-        config = federation.config
-        # Peers with the same modality set are compared with each other (see agreement_weights).
-        quality = agreement_weights(agreements, config.agreement_temperature,
-                                    groups=[frozenset(u.modalities) for u in updates])
-        if config.aggregation == "mma":
-            weights = mma_weights(updates, quality=quality if any(a is not None for a in agreements) else None)
-        else:
-            weights = fedavg_weights(updates)
-        tensors = apply_delta(base, weighted_average_per_tensor(updates, weights))
-        if config.lora_mode == "exact":
-            tensors.update(self._exact_lora(base, updates, weights))
-        return tensors, quality
-
     @staticmethod
-    def _exact_lora(base: dict[str, np.ndarray], updates: list[ClientUpdate],
-                    weights: list[float]) -> dict[str, np.ndarray]:
-        """LoRA factors from the average of the clients' full B·A products (updates carry deltas)."""
-        full = [ClientUpdate(client_id=u.client_id, num_samples=u.num_samples, modalities=u.modalities,
-                             tensors={n: base[n] + t for n, t in u.tensors.items() if n in base})
-                for u in updates]
-        return average_lora_products(full, weights)
+    def _observe_commit(round_: Round, accepted: list[Update], evaluation: dict[str, float], seconds: float) -> None:
+        metrics.ROUNDS.labels("committed").inc()
+        metrics.AGGREGATION_SECONDS.observe(seconds)
+        if round_.opened_at is not None and round_.closed_at is not None:
+            metrics.ROUND_DURATION.observe((round_.closed_at - round_.opened_at).total_seconds())
+        metrics.ROUND_PARTICIPANTS.labels("accepted").set(len(accepted))
+        metrics.ROUND_PARTICIPANTS.labels("stragglers").set(round_.metrics.get("stragglers", 0))
+        for key, label in (("accuracy", "all"), ("accuracy_image", "image"), ("accuracy_audio", "audio"),
+                           ("cloud_accuracy", "cloud")):
+            if key in evaluation:
+                metrics.GLOBAL_ACCURACY.labels(label).set(evaluation[key])
+        if "client_accuracy_mean" in round_.metrics:
+            metrics.CLIENT_ACCURACY.set(round_.metrics["client_accuracy_mean"])
 
     def _round_metrics(self, federation: Federation, round_: Round, accepted: list[Update],
                        evaluation: dict[str, float]) -> dict[str, float]:
         sizes = [u.declared_size for u in accepted]
         per_client = float(np.mean(sizes)) if sizes else 0.0
+        contributors = {u.device_id for u in accepted}
         out = {
             "participants": float(len(accepted)),
             "invited": float(len(round_.participants)),
-            "global_accuracy": evaluation.get("accuracy", float("nan")),
+            "target": float(round_.target_updates or len(round_.participants)),
             "upload_bytes_per_client": per_client,
             "upload_ratio": per_client / full_model_bytes(federation.config.model),
         }
+        if federation.config.mode == "sync":
+            out["stragglers"] = float(sum(d not in contributors for d in round_.participants))
+        if "accuracy" in evaluation:
+            out["global_accuracy"] = evaluation["accuracy"]
         out.update({(k if k.startswith("cloud_") else f"global_{k}"): v
                     for k, v in evaluation.items() if k != "accuracy"})
         personal = [u.metrics["personal_accuracy"] for u in accepted if "personal_accuracy" in u.metrics]

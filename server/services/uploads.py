@@ -9,24 +9,28 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+
+import numpy as np
 
 from mlecs.codec import CodecError, CodecKind, NonFiniteValuesError, decode_tensors, peek_header, sha256_hex
 from server import metrics
 from server.domain.errors import (
     ConflictError,
     InvalidRequestError,
+    LateUpdateError,
     NotFoundError,
     PermissionDeniedError,
     UpdateRejectedError,
 )
-from server.domain.models import Device, Update, UpdateState, utcnow
-from server.domain.rounds import RoundState, check_transition
-from server.learning.global_model import FUSED_TENSOR, adapter_schema, fused_dim, owning_modality
+from server.domain.models import Device, Federation, Round, Update, UpdateState, utcnow
+from server.learning.global_model import FUSED_TENSOR, adapter_schema, client_agreements, fused_dim, owning_modality
 from server.services.context import ServiceContext
 from server.services.locks import RoundLocks
+from server.services.rounds import RoundService
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ class UploadService:
         self._ctx = ctx
         self._locks = locks
         self._on_accepted = on_accepted
+        self._anchor_guard = threading.Lock()
+        self._anchor_cache: dict[str, dict[str, np.ndarray]] = {}
 
     def open(self, device: Device, header: UploadHeader) -> UploadSession:
         """Starts or resumes an upload; returns the session and the offset the bytes must continue from."""
@@ -76,19 +82,14 @@ class UploadService:
             raise PermissionDeniedError("a device may upload only as itself")
         if not _UPLOAD_ID.match(header.upload_id):
             raise InvalidRequestError("upload_id must be 8-64 characters of letters, digits, '-' or '_'")
-        try:
-            round_ = store.get_round(header.round_id)
-        except NotFoundError:
-            raise NotFoundError(f"round {header.round_id!r} not found") from None
-        if round_.federation_id != device.federation_id or device.id not in round_.participants:
-            raise PermissionDeniedError(f"device was not invited to round {round_.number}")
-        existing = store.find_update(round_.id, device.id, header.upload_id)
+        # The upload id is the idempotency key: a retry finds its update in whichever round it landed.
+        existing = store.find_update_by_upload(device.id, header.upload_id)
         if existing is not None:
             return self._resume(existing, header)
-        if not round_.state.accepts_uploads:
-            raise ConflictError(f"round {round_.number} is {round_.state}: it accepts no more uploads")
-        self._check_header(header, round_.base_version_id)
-        limit = store.get_federation(round_.federation_id).config.fused_upload_samples
+        round_, federation = self._target_round(device, header.round_id)
+        self._check_header(header)
+        self._check_base(federation, round_, header.base_version_id)
+        limit = federation.config.fused_upload_samples
         if len(header.fused_sample_ids) > limit or len(set(header.fused_sample_ids)) != len(header.fused_sample_ids):
             raise InvalidRequestError(f"fused_sample_ids must be at most {limit} distinct public sample ids")
         if any(u.device_id == device.id and u.state is UpdateState.ACCEPTED for u in store.list_updates(round_.id)):
@@ -105,6 +106,46 @@ class UploadService:
         store.add_update(update)
         return UploadSession(update=update, offset=0)
 
+    def _target_round(self, device: Device, round_id: str) -> tuple[Round, Federation]:
+        """The round an update for ``round_id`` goes to: that round, or in async mode the open buffer."""
+        store = self._ctx.store
+        try:
+            round_ = store.get_round(round_id)
+        except NotFoundError:
+            raise NotFoundError(f"round {round_id!r} not found") from None
+        if round_.federation_id != device.federation_id:
+            raise PermissionDeniedError(f"device was not invited to round {round_.number}")
+        federation = store.get_federation(round_.federation_id)
+        if not round_.state.accepts_uploads and federation.config.mode == "async":
+            latest = store.latest_round(federation.id)
+            if latest is not None and latest.state.accepts_uploads:
+                round_ = latest  # the buffer the device trained for closed: the open one takes the update
+        if not RoundService.may_contribute(federation, round_, device):
+            raise PermissionDeniedError(f"device was not invited to round {round_.number}")
+        if not round_.state.accepts_uploads:
+            self._count_rejection("late")
+            raise LateUpdateError(f"round {round_.number} is {round_.state}: the update arrived too late and "
+                                  "was not counted; take the next task")
+        return round_, federation
+
+    def _check_base(self, federation: Federation, round_: Round, base_version_id: str) -> None:
+        """Sync: the update must start from the round's version. Async: at most max_staleness versions old."""
+        if federation.config.mode == "sync":
+            if base_version_id != round_.base_version_id:
+                self._count_rejection("stale_base")
+                raise UpdateRejectedError("stale_base", "the update was trained from another global version")
+            return
+        order = [v.id for v in self._ctx.store.list_versions(federation.id)]
+        if base_version_id not in order:
+            self._count_rejection("stale_base")
+            raise UpdateRejectedError("stale_base", f"base version {base_version_id!r} is not of this federation")
+        staleness = order.index(round_.base_version_id or order[-1]) - order.index(base_version_id)
+        if staleness > federation.config.max_staleness:
+            self._count_rejection("too_stale")
+            raise UpdateRejectedError(
+                "too_stale", f"the update is {staleness} versions old; this federation accepts at most "
+                f"{federation.config.max_staleness}: download the current version and train again")
+
     def _resume(self, update: Update, header: UploadHeader) -> UploadSession:
         if (update.sha256, update.declared_size, update.codec) != (header.sha256, header.total_size, header.codec):
             raise ConflictError("this upload_id was used for different content; choose a new upload_id")
@@ -118,7 +159,7 @@ class UploadService:
                 f"resume_offset {header.resume_offset} is beyond the acknowledged offset {staged}")
         return UploadSession(update=update, offset=header.resume_offset)
 
-    def _check_header(self, header: UploadHeader, base_version_id: str | None) -> None:
+    def _check_header(self, header: UploadHeader) -> None:
         problems = []
         if header.codec not in {c.value for c in CodecKind}:
             problems.append(f"unknown codec {header.codec!r}")
@@ -132,9 +173,6 @@ class UploadService:
             problems.append("public_samples must be > 0")
         if problems:
             raise InvalidRequestError("invalid upload header: " + "; ".join(problems))
-        if header.base_version_id != base_version_id:
-            self._count_rejection("stale_base")
-            raise UpdateRejectedError("stale_base", "the update was trained from another global version")
 
     def append(self, session: UploadSession, offset: int, data: bytes) -> int:
         """Stages one chunk durably; returns the new acknowledged offset."""
@@ -177,20 +215,21 @@ class UploadService:
         return self._accept(update)
 
     def _accept(self, update: Update) -> Update:
+        """Makes the update durable (blob, then its row in the same transaction that checks the round is
+        still open); only then does the device hear "accepted"."""
         store = self._ctx.store
         with self._locks(update.round_id):
-            round_ = store.get_round(update.round_id)
-            if not round_.state.accepts_uploads:
-                self._count_rejection("round_closed")
-                raise ConflictError(f"round {round_.number} closed while the update arrived ({round_.state})")
             update.blob_key = self._ctx.blobs.promote_staged(update.id)
             update.state = UpdateState.ACCEPTED
             update.received_bytes = update.declared_size
             update.accepted_at = utcnow()
-            store.save_update(update)
-            if round_.state is RoundState.OPEN:
-                round_.state = check_transition(round_.state, RoundState.COLLECTING)
-                store.save_round(round_)
+            try:
+                store.accept_update(update)
+            except LateUpdateError:
+                update.state, update.rejection_reason, update.accepted_at = UpdateState.REJECTED, "late", None
+                store.save_update(update)
+                self._count_rejection("late")
+                raise
         metrics.UPDATES.labels("accepted").inc()
         self._on_accepted(update.round_id)
         return update
@@ -232,15 +271,35 @@ class UploadService:
             if owner is not None and owner not in update.modalities:
                 raise UpdateRejectedError("schema", f"tensor {entry.name!r} belongs to a modality the device lacks")
         try:
-            decode_tensors(data)  # the payload itself: checksummed frame, consistent, finite
+            tensors = decode_tensors(data)  # the payload itself: checksummed frame, consistent, finite
         except NonFiniteValuesError as exc:
             raise UpdateRejectedError("non_finite", str(exc)) from exc
         except CodecError as exc:
             raise UpdateRejectedError("codec", str(exc)) from exc
+        if FUSED_TENSOR in tensors:
+            # Scored now, while the payload is decoded anyway, so aggregation can weigh without decoding twice.
+            ids = np.asarray(update.fused_sample_ids, dtype=np.int64)
+            update.anchor_agreement = client_agreements(self._anchors(update.base_version_id),
+                                                        [(ids, tensors[FUSED_TENSOR])])[0]
+
+    def _anchors(self, version_id: str | None) -> dict[str, np.ndarray]:
+        """The decoded anchor set of a version (cached: every update of a round shares it)."""
+        if version_id is None:
+            return {}
+        with self._anchor_guard:
+            if version_id in self._anchor_cache:
+                return self._anchor_cache[version_id]
+        version = self._ctx.store.get_version(version_id)
+        anchors = decode_tensors(self._ctx.blobs.get(version.anchors_key)) if version.anchors_key else {}
+        with self._anchor_guard:
+            self._anchor_cache[version_id] = anchors
+            while len(self._anchor_cache) > 4:
+                self._anchor_cache.pop(next(iter(self._anchor_cache)))
+        return anchors
 
     def status(self, device: Device, round_id: str, upload_id: str) -> tuple[UpdateState, int]:
         """The state of an upload and how many bytes of it are durably acknowledged."""
-        update = self._ctx.store.find_update(round_id, device.id, upload_id)
+        update = self._ctx.store.find_update_by_upload(device.id, upload_id)
         if update is None:
             return UpdateState.PARTIAL, 0
         if update.state is UpdateState.ACCEPTED:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.domain.errors import InvalidRequestError
 from server.domain.models import Device, Federation, FederationConfig, ModelVersion, Round
 
 
@@ -38,9 +39,24 @@ class FederationConfigBody(BaseModel):
     agreement_temperature: float = Field(0.2, gt=0, description="MMA noise term: softness of the agreement weights")
     cloud_epochs: int = Field(1, ge=0, description="Cloud tuning epochs on the public set per round")
     public_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the training pairs forming the public set")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: rounds with over-selection, quorum and deadline; async: buffered (FedBuff)")
+    overselect: float = Field(0.0, ge=0, le=10, description="Sync: invite ceil(clients_per_round x (1 + this))")
+    async_buffer: int = Field(4, ge=1, description="Async: accepted updates per aggregation (K)")
+    max_staleness: int = Field(4, ge=0, description="Async: refuse updates more than this many versions old")
+    staleness_exponent: float = Field(0.5, ge=0, description="Async: weight (1 + staleness) ** -this")
+    eligible_modality_sets: list[list[str]] = Field(
+        default_factory=list, description="Only devices with one of these modality sets take part; empty: all",
+        examples=[[["audio", "image"], ["image"]]])
+    target_rounds: int = Field(0, ge=0, description="Open rounds automatically until this many committed; 0: manual")
+    server_learning: bool = Field(
+        True, description="Evaluate, tune the cloud model and make anchors after each commit (off: aggregation only)")
 
     def to_domain(self) -> FederationConfig:
-        return FederationConfig(**self.model_dump())
+        try:
+            return FederationConfig(**self.model_dump())
+        except ValueError as exc:  # cross-field rules the schema cannot express
+            raise InvalidRequestError(f"invalid federation config: {exc}") from exc
 
 
 class CreateFederationBody(BaseModel):
@@ -71,6 +87,7 @@ class RoundOut(BaseModel):
     number: int
     state: str
     participants: list[str]
+    target_updates: int
     created_at: datetime
     opened_at: datetime | None
     deadline_at: datetime | None
@@ -83,7 +100,8 @@ class RoundOut(BaseModel):
     @classmethod
     def of(cls, r: Round) -> RoundOut:
         return cls(id=r.id, federation_id=r.federation_id, number=r.number, state=r.state.value,
-                   participants=list(r.participants), created_at=r.created_at, opened_at=r.opened_at,
+                   participants=list(r.participants), target_updates=r.target_updates,
+                   created_at=r.created_at, opened_at=r.opened_at,
                    deadline_at=r.deadline_at, closed_at=r.closed_at, failure_reason=r.failure_reason,
                    base_version_id=r.base_version_id, version_id=r.version_id, metrics=dict(r.metrics))
 

@@ -121,7 +121,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                       context: grpc.aio.ServicerContext) -> pb.GetTaskResponse:
         async def body() -> pb.GetTaskResponse:
             device = await self._device(context)
-            self._devices.heartbeat(device)
+            try:
+                self._devices.heartbeat(device)
+            except UnavailableError as exc:  # presence is a hint; Postgres still decides the task
+                log.warning("presence not recorded: %s", exc)
             return assignment_to_proto(await asyncio.to_thread(self._rounds.assignment_for, device))
         return await self._call("GetTask", context, body)
 

@@ -25,8 +25,8 @@ from server.persistence.sql_store import SqlStore
 from server.persistence.tables import metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"federations", "devices", "model_versions", "rounds", "updates", "device_reports"}
-HEAD = "0002"
+TABLES = {"federations", "devices", "model_versions", "rounds", "updates", "device_reports", "leases"}
+HEAD = "0003"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
