@@ -40,6 +40,8 @@ class CoordinatorClient:
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # With several replica addresses, spread calls and skip a replica that is down.
+            ("grpc.lb_policy_name", "round_robin"),
         ])
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
         self._timeout = timeout_s

@@ -42,7 +42,8 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     coordinator: str = "127.0.0.1:50051"
-    """host:port of the coordinator's gRPC endpoint."""
+    """host:port of the coordinator's gRPC endpoint, or several replicas as a gRPC target such as
+    ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` (calls are spread over them and fail over when one is down)."""
     federation: str
     device_name: str = Field(min_length=1, max_length=128)
     modalities: list[str]
