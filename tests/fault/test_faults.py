@@ -7,8 +7,11 @@ Everything runs as separate processes on the real PostgreSQL and Redis: coordina
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from sqlalchemy import text
 
 from server.domain.rounds import RoundState
 from server.persistence.database import create_engine_for
-from tests.fault.cluster import Cluster, check_accounting, wait_until
+from tests.fault.cluster import Cluster, Process, check_accounting, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.fault]
 
@@ -163,3 +166,48 @@ def test_async_buffers_take_stale_updates_within_the_bound_and_count_each_once(c
     committed = [r for r in cluster.rounds("f") if r.state is RoundState.COMMITTED]
     assert all(r.metrics["participants"] >= 2 or r.failure_reason for r in committed)
     assert max(r.metrics["staleness_max"] for r in committed) >= 1
+
+
+def test_the_real_agent_killed_mid_upload_resumes_the_same_update_after_a_restart(cluster: Cluster) -> None:
+    cluster.add_replica()
+    # 1 KiB chunks stretch the upload over a few hundred acknowledged writes: time to kill it halfway.
+    cluster.create_federation("f", target_rounds=2, min_updates=1, max_chunk_bytes=1024, public_epochs=1,
+                              private_epochs=1)
+    state = cluster.root / "agent-state"
+    config = cluster.root / "agent.toml"
+    config.write_text(f'coordinator = "{cluster.replicas[0].address}"\nfederation = "f"\ndevice_name = "edge-real"\n'
+                      f'modalities = ["image", "audio"]\nstate_dir = "{state}"\n'
+                      "[partition]\nnum_clients = 3\nclient_index = 0\n")
+    agent = Process("agent", [sys.executable, "-m", "edge_agent", "--config", str(config)],
+                    {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, cluster.root)
+    cluster.devices["agent"] = agent
+    agent.start()
+    staging = cluster.root / "coordinator" / "blobs" / "staging"
+
+    def halfway() -> bool:
+        return (state / "pending.json").exists() and any(f.stat().st_size > 0 for f in staging.glob("*"))
+
+    try:
+        wait_until(halfway, 300, "the agent to be half way through an upload", interval_s=0.005)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()}") from None
+    agent.kill()
+    pending = json.loads((state / "pending.json").read_text())
+    with cluster.store() as store:
+        fed = store.find_federation_by_name("f")
+        assert fed is not None
+        device = store.list_devices(fed.id)[0]
+        update = store.find_update_by_upload(device.id, pending["upload_id"])
+        assert update is not None and update.state.value == "partial"  # killed before the end
+        staged = next(staging.glob("*")).stat().st_size
+        assert 0 < staged < pending["size"]
+
+    agent.start()  # the same state directory: it finds its pending update and resumes it
+    cluster.wait_for_rounds("f", 2, timeout_s=300)
+    told = agent.log_path.read_text()
+    assert f"update for round {pending['round_id']} accepted" in told
+    acknowledged = [("edge-real", pending["upload_id"])]
+    check_accounting(cluster, "f", 2, acknowledged=acknowledged)
+    with cluster.store() as store:
+        round_updates = store.list_updates(pending["round_id"])
+        assert [u.upload_id for u in round_updates] == [pending["upload_id"]]  # resumed, not sent anew
