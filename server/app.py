@@ -46,12 +46,15 @@ class Services:
     uploads: UploadService
     versions: VersionService
 
-    def ready(self) -> bool:
+    def health(self) -> dict[str, bool]:
+        """Whether the database and the presence store answer. Only the database decides readiness:
+        it is the source of truth, and without Redis devices still upload and rounds still commit."""
         try:
             self.ctx.store.list_federations()
+            database = True
         except UnavailableError:
-            return False
-        return self.ctx.presence.ping()
+            database = False
+        return {"ready": database, "database": database, "presence": self.ctx.presence.ping()}
 
 
 def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = None,
@@ -122,7 +125,7 @@ class Coordinator:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
         admin = create_admin_app(AdminServices(services.federations, services.rounds, services.devices,
-                                               services.versions, services.ready))
+                                               services.versions, services.health))
         http = uvicorn.Server(uvicorn.Config(admin, host=self.settings.admin_host, port=self.settings.admin_port,
                                              log_level="warning", lifespan="off"))
         http_task = asyncio.create_task(http.serve())

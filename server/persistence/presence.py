@@ -118,7 +118,9 @@ def create_presence_store(redis_url: str | None, prefix: str = "mlecs") -> Prese
     """Redis-backed presence for ``redis_url``, or in-process presence when it is None."""
     if redis_url is None:
         return MemoryPresenceStore()
-    return RedisPresenceStore(redis.Redis.from_url(redis_url), prefix=prefix)
+    # Short timeouts: a hung Redis must turn into a prompt UnavailableError, not a stuck RPC.
+    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return RedisPresenceStore(client, prefix=prefix)
 
 
 if TYPE_CHECKING:  # mypy proves both classes satisfy the port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 
@@ -13,10 +14,13 @@ from server.domain.errors import (
     NotFoundError,
     PermissionDeniedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from server.domain.models import Device, FederationState
 from server.services.context import ServiceContext
 from server.services.federations import FederationService
+
+log = logging.getLogger(__name__)
 
 
 def hash_secret(secret: str) -> str:
@@ -68,7 +72,10 @@ class DeviceService:
             device = Device(federation_id=federation.id, name=device_name, modalities=mods,
                             secret_hash=hash_secret(secret))
             store.add_device(device)
-        self._ctx.presence.mark_seen(device.id, self._ctx.settings.presence_ttl_s)
+        try:
+            self._ctx.presence.mark_seen(device.id, self._ctx.settings.presence_ttl_s)
+        except UnavailableError as exc:  # the enrolment is in the database; its next heartbeat marks it live
+            log.warning("enrolled %s without marking it live: %s", device.name, exc)
         return Enrolment(device=device, secret=secret)
 
     def authenticate(self, device_id: str, secret: str) -> Device:
@@ -82,6 +89,9 @@ class DeviceService:
         if device.revoked:
             raise PermissionDeniedError("device is revoked")
         return device
+
+    def heartbeat_interval(self) -> int:
+        return self._ctx.settings.heartbeat_interval_s
 
     def heartbeat(self, device: Device) -> int:
         """Records that the device is alive; returns seconds until the next heartbeat is due."""

@@ -48,7 +48,7 @@ class AdminServices:
     rounds: RoundService
     devices: DeviceService
     versions: VersionService
-    ready: Callable[[], bool]  # True when the database and presence store answer
+    health: Callable[[], dict[str, bool]]  # {"ready", "database", "presence"}: which dependencies answer
 
 
 def _services(request: Request) -> AdminServices:
@@ -78,9 +78,10 @@ def create_admin_app(services: AdminServices) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz(s: Services) -> JSONResponse:
-        """Readiness: the database and presence store answer."""
-        ok = await asyncio.to_thread(s.ready)
-        return JSONResponse(status_code=200 if ok else 503, content={"ready": bool(ok)})
+        """Readiness: the database answers (503 otherwise). `presence` says whether Redis does; without it
+        devices are not seen as live, so no new round opens, but uploads and commits go on."""
+        health = await asyncio.to_thread(s.health)
+        return JSONResponse(status_code=200 if health["ready"] else 503, content=health)
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -107,7 +107,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 raise
             metrics.ENROLMENTS.labels("accepted").inc()
             return pb.EnrolResponse(device_id=enrolment.device.id, device_secret=enrolment.secret,
-                                    heartbeat_interval_s=self._devices.heartbeat(enrolment.device))
+                                    heartbeat_interval_s=self._devices.heartbeat_interval())
         return await self._call("Enrol", context, body)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest,
