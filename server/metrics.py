@@ -26,3 +26,4 @@ AGGREGATION_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
 DEVICES_ONLINE = Gauge("mlecs_devices_online", "Devices with a live heartbeat", ["modalities"])
+LEASES_HELD = Gauge("mlecs_leases_held", "Federations whose rounds this replica drives (lease held)")

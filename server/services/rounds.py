@@ -197,6 +197,7 @@ class RoundService:
         if self._fences.get(federation.id) != fence:
             log.info("driving federation %s (lease token %d)", federation.name, fence.token)
         self._fences[federation.id] = fence
+        metrics.LEASES_HELD.set(len(self._fences))
         if unfinished:
             assert latest is not None
             latest = self.advance(latest.id, fence)
