@@ -69,7 +69,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # IMMEDIATE takes the write lock up front. A deferred transaction that reads and then writes,
+        # after another connection committed in between, fails at once with SQLITE_BUSY_SNAPSHOT (WAL)
+        # instead of waiting out busy_timeout; taking the lock first makes it wait its turn instead.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def migrations_dir(script_location: Path | str | None = None) -> Path:

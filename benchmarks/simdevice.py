@@ -1,0 +1,453 @@
+"""Simulated devices for load tests: real gRPC and the real codec, but no training and no torch.
+
+A ``SimDevice`` enrols, heartbeats on its own schedule and polls for tasks. Asked to train, it downloads
+the global version and uploads a delta of small random values shaped like the adapter tensors it may
+hold. The delta is encoded once per device, before the rounds, and its bytes are reused every round
+(with a fresh upload id), so the device processes spend their CPU on the protocol rather than on numpy
+and zstd, and no round waits for a device to encode.
+
+``Fleet`` spreads N devices over a few OS processes, each running one asyncio loop with one shared
+channel, and gathers their statistics back::
+
+    parent (Fleet) --spawn--> device process k: devices k, k+P, k+2P, ... on one grpc.aio channel
+                   <--queue-- ("ready", k, enrolled, problems) once its devices are enrolled and prepared
+                   <--queue-- ("stats", k, FleetStats) after the parent sets the stop event
+
+Errors: ``FleetError`` (a device process failed or did not report in time; not retryable as such).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import queue
+import random
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from mlecs.codec import encode_tensors, iter_chunks, peek_header, sha256_hex
+from mlecs.proto.v1 import fleet_pb2 as pb
+from mlecs.proto.v1 import fleet_pb2_grpc
+
+T = TypeVar("T")
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+MODALITY_SETS: tuple[tuple[str, ...], ...] = (("image",), ("audio",), ("audio", "image"))
+"""Device i holds MODALITY_SETS[i % 3]: a third image-only, a third audio-only, a third both."""
+FUSED_TENSOR = "fused.z"
+# Tensors only devices with the named modality hold: "<prefix><modality>.<rest>".
+_MODALITY_PREFIXES = ("extractors.", "connector.slots.")
+_MODALITY_ENUM = {"image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO}
+_CODEC_ENUM = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.CODEC_INT8_ZSTD}
+_CODEC_NAME = {value: name for name, value in _CODEC_ENUM.items()}
+_MAX_ERROR_SAMPLES = 5
+
+
+class FleetError(RuntimeError):
+    """A device process died, or did not enrol or report its statistics in time."""
+
+
+def tensor_allowed(name: str, modalities: frozenset[str] | set[str]) -> bool:
+    """Whether a device with these modalities may send this tensor (the coordinator refuses the others)."""
+    if name == FUSED_TENSOR:
+        return False
+    for prefix in _MODALITY_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):].split(".", 1)[0] in modalities
+    return True
+
+
+def make_delta(shapes: Mapping[str, tuple[int, ...]], modalities: frozenset[str], seed: int,
+               scale: float = 1e-3) -> dict[str, np.ndarray]:
+    """Small random float32 values for every tensor of the global adapter the device may hold."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+            for name, shape in sorted(shapes.items()) if tensor_allowed(name, modalities)}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    modalities: tuple[str, ...]
+    seed: int
+
+
+def make_specs(count: int, seed: int = 0) -> list[DeviceSpec]:
+    """``count`` devices with distinct names and seeds, their modality sets spread evenly."""
+    return [DeviceSpec(name=f"sim-{i:05d}", modalities=MODALITY_SETS[i % len(MODALITY_SETS)],
+                       seed=seed * 1_000_003 + i) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    address: str
+    """host:port of the coordinator's gRPC endpoint."""
+    federation: str
+    heartbeat_s: float | None = None
+    """Seconds between heartbeats; None: the interval the coordinator returns."""
+    poll_s: float = 0.2
+    """Longest wait between GetTask calls while told to wait (the coordinator's retry_after_s is longer:
+    honouring it would add up to that much to every round's start)."""
+    rpc_timeout_s: float = 60.0
+    stream_timeout_s: float = 600.0
+    """Deadline of one download or upload; uploads queue up behind each other when many devices train."""
+    enrol_concurrency: int = 16
+    """Enrolments in flight at once per process."""
+
+
+@dataclass
+class FleetStats:
+    """What the devices of one or more processes observed. Times are wall-clock (``time.time()``)."""
+
+    calls: dict[str, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
+    """Method -> (start time, seconds) of every successful call; streams are timed end to end."""
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """"Method:STATUS" -> count."""
+    error_samples: dict[str, str] = field(default_factory=dict)
+    """The first detail seen for each error key (a few keys at most)."""
+    uploads_accepted: int = 0
+    uploads_rejected: int = 0
+    upload_wire_bytes: int = 0
+    """Sum of ``ByteSize()`` of every UploadMessage sent while measuring."""
+    download_wire_bytes: int = 0
+    """Sum of ``ByteSize()`` of every DownloadChunk received for a train task."""
+    downloads: int = 0
+    payload_bytes: int = 0
+    """Sum over prepared devices of their encoded update's size."""
+    payloads: int = 0
+    stopping: bool = False
+    """Set when the fleet stops: calls it cancels are not failures of the coordinator."""
+
+    def record(self, method: str, started: float, seconds: float) -> None:
+        self.calls[method].append((started, seconds))
+
+    def count_error(self, method: str, error: grpc.aio.AioRpcError) -> None:
+        self.note_failure(f"{method}:{error.code().name}", str(error.details()))
+
+    def note_failure(self, key: str, detail: str) -> None:
+        if self.stopping:
+            return
+        self.errors[key] += 1
+        if key not in self.error_samples and len(self.error_samples) < _MAX_ERROR_SAMPLES:
+            self.error_samples[key] = detail
+
+    def merge(self, other: FleetStats) -> None:
+        for method, samples in other.calls.items():
+            self.calls[method].extend(samples)
+        for key, count in other.errors.items():
+            self.errors[key] += count
+        for key, detail in other.error_samples.items():
+            self.error_samples.setdefault(key, detail)
+        for name in ("uploads_accepted", "uploads_rejected", "upload_wire_bytes", "download_wire_bytes",
+                     "downloads", "payload_bytes", "payloads"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def latencies(self, method: str, since: float = 0.0, until: float = float("inf")) -> list[float]:
+        """Seconds of the calls of ``method`` that started within [since, until]."""
+        return [seconds for started, seconds in self.calls.get(method, ()) if since <= started <= until]
+
+    def plain(self) -> FleetStats:
+        """A copy without defaultdicts (their lambdas cannot be pickled onto the result queue)."""
+        return FleetStats(calls=dict(self.calls), errors=dict(self.errors), error_samples=dict(self.error_samples),
+                          **{name: getattr(self, name) for name in (
+                              "uploads_accepted", "uploads_rejected", "upload_wire_bytes", "download_wire_bytes",
+                              "downloads", "payload_bytes", "payloads")})
+
+
+@dataclass(frozen=True)
+class _Payload:
+    data: bytes
+    sha256: str
+    codec: str
+
+
+class SimDevice:
+    """One simulated device on a shared stub: enrol, then ``heartbeats()`` and ``tasks()`` until cancelled."""
+
+    def __init__(self, stub: fleet_pb2_grpc.FleetStub, spec: DeviceSpec, options: FleetOptions,
+                 stats: FleetStats) -> None:
+        self.spec = spec
+        self._stub = stub
+        self._options = options
+        self._stats = stats
+        self._rng = random.Random(spec.seed)
+        self._modalities = frozenset(spec.modalities)
+        self._device_id = ""
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._heartbeat_s = 5.0
+        self._payload: _Payload | None = None
+        self._done_round = ""
+
+    async def _timed(self, method: str, call: Awaitable[T]) -> T:
+        started, clock = time.time(), time.perf_counter()
+        try:
+            result = await call
+        except grpc.aio.AioRpcError as exc:
+            self._stats.count_error(method, exc)
+            raise
+        self._stats.record(method, started, time.perf_counter() - clock)
+        return result
+
+    async def enrol(self) -> None:
+        reply = await self._timed("Enrol", self._stub.Enrol(pb.EnrolRequest(
+            federation=self._options.federation, device_name=self.spec.name,
+            modalities=[_MODALITY_ENUM[m] for m in self.spec.modalities], agent_version="simdevice"),
+            timeout=self._options.rpc_timeout_s))
+        self._device_id = reply.device_id
+        self._metadata = (("authorization", f"Device {reply.device_id}:{reply.device_secret}"),)
+        self._heartbeat_s = float(self._options.heartbeat_s or reply.heartbeat_interval_s or 5)
+
+    async def fetch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the current global adapter's tensors (one download, left out of the stats)."""
+        return peek_header(await self._download("", keep=True, measured=False)).shapes
+
+    def prepare(self, shapes: Mapping[str, tuple[int, ...]], codec: str = "fp16") -> None:
+        """Encodes this device's update ahead of the rounds, so that no round waits for numpy and zstd."""
+        data = encode_tensors(make_delta(shapes, self._modalities, self.spec.seed), codec)
+        self._payload = _Payload(data=data, sha256=sha256_hex(data), codec=codec)
+        self._stats.payload_bytes += len(data)
+        self._stats.payloads += 1
+
+    async def heartbeats(self) -> None:
+        # A random phase keeps N devices from heartbeating in lockstep.
+        await asyncio.sleep(self._rng.uniform(0, self._heartbeat_s))
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await self._timed("Heartbeat", self._stub.Heartbeat(
+                    pb.HeartbeatRequest(device_id=self._device_id), metadata=self._metadata,
+                    timeout=self._options.rpc_timeout_s))
+                if self._options.heartbeat_s is None and reply.next_heartbeat_s > 0:
+                    self._heartbeat_s = float(reply.next_heartbeat_s)
+            due = max(due + self._heartbeat_s, loop.time())
+            await asyncio.sleep(due - loop.time())
+
+    async def tasks(self) -> None:
+        """Polls for tasks and trains (download, upload) when invited, until told to stop or cancelled."""
+        while True:
+            try:
+                reply = await self._timed("GetTask", self._stub.GetTask(
+                    pb.GetTaskRequest(device_id=self._device_id), metadata=self._metadata,
+                    timeout=self._options.rpc_timeout_s))
+                kind = reply.WhichOneof("task")
+                if kind == "stop":
+                    return
+                if kind == "train" and reply.train.round_id != self._done_round:
+                    await self._train(reply.train)
+                    continue
+                retry = reply.wait.retry_after_s if kind == "wait" else self._options.poll_s
+            except grpc.aio.AioRpcError:  # counted by _timed; the next poll retries
+                retry = self._options.poll_s
+            except Exception as exc:  # a bug here must show in the report, not end this device quietly
+                self._stats.note_failure(f"task:{type(exc).__name__}", str(exc))
+                retry = self._options.poll_s
+            await asyncio.sleep(min(retry, self._options.poll_s) * self._rng.uniform(0.5, 1.5))
+
+    async def _train(self, task: Any) -> None:
+        codec = _CODEC_NAME.get(task.config.upload_codec, "fp16")
+        rebuild = self._payload is None or self._payload.codec != codec
+        adapter = await self._download(task.global_version_id, keep=rebuild, measured=True)
+        if rebuild:
+            self.prepare(peek_header(adapter).shapes, codec)
+        if await self._upload(task):
+            self._done_round = task.round_id
+
+    async def _download(self, version_id: str, keep: bool, measured: bool) -> bytes:
+        """Streams a global version; returns the adapter bytes when ``keep`` (otherwise they are dropped)."""
+        adapter = bytearray()
+        wire = 0
+        started, clock = time.time(), time.perf_counter()
+        call = self._stub.DownloadGlobal(pb.DownloadGlobalRequest(device_id=self._device_id, version_id=version_id),
+                                         metadata=self._metadata, timeout=self._options.stream_timeout_s)
+        try:
+            async for message in call:
+                wire += message.ByteSize()
+                if keep and message.WhichOneof("part") == "chunk" and message.chunk.kind == pb.BLOB_KIND_ADAPTER:
+                    adapter.extend(message.chunk.data)
+        except grpc.aio.AioRpcError as exc:
+            self._stats.count_error("DownloadGlobal", exc)
+            raise
+        if measured:
+            self._stats.record("DownloadGlobal", started, time.perf_counter() - clock)
+            self._stats.download_wire_bytes += wire
+            self._stats.downloads += 1
+        return bytes(adapter)
+
+    async def _upload(self, task: Any) -> bool:
+        """Streams the prepared payload for ``task``'s round; True when the coordinator accepted it."""
+        payload = self._payload
+        assert payload is not None
+        header = pb.UploadHeader(
+            round_id=task.round_id, device_id=self._device_id, upload_id=uuid.uuid4().hex,
+            codec=_CODEC_ENUM[payload.codec], total_size=len(payload.data), sha256=payload.sha256,
+            modalities=[_MODALITY_ENUM[m] for m in self.spec.modalities],
+            samples=pb.SampleCounts(public_samples=100, private_samples=100), resume_offset=0,
+            base_version_id=task.global_version_id)
+        chunk_bytes = task.config.max_chunk_bytes or 256 * 1024
+
+        def messages() -> Iterator[Any]:
+            for message in _upload_messages(header, payload.data, chunk_bytes):
+                self._stats.upload_wire_bytes += message.ByteSize()
+                yield message
+
+        reply = await self._timed("UploadUpdate", self._stub.UploadUpdate(
+            messages(), metadata=self._metadata, timeout=self._options.stream_timeout_s))
+        if reply.state == pb.UPLOAD_STATE_ACCEPTED:
+            self._stats.uploads_accepted += 1
+            return True
+        if reply.state == pb.UPLOAD_STATE_REJECTED:
+            self._stats.uploads_rejected += 1
+        return False
+
+
+def _upload_messages(header: Any, data: bytes, chunk_bytes: int) -> Iterator[Any]:
+    yield pb.UploadMessage(header=header)
+    for offset, piece in iter_chunks(data, chunk_bytes):
+        yield pb.UploadMessage(chunk=pb.UploadChunk(offset=offset, data=piece))
+
+
+# ---- one device process ---------------------------------------------------------------------
+
+
+def _device_process(index: int, specs: Sequence[DeviceSpec], options: FleetOptions, stop: Any,
+                    outbox: Any) -> None:
+    """Entry point of a device process: runs its devices until ``stop`` is set, then reports."""
+    stats = asyncio.run(_run_devices(index, specs, options, stop, outbox))
+    outbox.put(("stats", index, stats.plain()))
+
+
+async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOptions, stop: Any,
+                       outbox: Any) -> FleetStats:
+    stats = FleetStats()
+    running: list[asyncio.Task[None]] = []
+    gate = asyncio.Semaphore(options.enrol_concurrency)
+    async with grpc.aio.insecure_channel(options.address, options=CHANNEL_OPTIONS) as channel:
+        stub = fleet_pb2_grpc.FleetStub(channel)
+
+        async def start(device: SimDevice) -> None:
+            async with gate:
+                await device.enrol()
+                running.append(asyncio.create_task(device.heartbeats()))
+
+        devices = [SimDevice(stub, spec, options, stats) for spec in specs]
+        outcomes = await asyncio.gather(*(start(d) for d in devices), return_exceptions=True)
+        problems = [f"{d.spec.name}: {o!r}" for d, o in zip(devices, outcomes, strict=True) if o is not None]
+        enrolled = [d for d, o in zip(devices, outcomes, strict=True) if o is None]
+        try:
+            # Every device of a federation has the same schema: one download tells the whole process.
+            shapes = await enrolled[0].fetch_shapes() if enrolled else {}
+        except grpc.aio.AioRpcError as exc:
+            problems.append(f"downloading the global adapter: {exc.code().name}: {exc.details()}")
+            enrolled = []
+        for device in enrolled:
+            device.prepare(shapes)
+            await asyncio.sleep(0)  # let the heartbeats already running go out between encodings
+        outbox.put(("ready", index, len(enrolled), problems[:3]))
+        running += [asyncio.create_task(d.tasks()) for d in enrolled]
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        stats.stopping = True
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    return stats
+
+
+# ---- the fleet, seen from the parent --------------------------------------------------------
+
+
+class Fleet:
+    """N simulated devices in ``processes`` spawned processes; ``start()``, run rounds, then ``stop()``."""
+
+    def __init__(self, specs: Sequence[DeviceSpec], options: FleetOptions, processes: int | None = None) -> None:
+        if not specs:
+            raise ValueError("a fleet needs at least one device")
+        count = max(1, min(processes or min(4, len(specs)), len(specs)))
+        self._groups = [list(specs[k::count]) for k in range(count)]
+        self._options = options
+        # spawn, not fork: the parent may hold torch, threads and open sockets the children must not inherit.
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._outbox: Any = self._context.Queue()
+        self._processes: list[Any] = []
+
+    @property
+    def process_count(self) -> int:
+        return len(self._groups)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the device processes started so far."""
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    def start(self, timeout_s: float) -> int:
+        """Spawns the processes; returns how many devices enrolled and prepared their update."""
+        for index, group in enumerate(self._groups):
+            process = self._context.Process(target=_device_process, name=f"simdevices-{index}", daemon=True,
+                                            args=(index, group, self._options, self._stop, self._outbox))
+            process.start()
+            self._processes.append(process)
+        ready, problems = 0, []
+        for _, _, enrolled, found in self._receive("ready", timeout_s):
+            ready += enrolled
+            problems += found
+        if problems:
+            raise FleetError(f"{sum(map(len, self._groups)) - ready} device(s) failed to start, e.g. {problems[0]}")
+        return ready
+
+    def stop(self, timeout_s: float = 60.0) -> FleetStats:
+        """Stops every device and returns their merged statistics."""
+        self._stop.set()
+        merged = FleetStats()
+        try:
+            for _, _, stats in self._receive("stats", timeout_s):
+                merged.merge(stats)
+        finally:
+            self._reap()
+        return merged
+
+    def _receive(self, kind: str, timeout_s: float) -> list[tuple[Any, ...]]:
+        deadline = time.monotonic() + timeout_s
+        messages: list[tuple[Any, ...]] = []
+        while len(messages) < len(self._processes):
+            try:
+                message = self._outbox.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [p.name for p in self._processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise FleetError(f"device process(es) {', '.join(dead)} died before reporting {kind!r}") from None
+                if time.monotonic() > deadline:
+                    raise FleetError(f"{len(self._processes) - len(messages)} device process(es) did not report "
+                                     f"{kind!r} within {timeout_s:.0f} s") from None
+                continue
+            if message[0] == kind:
+                messages.append(message)
+        return messages
+
+    def _reap(self) -> None:
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if any(p.is_alive() for p in self._processes):
+            self._stop.set()
+            self._reap()
