@@ -100,6 +100,9 @@ class FleetOptions:
     poll_s: float = 0.2
     """Longest wait between GetTask calls while told to wait (the coordinator's retry_after_s is longer:
     honouring it would add up to that much to every round's start)."""
+    task_wait_s: int = 20
+    """Long poll: how long the coordinator may hold a GetTask while there is nothing to do (it answers
+    as soon as a round opens; GetTask latencies therefore include the time held)."""
     rpc_timeout_s: float = 60.0
     stream_timeout_s: float = 600.0
     """Deadline of one download or upload; uploads queue up behind each other when many devices train."""
@@ -240,7 +243,8 @@ class SimDevice:
         while True:
             try:
                 reply = await self._timed("GetTask", self._stub.GetTask(
-                    pb.GetTaskRequest(device_id=self._device_id), metadata=self._metadata,
+                    pb.GetTaskRequest(device_id=self._device_id, wait_s=self._options.task_wait_s),
+                    metadata=self._metadata,
                     timeout=self._options.rpc_timeout_s))
                 kind = reply.WhichOneof("task")
                 if kind == "stop":

@@ -18,6 +18,8 @@ _CODEC = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.COD
 _CODEC_NAME = {v: k for k, v in _CODEC.items()}
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.ABORTED}
+TASK_WAIT_S = 10
+"""How long a task poll may be held by the coordinator (also bounds how long SIGTERM waits for it)."""
 _UPLOAD_STATE = {pb.UPLOAD_STATE_PARTIAL: "partial", pb.UPLOAD_STATE_ACCEPTED: "accepted",
                  pb.UPLOAD_STATE_REJECTED: "rejected"}
 
@@ -36,7 +38,8 @@ def translate(exc: grpc.RpcError) -> AgentError:
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 8 * 1024 * 1024,
+                 task_wait_s: int = TASK_WAIT_S) -> None:
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -45,6 +48,7 @@ class CoordinatorClient:
         ])
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
         self._timeout = timeout_s
+        self._task_wait_s = max(0, min(task_wait_s, int(timeout_s) - 5))
         self._metadata: tuple[tuple[str, str], ...] = ()
 
     def close(self) -> None:
@@ -73,8 +77,9 @@ class CoordinatorClient:
 
     def get_task(self, device_id: str) -> TrainTask | Wait | Stop:
         try:
-            reply = self._stub.GetTask(pb.GetTaskRequest(device_id=device_id), timeout=self._timeout,
-                                       metadata=self._metadata)
+            # Long poll: the coordinator answers as soon as a round opens, or after wait_s with "ask again".
+            reply = self._stub.GetTask(pb.GetTaskRequest(device_id=device_id, wait_s=self._task_wait_s),
+                                       timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise translate(exc) from exc
         kind = reply.WhichOneof("task")
@@ -91,7 +96,7 @@ class CoordinatorClient:
                 fused_upload_samples=c.fused_upload_samples)
         if kind == "stop":
             return Stop(reply.stop.reason)
-        return Wait(max(reply.wait.retry_after_s, 1), reply.wait.reason)
+        return Wait(max(reply.wait.retry_after_s, 0), reply.wait.reason)
 
     def download_global(self, device_id: str, version_id: str = "") -> GlobalVersion:
         """Downloads a global version; checks sizes and sha256 before returning it."""

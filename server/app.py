@@ -22,6 +22,7 @@ from server.persistence.blobs import FileBlobStore
 from server.persistence.database import create_engine_for, migrate
 from server.persistence.presence import create_presence_store
 from server.persistence.sql_store import SqlStore
+from server.services.aggregation import RoundAccumulators
 from server.services.context import ServiceContext
 from server.services.devices import DeviceService
 from server.services.federations import FederationService
@@ -31,6 +32,7 @@ from server.services.uploads import UploadService
 from server.services.versions import VersionService
 from server.transport.admin_api import AdminServices, create_admin_app
 from server.transport.grpc_servicer import FleetServicer
+from server.transport.long_poll import ChangeSignal
 
 log = logging.getLogger("mlecs.coordinator")
 
@@ -72,6 +74,7 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         cloud=CloudTuner(settings.data_dir, settings.eval_setting),
     )
     locks = RoundLocks()
+    accumulators = RoundAccumulators()  # running sums of the rounds this replica accepts updates for
 
     def on_accepted(_round_id: str) -> None:
         if wake is not None and loop is not None:
@@ -82,8 +85,8 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         ctx=ctx,
         federations=federations,
         devices=DeviceService(ctx, federations),
-        rounds=RoundService(ctx, federations, locks),
-        uploads=UploadService(ctx, locks, on_accepted),
+        rounds=RoundService(ctx, federations, locks, accumulators),
+        uploads=UploadService(ctx, locks, on_accepted, accumulators),
         versions=VersionService(ctx, federations),
     )
 
@@ -95,6 +98,7 @@ class Coordinator:
         self.settings = settings
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._ticked = asyncio.Event()
         self.grpc_port = 0
         self.services: Services | None = None
 
@@ -114,9 +118,11 @@ class Coordinator:
             ("grpc.max_send_message_length", limit),
         ])
         chunk = min(1024 * 1024, limit // 2)
-        fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetServicer(services.devices, services.rounds, services.uploads, services.versions.read, chunk),
-            server)
+        changes = ChangeSignal()
+        fleet = FleetServicer(services.devices, services.rounds, services.uploads, services.versions.read, chunk,
+                              max_uploads=self.settings.max_concurrent_uploads,
+                              max_downloads=self.settings.max_concurrent_downloads, changes=changes)
+        fleet_pb2_grpc.add_FleetServicer_to_server(fleet, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
@@ -130,6 +136,7 @@ class Coordinator:
                                              log_level="warning", lifespan="off"))
         http_task = asyncio.create_task(http.serve())
         scheduler = asyncio.create_task(self._schedule(services))
+        watcher = asyncio.create_task(self._watch(services, changes))
         log.info("coordinator serving gRPC on %s:%d and the admin API on http://%s:%d",
                  self.settings.grpc_host, self.grpc_port, self.settings.admin_host, self.settings.admin_port)
         try:
@@ -138,10 +145,12 @@ class Coordinator:
             log.info("coordinator stopping")
             await health_servicer.enter_graceful_shutdown()
             scheduler.cancel()
+            watcher.cancel()
             http.should_exit = True
             await server.stop(grace=5)
-            await asyncio.gather(http_task, scheduler, return_exceptions=True)
+            await asyncio.gather(http_task, scheduler, watcher, return_exceptions=True)
             await asyncio.to_thread(services.rounds.release_leases)
+            fleet.close()
 
     async def _schedule(self, services: Services) -> None:
         """Advances rounds when an update arrives or every interval (deadlines), and flushes presence."""
@@ -151,6 +160,23 @@ class Coordinator:
             self._wake.clear()
             try:
                 await asyncio.to_thread(services.rounds.advance_all)
+                self._ticked.set()  # this replica may have opened or closed a round: look now
                 await asyncio.to_thread(services.devices.flush_presence)
             except UnavailableError as exc:
                 log.warning("scheduler paused: %s", exc)
+
+    async def _watch(self, services: Services, changes: ChangeSignal) -> None:
+        """Wakes held task long polls when rounds change, after each local scheduler tick or every
+        ``task_watch_interval_s`` (changes made by other replicas)."""
+        seen = None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ticked.wait(), timeout=self.settings.task_watch_interval_s)
+            self._ticked.clear()
+            try:
+                marker = await asyncio.to_thread(services.rounds.activity_marker)
+            except UnavailableError:
+                continue  # held polls time out and devices ask again; the scheduler logs the outage
+            if marker != seen:
+                seen = marker
+                changes.notify()

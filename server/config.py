@@ -31,10 +31,16 @@ class CoordinatorSettings(BaseSettings):
     """Largest gRPC message accepted or sent; chunks must fit well inside it."""
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest declared size of one update."""
+    max_concurrent_uploads: int = Field(default=16, ge=1)
+    """Upload streams received at once; more wait their turn (bounds memory under a thundering herd)."""
+    max_concurrent_downloads: int = Field(default=32, ge=1)
+    """Global-version downloads streamed at once."""
     heartbeat_interval_s: int = Field(default=5, ge=1)
     presence_ttl_s: float = Field(default=20.0, gt=0)
     """A device not heard from for this long is offline."""
     scheduler_interval_s: float = Field(default=1.0, gt=0)
+    task_watch_interval_s: float = Field(default=0.25, gt=0)
+    """How often held task long polls look for rounds opened by another replica."""
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}", min_length=1,
                             max_length=200)
     """Names this process in leases; replicas sharing a database must differ (the default does)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from mlecs.aggregation.base import AggregationError
 
-__all__ = ["StreamingAverage", "StreamingLoraProducts"]
+__all__ = ["StreamingAverage", "StreamingLoraProducts", "merge_averages", "merge_lora_products"]
 
 
 def _check_weight(client_id: str, weight: float) -> float:
@@ -124,3 +124,35 @@ class StreamingLoraProducts:
             out[b_name] = (u[:, :rank] * root).astype(np.float32)
             out[a_name] = (root[:, None] * vt[:rank]).astype(np.float32)
         return out
+
+
+def merge_averages(parts: list[tuple[StreamingAverage, float]]) -> StreamingAverage:
+    """One average from several, each part's sums and weights scaled by its factor.
+
+    Lets weights that are only known at the end (a factor shared by a whole group of clients) be
+    applied after the clients were added: Σ_c s_c Σ_k w_k x_k / Σ_c s_c Σ_k w_k.
+    """
+    merged = StreamingAverage()
+    for part, scale in parts:
+        _check_weight("merge", scale)
+        for name, total in part._sums.items():
+            if name not in merged._sums:
+                merged._sums[name] = np.zeros_like(total)
+                merged._totals[name] = 0.0
+                merged._holders[name] = []
+            merged._sums[name] += scale * total
+            merged._totals[name] += scale * part._totals[name]
+            merged._holders[name].extend(part._holders[name])
+    return merged
+
+
+def merge_lora_products(parts: list[tuple[StreamingLoraProducts, float]]) -> StreamingLoraProducts:
+    """``merge_averages`` for exact-LoRA products."""
+    merged = StreamingLoraProducts()
+    for part, scale in parts:
+        _check_weight("merge", scale)
+        for pair, product in part._products.items():
+            merged._ranks.setdefault(pair, part._ranks[pair])
+            merged._products[pair] = merged._products.get(pair, 0) + scale * product
+            merged._totals[pair] = merged._totals.get(pair, 0.0) + scale * part._totals[pair]
+    return merged

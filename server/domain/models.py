@@ -31,6 +31,9 @@ class UpdateState(StrEnum):
 
 
 MAX_FUSED_UPLOAD_SAMPLES = 256
+MIN_AGREEMENT_TEMPERATURE = 0.01
+"""Sharper noise terms would let exp(agreement / τ) overflow in the streamed aggregation (and at 0.01 a
+client 0.05 of cosine below its best peer already weighs e^-5)."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,10 @@ class FederationConfig:
             problems.append("max_chunk_bytes must be between 1 KiB and 4 MiB")
         if self.ccl_weight < 0 or self.seccl_weight < 0:
             problems.append("ccl_weight and seccl_weight must be >= 0")
-        if self.ccl_temperature <= 0 or self.seccl_temperature <= 0 or self.agreement_temperature <= 0:
-            problems.append("ccl_temperature, seccl_temperature and agreement_temperature must be > 0")
+        if self.ccl_temperature <= 0 or self.seccl_temperature <= 0:
+            problems.append("ccl_temperature and seccl_temperature must be > 0")
+        if self.agreement_temperature < MIN_AGREEMENT_TEMPERATURE:
+            problems.append(f"agreement_temperature must be >= {MIN_AGREEMENT_TEMPERATURE}")
         if not 0 <= self.fused_upload_samples <= MAX_FUSED_UPLOAD_SAMPLES:
             problems.append(f"fused_upload_samples must be 0..{MAX_FUSED_UPLOAD_SAMPLES}")
         if self.cloud_epochs < 0:

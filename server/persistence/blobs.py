@@ -124,16 +124,22 @@ class FileBlobStore:
         except FileNotFoundError:
             raise NotFoundError(f"staged upload {staging_id} not found") from None
 
-    def promote_staged(self, staging_id: str) -> str:
-        """Moves a complete staged upload into the content store; returns its key."""
+    def promote_staged(self, staging_id: str, verified_key: str | None = None) -> str:
+        """Moves a complete staged upload into the content store; returns its key.
+
+        ``verified_key``: the sha256 the caller has just checked the staged bytes against, which spares
+        hashing them a second time (uploads are validated right before they are promoted).
+        """
         path = self._staged_path(staging_id)
         with self._staging_lock(staging_id):
             try:
-                key = _file_sha256(path)
+                key = verified_key if verified_key is not None else _file_sha256(path)
+                if not path.is_file():
+                    raise FileNotFoundError(path)
             except FileNotFoundError:
                 raise NotFoundError(f"staged upload {staging_id} not found") from None
             target = self._object_path(key)
-            if target.is_file() and _file_sha256(target) == key:
+            if target.is_file() and target.stat().st_size == path.stat().st_size and _file_sha256(target) == key:
                 path.unlink()
             else:
                 target.parent.mkdir(exist_ok=True)

@@ -297,6 +297,18 @@ class SqlStore:
                 UpdateRow.round_id == round_id, UpdateRow.device_id == device_id, UpdateRow.upload_id == upload_id))
             return None if row is None else mapping.to_update(row)
 
+    def accepted_devices(self, round_id: str, device_id: str | None = None) -> set[str]:
+        """Ids of the devices with an accepted update in the round (only ``device_id``, if given).
+
+        One narrow indexed query: the scheduler and every task poll ask this, so it must not map whole rows.
+        """
+        query = select(UpdateRow.device_id).where(UpdateRow.round_id == round_id,
+                                                  UpdateRow.state == UpdateState.ACCEPTED.value)
+        if device_id is not None:
+            query = query.where(UpdateRow.device_id == device_id)
+        with self._transaction() as session:
+            return set(session.scalars(query))
+
     def list_updates(self, round_id: str) -> list[Update]:
         with self._transaction() as session:
             rows = session.scalars(select(UpdateRow).where(UpdateRow.round_id == round_id)

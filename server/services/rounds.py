@@ -45,7 +45,7 @@ from server.domain.models import (
 from server.domain.rounds import RoundState, check_transition
 from server.domain.scheduling import Action, Decision, decide, invitation_count, select_participants
 from server.learning.global_model import full_model_bytes
-from server.services.aggregation import aggregate
+from server.services.aggregation import RoundAccumulators, aggregate, version_staleness
 from server.services.context import ServiceContext
 from server.services.federations import FederationService
 from server.services.leases import lease_kept
@@ -67,10 +67,12 @@ def federation_lease(federation_id: str) -> str:
 
 
 class RoundService:
-    def __init__(self, ctx: ServiceContext, federations: FederationService, locks: RoundLocks) -> None:
+    def __init__(self, ctx: ServiceContext, federations: FederationService, locks: RoundLocks,
+                 accumulators: RoundAccumulators | None = None) -> None:
         self._ctx = ctx
         self._federations = federations
         self._locks = locks
+        self._accumulators = accumulators or RoundAccumulators()
         self._fences: dict[str, Fence] = {}
 
     # ---- admin side -------------------------------------------------------------------------
@@ -131,9 +133,7 @@ class RoundService:
             return WaitAssignment(WAIT_S, "no open round")
         if not self.may_contribute(federation, latest, device):
             return WaitAssignment(WAIT_S, f"not a participant of round {latest.number}")
-        done = any(u.device_id == device.id and u.state is UpdateState.ACCEPTED
-                   for u in store.list_updates(latest.id))
-        if done:
+        if store.accepted_devices(latest.id, device.id):
             return WaitAssignment(WAIT_S, f"update for round {latest.number} already accepted")
         return TrainAssignment(round=latest, config=federation.config)
 
@@ -150,7 +150,7 @@ class RoundService:
         """Stores metrics a device reports for a round it took part in."""
         store = self._ctx.store
         round_ = store.get_round(round_id)
-        contributed = any(u.device_id == device.id for u in store.list_updates(round_id))
+        contributed = bool(store.accepted_devices(round_id, device.id))
         if round_.federation_id != device.federation_id or not (contributed or device.id in round_.participants):
             raise PermissionDeniedError(f"device did not take part in round {round_.number}")
         if len(values) > 64 or any(len(k) > 64 or not math.isfinite(v) for k, v in values.items()):
@@ -163,6 +163,7 @@ class RoundService:
         """One scheduler tick: for every federation whose lease this replica holds (or wins), move its
         unfinished round on by one decision and open the next round when the federation wants one."""
         store = self._ctx.store
+        self._accumulators.keep_only({r.id for r in store.list_unfinished_rounds()})
         for federation in store.list_federations():
             try:
                 self._drive(federation)
@@ -173,6 +174,14 @@ class RoundService:
                 raise
             except Exception:  # one broken federation must not stall the others
                 log.exception("could not advance the rounds of %s", federation.name)
+
+    def activity_marker(self) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        """A value that changes whenever there may be new work for a device: a round opened, moved on or
+        closed, or a federation stopped (whichever replica did it). Held long polls wake when it does."""
+        store = self._ctx.store
+        rounds = tuple(sorted((r.id, r.state.value) for r in store.list_unfinished_rounds()))
+        stopped = tuple(sorted(f.id for f in store.list_federations() if f.state is FederationState.STOPPED))
+        return rounds, stopped
 
     def release_leases(self) -> None:
         """Hands this replica's leases back (at shutdown) so another replica takes over at once."""
@@ -257,8 +266,7 @@ class RoundService:
 
     def _decide(self, federation: Federation, round_: Round) -> Decision:
         store, config = self._ctx.store, federation.config
-        updates = store.list_updates(round_.id)
-        accepted = {u.device_id for u in updates if u.state is UpdateState.ACCEPTED}
+        accepted = store.accepted_devices(round_.id)
         past_deadline = round_.deadline_at is not None and utcnow() >= round_.deadline_at
         pending_online: int | None = None
         if config.mode == "sync":
@@ -282,10 +290,8 @@ class RoundService:
 
     def _staleness(self, round_: Round, updates: list[Update]) -> list[int]:
         """Versions between each update's base and the round's (0 for every update of a sync round)."""
-        versions = self._ctx.store.list_versions(round_.federation_id)
-        order = {v.id: i for i, v in enumerate(versions)}
-        current = order.get(round_.base_version_id or "", len(versions) - 1)
-        return [max(0, current - order.get(u.base_version_id or "", current)) for u in updates]
+        versions = [v.id for v in self._ctx.store.list_versions(round_.federation_id)]
+        return [version_staleness(versions, round_.base_version_id, u.base_version_id) for u in updates]
 
     def _commit(self, federation: Federation, round_: Round, accepted: list[Update], fence: Fence | None) -> Round:
         started = time.perf_counter()
@@ -295,7 +301,8 @@ class RoundService:
         config = federation.config
         base = decode_tensors(blobs.get(base_version.adapter_key))
         staleness = self._staleness(round_, accepted)
-        result = aggregate(config, base, accepted, staleness, lambda u: blobs.get(_accepted_blob(u)))
+        result = aggregate(config, base, accepted, staleness, lambda u: blobs.get(_accepted_blob(u)),
+                           accumulator=self._accumulators.take(round_.id))
         anchors, evaluation = None, {}
         if config.server_learning:
             cloud = self._ctx.cloud.run_round(config, result.tensors, result.fused,

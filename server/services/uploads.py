@@ -28,6 +28,7 @@ from server.domain.errors import (
 )
 from server.domain.models import Device, Federation, Round, Update, UpdateState, utcnow
 from server.learning.global_model import FUSED_TENSOR, adapter_schema, client_agreements, fused_dim, owning_modality
+from server.services.aggregation import RoundAccumulators, version_staleness
 from server.services.context import ServiceContext
 from server.services.locks import RoundLocks
 from server.services.rounds import RoundService
@@ -68,9 +69,11 @@ def _schema(model_key: str) -> dict[str, tuple[int, ...]]:
 
 class UploadService:
     def __init__(self, ctx: ServiceContext, locks: RoundLocks,
-                 on_accepted: Callable[[str], None] = lambda round_id: None) -> None:
+                 on_accepted: Callable[[str], None] = lambda round_id: None,
+                 accumulators: RoundAccumulators | None = None) -> None:
         self._ctx = ctx
         self._locks = locks
+        self._accumulators = accumulators or RoundAccumulators()
         self._on_accepted = on_accepted
         self._anchor_guard = threading.Lock()
         self._anchor_cache: dict[str, dict[str, np.ndarray]] = {}
@@ -92,7 +95,7 @@ class UploadService:
         limit = federation.config.fused_upload_samples
         if len(header.fused_sample_ids) > limit or len(set(header.fused_sample_ids)) != len(header.fused_sample_ids):
             raise InvalidRequestError(f"fused_sample_ids must be at most {limit} distinct public sample ids")
-        if any(u.device_id == device.id and u.state is UpdateState.ACCEPTED for u in store.list_updates(round_.id)):
+        if store.accepted_devices(round_.id, device.id):
             raise ConflictError(f"an update from this device for round {round_.number} was already accepted")
         if header.resume_offset != 0:
             raise InvalidRequestError("a new upload must start at offset 0")
@@ -204,7 +207,7 @@ class UploadService:
             return update
         data = self._ctx.blobs.read_staged(update.id)
         try:
-            self._validate(update, data)
+            tensors = self._validate(update, data)
         except UpdateRejectedError as exc:
             update.state = UpdateState.REJECTED
             update.rejection_reason = exc.reason
@@ -212,29 +215,46 @@ class UploadService:
             self._ctx.blobs.discard_staged(update.id)
             self._count_rejection(exc.reason)
             raise
-        return self._accept(update)
+        return self._accept(update, tensors)
 
-    def _accept(self, update: Update) -> Update:
+    def _accept(self, update: Update, tensors: dict[str, np.ndarray]) -> Update:
         """Makes the update durable (blob, then its row in the same transaction that checks the round is
         still open); only then does the device hear "accepted"."""
         store = self._ctx.store
         with self._locks(update.round_id):
-            update.blob_key = self._ctx.blobs.promote_staged(update.id)
+            update.blob_key = self._ctx.blobs.promote_staged(update.id, verified_key=update.sha256)
             update.state = UpdateState.ACCEPTED
             update.received_bytes = update.declared_size
             update.accepted_at = utcnow()
             try:
-                store.accept_update(update)
+                round_ = store.accept_update(update)
             except LateUpdateError:
                 update.state, update.rejection_reason, update.accepted_at = UpdateState.REJECTED, "late", None
                 store.save_update(update)
                 self._count_rejection("late")
                 raise
         metrics.UPDATES.labels("accepted").inc()
+        self._pre_aggregate(round_, update, tensors)
         self._on_accepted(update.round_id)
         return update
 
-    def _validate(self, update: Update, data: bytes) -> None:
+    def _pre_aggregate(self, round_: Round, update: Update, tensors: dict[str, np.ndarray]) -> None:
+        """Adds the accepted update to its round's running sums while it is still decoded."""
+        store, blobs = self._ctx.store, self._ctx.blobs
+        config = store.get_federation(round_.federation_id).config
+        staleness = 0
+        if config.mode == "async":
+            versions = [v.id for v in store.list_versions(round_.federation_id)]
+            staleness = version_staleness(versions, round_.base_version_id, update.base_version_id)
+
+        def base() -> dict[str, np.ndarray]:
+            assert round_.base_version_id is not None
+            return decode_tensors(blobs.get(store.get_version(round_.base_version_id).adapter_key))
+
+        self._accumulators.add(round_.id, config, base, update, tensors, staleness)
+
+    def _validate(self, update: Update, data: bytes) -> dict[str, np.ndarray]:
+        """Checks an upload's bytes against its header and the federation's schema; returns its tensors."""
         if len(data) != update.declared_size:
             raise UpdateRejectedError("size", f"received {len(data)} bytes, declared {update.declared_size}")
         if sha256_hex(data) != update.sha256:
@@ -281,6 +301,7 @@ class UploadService:
             ids = np.asarray(update.fused_sample_ids, dtype=np.int64)
             update.anchor_agreement = client_agreements(self._anchors(update.base_version_id),
                                                         [(ids, tensors[FUSED_TENSOR])])[0]
+        return tensors
 
     def _anchors(self, version_id: str | None) -> dict[str, np.ndarray]:
         """The decoded anchor set of a version (cached: every update of a round shares it)."""

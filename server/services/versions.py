@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 from server.domain.errors import NotFoundError, PermissionDeniedError
 from server.domain.models import ModelVersion
 from server.services.context import ServiceContext
 from server.services.federations import FederationService
+
+CACHED_VERSIONS = 4
+"""The current version and the few before it (async devices may still train from those)."""
 
 
 class VersionService:
     def __init__(self, ctx: ServiceContext, federations: FederationService) -> None:
         self._ctx = ctx
         self._federations = federations
+        # Versions never change, and a whole fleet downloads the same one at the start of a round: every
+        # concurrent download shares one copy of the bytes instead of reading its own from disk.
+        self._cache: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        self._cache_guard = threading.Lock()
 
     def list_for(self, federation_ref: str) -> list[ModelVersion]:
         return self._ctx.store.list_versions(self._federations.get(federation_ref).id)
@@ -29,6 +39,15 @@ class VersionService:
         version = self._ctx.store.get_version(version_id)
         if version.federation_id != federation_id:
             raise PermissionDeniedError("that version belongs to another federation")
+        with self._cache_guard:
+            cached = self._cache.get(version.id)
+            if cached is not None:
+                self._cache.move_to_end(version.id)
+                return version, *cached
         adapter = self._ctx.blobs.get(version.adapter_key)
         anchors = self._ctx.blobs.get(version.anchors_key) if version.anchors_key else b""
+        with self._cache_guard:
+            self._cache[version.id] = (adapter, anchors)
+            while len(self._cache) > CACHED_VERSIONS:
+                self._cache.popitem(last=False)
         return version, adapter, anchors

@@ -36,7 +36,7 @@ class FederationConfigBody(BaseModel):
     seccl_temperature: float = Field(0.1, gt=0)
     fused_upload_samples: int = Field(32, ge=0, le=256,
                                       description="Public samples whose fused z each device uploads")
-    agreement_temperature: float = Field(0.2, gt=0, description="MMA noise term: softness of the agreement weights")
+    agreement_temperature: float = Field(0.2, ge=0.01, description="MMA noise term: softness of the agreement weights")
     cloud_epochs: int = Field(1, ge=0, description="Cloud tuning epochs on the public set per round")
     public_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the training pairs forming the public set")
     mode: Literal["sync", "async"] = Field(

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -14,6 +16,7 @@ from mlecs.codec import iter_chunks
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 from server import metrics
+from server.domain.assignments import Assignment, WaitAssignment
 from server.domain.errors import (
     ConflictError,
     CoordinatorError,
@@ -33,6 +36,7 @@ from server.transport.grpc_convert import (
     modality_names,
     upload_header_from_proto,
 )
+from server.transport.long_poll import ChangeSignal, wait_for_change
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +49,8 @@ _STATUS: list[tuple[type[CoordinatorError], grpc.StatusCode]] = [
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 ]
+MAX_TASK_WAIT_S = 30
+"""The longest a GetTask long poll is held, whatever the device asks for."""
 _UPLOAD_STATE = {UpdateState.PARTIAL: pb.UPLOAD_STATE_PARTIAL, UpdateState.ACCEPTED: pb.UPLOAD_STATE_ACCEPTED,
                  UpdateState.REJECTED: pb.UPLOAD_STATE_REJECTED}
 
@@ -67,12 +73,29 @@ def _credential(context: grpc.aio.ServicerContext) -> tuple[str, str]:
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def __init__(self, devices: DeviceService, rounds: RoundService, uploads: UploadService,
-                 blob_reader: Callable[[str | None, str], Any], chunk_bytes: int) -> None:
+                 blob_reader: Callable[[str | None, str], Any], chunk_bytes: int, *,
+                 max_uploads: int = 16, max_downloads: int = 32, control_threads: int = 4,
+                 changes: ChangeSignal | None = None) -> None:
         self._devices = devices
         self._rounds = rounds
         self._uploads = uploads
         self._blob_reader = blob_reader
         self._chunk_bytes = chunk_bytes
+        # Heartbeats and task polls get threads of their own, so they never queue behind the uploads and
+        # aggregation that occupy the default pool: a busy round must not make live devices look dead.
+        self._control = ThreadPoolExecutor(max_workers=control_threads, thread_name_prefix="mlecs-control")
+        # Bounded transfers bound memory: each one in flight holds its chunks and, for uploads, a decoded
+        # copy during validation. Streams beyond the bound wait (and gRPC flow control holds the senders).
+        self._upload_slots = asyncio.Semaphore(max_uploads)
+        self._download_slots = asyncio.Semaphore(max_downloads)
+        self._changes = changes or ChangeSignal()
+
+    async def _light(self, call: Callable[..., T], *args: Any) -> T:
+        """Runs a short control-plane call (database or Redis) on the control threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._control, partial(call, *args))
+
+    def close(self) -> None:
+        self._control.shutdown(wait=False, cancel_futures=True)
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext,
                     body: Callable[[], Awaitable[T]]) -> T:
@@ -95,12 +118,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     async def _device(self, context: grpc.aio.ServicerContext) -> Device:
         device_id, secret = _credential(context)
-        return await asyncio.to_thread(self._devices.authenticate, device_id, secret)
+        return await self._light(self._devices.authenticate, device_id, secret)
 
     async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolResponse:
         async def body() -> pb.EnrolResponse:
             try:
-                enrolment = await asyncio.to_thread(
+                enrolment = await self._light(
                     self._devices.enrol, request.federation, request.device_name, modality_names(request.modalities))
             except CoordinatorError:
                 metrics.ENROLMENTS.labels("refused").inc()
@@ -113,27 +136,46 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         async def body() -> pb.HeartbeatResponse:
-            device = await self._device(context)
-            return pb.HeartbeatResponse(next_heartbeat_s=self._devices.heartbeat(device))
+            device_id, secret = _credential(context)
+            return pb.HeartbeatResponse(next_heartbeat_s=await self._light(self._beat, device_id, secret))
         return await self._call("Heartbeat", context, body)
 
     async def GetTask(self, request: pb.GetTaskRequest,
                       context: grpc.aio.ServicerContext) -> pb.GetTaskResponse:
         async def body() -> pb.GetTaskResponse:
-            device = await self._device(context)
-            try:
-                self._devices.heartbeat(device)
-            except UnavailableError as exc:  # presence is a hint; Postgres still decides the task
-                log.warning("presence not recorded: %s", exc)
-            return assignment_to_proto(await asyncio.to_thread(self._rounds.assignment_for, device))
+            device_id, secret = _credential(context)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(request.wait_s, MAX_TASK_WAIT_S)
+            while True:
+                change = self._changes.current()
+                assignment = await self._light(self._task, device_id, secret)
+                if not isinstance(assignment, WaitAssignment) or loop.time() >= deadline:
+                    return assignment_to_proto(assignment)
+                if not await wait_for_change(change, deadline - loop.time()):
+                    # Held for the whole wait: the device should ask again at once, not sleep first.
+                    return assignment_to_proto(WaitAssignment(0, assignment.reason))
         return await self._call("GetTask", context, body)
+
+    def _beat(self, device_id: str, secret: str) -> int:
+        return self._devices.heartbeat(self._devices.authenticate(device_id, secret))
+
+    def _task(self, device_id: str, secret: str) -> Assignment:
+        device = self._devices.authenticate(device_id, secret)
+        try:
+            self._devices.heartbeat(device)
+        except UnavailableError as exc:  # presence is a hint; Postgres still decides the task
+            log.warning("presence not recorded: %s", exc)
+        return self._rounds.assignment_for(device)
 
     async def DownloadGlobal(self, request: pb.DownloadGlobalRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadChunk]:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        acquired = False
         try:
             device = await self._device(context)
+            await self._download_slots.acquire()
+            acquired = True
             version, adapter, anchors = await asyncio.to_thread(
                 self._blob_reader, request.version_id or None, device.federation_id)
             yield pb.DownloadChunk(header=pb.DownloadHeader(
@@ -148,32 +190,38 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             code = status_for(exc)
             await context.abort(code, str(exc))
         finally:
+            if acquired:
+                self._download_slots.release()
             metrics.RPC_DURATION.labels("DownloadGlobal", code.name).observe(time.perf_counter() - started)
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
                            context: grpc.aio.ServicerContext) -> pb.UploadResponse:
         async def body() -> pb.UploadResponse:
             device = await self._device(context)
-            session = None
-            async for message in request_iterator:
-                part = message.WhichOneof("part")
-                if session is None:
-                    if part != "header":
-                        raise InvalidRequestError("the first message of an upload must be its header")
-                    header = upload_header_from_proto(message.header)
-                    session = await asyncio.to_thread(self._uploads.open, device, header)
-                elif part == "chunk":
-                    await asyncio.to_thread(self._uploads.append, session, message.chunk.offset,
-                                            message.chunk.data)
-                else:
-                    raise InvalidRequestError("an upload carries exactly one header, first")
-            if session is None:
-                raise InvalidRequestError("empty upload stream")
-            update = await asyncio.to_thread(self._uploads.finish, session)
-            offset = update.declared_size if update.state is UpdateState.ACCEPTED else session.offset
-            return pb.UploadResponse(upload_id=update.upload_id, state=_UPLOAD_STATE[update.state],
-                                     acknowledged_offset=offset)
+            async with self._upload_slots:
+                return await self._receive(device, request_iterator)
         return await self._call("UploadUpdate", context, body)
+
+    async def _receive(self, device: Device, request_iterator: AsyncIterator[pb.UploadMessage]) -> pb.UploadResponse:
+        session = None
+        async for message in request_iterator:
+            part = message.WhichOneof("part")
+            if session is None:
+                if part != "header":
+                    raise InvalidRequestError("the first message of an upload must be its header")
+                header = upload_header_from_proto(message.header)
+                session = await asyncio.to_thread(self._uploads.open, device, header)
+            elif part == "chunk":
+                await asyncio.to_thread(self._uploads.append, session, message.chunk.offset,
+                                        message.chunk.data)
+            else:
+                raise InvalidRequestError("an upload carries exactly one header, first")
+        if session is None:
+            raise InvalidRequestError("empty upload stream")
+        update = await asyncio.to_thread(self._uploads.finish, session)
+        offset = update.declared_size if update.state is UpdateState.ACCEPTED else session.offset
+        return pb.UploadResponse(upload_id=update.upload_id, state=_UPLOAD_STATE[update.state],
+                                 acknowledged_offset=offset)
 
     async def GetUploadStatus(self, request: pb.UploadStatusRequest,
                               context: grpc.aio.ServicerContext) -> pb.UploadStatusResponse:
@@ -181,7 +229,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             device = await self._device(context)
             if request.device_id and request.device_id != device.id:
                 raise PermissionDeniedError("a device may query only its own uploads")
-            state, offset = await asyncio.to_thread(
+            state, offset = await self._light(
                 self._uploads.status, device, request.round_id, request.upload_id)
             return pb.UploadStatusResponse(state=_UPLOAD_STATE[state], acknowledged_offset=offset)
         return await self._call("GetUploadStatus", context, body)
@@ -190,6 +238,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                             context: grpc.aio.ServicerContext) -> pb.ReportMetricsResponse:
         async def body() -> pb.ReportMetricsResponse:
             device = await self._device(context)
-            await asyncio.to_thread(self._rounds.record_report, device, request.round_id, dict(request.metrics))
+            await self._light(self._rounds.record_report, device, request.round_id, dict(request.metrics))
             return pb.ReportMetricsResponse()
         return await self._call("ReportMetrics", context, body)

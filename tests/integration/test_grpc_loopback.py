@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -48,8 +50,10 @@ def _federation(c: RunningCoordinator, **config) -> dict:
     return dict(response.json())
 
 
-def _device(c: RunningCoordinator, federation: str, name: str, modalities: list[str]) -> tuple[CoordinatorClient, str]:
-    client = CoordinatorClient(c.grpc_address)
+def _device(c: RunningCoordinator, federation: str, name: str, modalities: list[str],
+            task_wait_s: int = 0) -> tuple[CoordinatorClient, str]:
+    # task_wait_s 0 by default: most tests here check the reply to each poll, so it must come at once.
+    client = CoordinatorClient(c.grpc_address, task_wait_s=task_wait_s)
     device_id, secret, interval = client.enrol(federation, name, modalities)
     assert interval > 0
     client.authenticate(device_id, secret)
@@ -266,3 +270,34 @@ def test_an_update_carrying_nan_is_rejected_as_non_finite(coordinator):
         client.upload(_request(task, device_id, poisoned, ["image"], codec="fp32"), poisoned, 0, 65536)
     assert coordinator.admin.get(f"/v1/rounds/{task.round_id}").json()["state"] == "open"
     assert 'mlecs_update_rejections_total{reason="non_finite"}' in coordinator.admin.get("/metrics").text
+
+
+
+def test_a_held_task_poll_is_answered_as_soon_as_a_round_opens(coordinator):
+    federation = _federation(coordinator, server_learning=False)
+    client, device_id = _device(coordinator, federation["name"], "cam-1", ["image"], task_wait_s=20)
+    answered: list = []
+
+    def poll() -> None:
+        started = time.monotonic()
+        answered.append((client.get_task(device_id), time.monotonic() - started))
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(1.5)
+    assert not answered  # held: there is no round yet
+    opened = time.monotonic()
+    assert coordinator.admin.post(f"/v1/federations/{federation['id']}/rounds").status_code == 201
+    thread.join(timeout=25)
+    task, held_s = answered[0]
+    assert isinstance(task, TrainTask)
+    assert held_s > 1.5 and time.monotonic() - opened < 3  # answered when the round opened, not after 20 s
+
+
+def test_a_held_task_poll_with_nothing_to_do_says_ask_again_now(coordinator):
+    federation = _federation(coordinator, server_learning=False)
+    client, device_id = _device(coordinator, federation["name"], "cam-1", ["image"], task_wait_s=2)
+    started = time.monotonic()
+    task = client.get_task(device_id)
+    assert isinstance(task, Wait) and task.seconds == 0
+    assert 1.9 < time.monotonic() - started < 10

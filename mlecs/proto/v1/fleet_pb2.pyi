@@ -209,15 +209,21 @@ class GetTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
+    WAIT_S_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
+    wait_s: _builtins.int
+    """Long poll: while there is nothing to do, the coordinator may hold the call up to this many seconds
+    and answer as soon as a round opens. 0 answers at once.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
+        wait_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "wait_s", b"wait_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,6 +327,7 @@ class WaitTask(_message.Message):
     RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     retry_after_s: _builtins.int
+    """0: the call was held for its wait_s; ask again right away"""
     reason: _builtins.str
     def __init__(
         self,
