@@ -47,7 +47,14 @@ def create_engine_for(url: str | URL, **kwargs: Any) -> Engine:
         engine = create_engine(parsed, connect_args={"check_same_thread": False}, **kwargs)
         _configure_sqlite(engine)
         return engine
-    return create_engine(parsed, pool_pre_ping=True, **kwargs)
+    # A pool big enough for every thread that talks to the database (the default executor, the gRPC
+    # control threads, the scheduler), so connections are reused instead of opened per call (each one
+    # is a PostgreSQL backend process). No pre-ping: it would add a round trip to every transaction;
+    # after a database restart the first call on a dead connection fails as UnavailableError (devices
+    # retry) and SQLAlchemy then replaces the whole pool.
+    kwargs.setdefault("pool_size", 16)
+    kwargs.setdefault("max_overflow", 16)
+    return create_engine(parsed, **kwargs)
 
 
 def _configure_sqlite(engine: Engine) -> None:
