@@ -69,7 +69,7 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         settings=settings,
         store=SqlStore(create_engine_for(url)),
         blobs=FileBlobStore(settings.blob_dir),
-        presence=create_presence_store(settings.redis_url, settings.redis_prefix),
+        presence=create_presence_store(settings.redis_url, settings.redis_prefix, settings.presence_flush_interval_s),
         evaluator=GlobalEvaluator(settings.data_dir, settings.eval_setting),
         cloud=CloudTuner(settings.data_dir, settings.eval_setting),
     )
@@ -150,6 +150,7 @@ class Coordinator:
             await server.stop(grace=5)
             await asyncio.gather(http_task, scheduler, watcher, return_exceptions=True)
             await asyncio.to_thread(services.rounds.release_leases)
+            await asyncio.to_thread(services.ctx.presence.close)
             fleet.close()
 
     async def _schedule(self, services: Services) -> None:

@@ -38,6 +38,12 @@ class CoordinatorSettings(BaseSettings):
     heartbeat_interval_s: int = Field(default=5, ge=1)
     presence_ttl_s: float = Field(default=20.0, gt=0)
     """A device not heard from for this long is offline."""
+    presence_flush_interval_s: float = Field(default=0.25, gt=0)
+    """How often buffered heartbeats are written to Redis (one pipeline each time)."""
+    credential_cache_s: float = Field(default=30.0, ge=0)
+    """How long a verified device credential is remembered, so most calls need no database read. Within
+    one replica a re-enrolment takes effect at once; another replica may accept the old credential for up
+    to this long. 0 reads the database on every call."""
     scheduler_interval_s: float = Field(default=1.0, gt=0)
     task_watch_interval_s: float = Field(default=0.25, gt=0)
     """How often held task long polls look for rounds opened by another replica."""

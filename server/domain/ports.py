@@ -73,10 +73,15 @@ class BlobStore(Protocol):
 
 
 class PresenceStore(Protocol):
-    """Which devices are alive right now (heartbeats with a time-to-live)."""
+    """Which devices are alive right now (heartbeats with a time-to-live).
+
+    The coordinator's stores record ``mark_seen`` without waiting on I/O (heartbeats call it on the
+    event loop); ``online`` and ``drain_seen`` may do I/O.
+    """
 
     def mark_seen(self, device_id: str, ttl_s: float) -> None: ...
     def online(self, device_ids: Iterable[str]) -> set[str]: ...
     def drain_seen(self) -> dict[str, datetime]: ...
     def ping(self) -> bool: ...
+    def close(self) -> None: ...
 

@@ -18,6 +18,7 @@ from server.domain.errors import (
 )
 from server.domain.models import Device, FederationState
 from server.services.context import ServiceContext
+from server.services.credentials import CredentialCache
 from server.services.federations import FederationService
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class DeviceService:
     def __init__(self, ctx: ServiceContext, federations: FederationService) -> None:
         self._ctx = ctx
         self._federations = federations
+        self._credentials = CredentialCache(ctx.settings.credential_cache_s)
 
     def enrol(self, federation_name: str, device_name: str, modalities: list[str]) -> Enrolment:
         """Registers a device (or re-registers one with the same name) and issues a fresh secret."""
@@ -67,6 +69,7 @@ class DeviceService:
             existing.secret_hash = hash_secret(secret)
             existing.modalities = mods
             store.save_device(existing)
+            self._credentials.forget(existing.id)  # the old secret stops working here at once
             device = existing
         else:
             device = Device(federation_id=federation.id, name=device_name, modalities=mods,
@@ -80,6 +83,9 @@ class DeviceService:
 
     def authenticate(self, device_id: str, secret: str) -> Device:
         """Returns the device whose credential this is; raises UnauthenticatedError otherwise."""
+        device = self.authenticate_cached(device_id, secret)
+        if device is not None:
+            return device
         try:
             device = self._ctx.store.get_device(device_id)
         except NotFoundError:
@@ -88,13 +94,23 @@ class DeviceService:
             raise UnauthenticatedError("unknown device credential")
         if device.revoked:
             raise PermissionDeniedError("device is revoked")
+        self._credentials.put(device)
+        return device
+
+    def authenticate_cached(self, device_id: str, secret: str) -> Device | None:
+        """The device, if its credential was verified recently; None when the database must be asked.
+        Does no I/O, so it may run on the event loop."""
+        device = self._credentials.get(device_id)
+        if device is None or not hmac.compare_digest(device.secret_hash, hash_secret(secret)):
+            return None
         return device
 
     def heartbeat_interval(self) -> int:
         return self._ctx.settings.heartbeat_interval_s
 
     def heartbeat(self, device: Device) -> int:
-        """Records that the device is alive; returns seconds until the next heartbeat is due."""
+        """Records that the device is alive; returns seconds until the next heartbeat is due. Does no I/O
+        (presence buffers heartbeats), so it may run on the event loop."""
         self._ctx.presence.mark_seen(device.id, self._ctx.settings.presence_ttl_s)
         return self._ctx.settings.heartbeat_interval_s
 
@@ -106,6 +122,7 @@ class DeviceService:
 
     def flush_presence(self) -> int:
         """Writes last-seen times gathered in presence to the database; returns how many."""
+        self._credentials.prune()
         seen = self._ctx.presence.drain_seen()
         if seen:
             self._ctx.store.touch_devices(seen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,15 +15,29 @@ from redis.retry import Retry
 
 from server.domain.errors import UnavailableError
 from server.domain.ports import PresenceStore
-from server.persistence.presence import MemoryPresenceStore, RedisPresenceStore, create_presence_store
+from server.persistence.presence import (
+    BatchedPresenceStore,
+    MemoryPresenceStore,
+    RedisPresenceStore,
+    create_presence_store,
+)
+from tests.integration.coordinator_harness import free_port
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def presence(request: pytest.FixtureRequest) -> PresenceStore:
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("batched", marks=pytest.mark.redis)])
+def presence(request: pytest.FixtureRequest) -> Iterator[PresenceStore]:
     if request.param == "memory":
-        return MemoryPresenceStore()
+        yield MemoryPresenceStore()
+        return
     client: redis.Redis = request.getfixturevalue("redis_client")
-    return RedisPresenceStore(client, prefix=request.getfixturevalue("redis_prefix"))
+    backend = RedisPresenceStore(client, prefix=request.getfixturevalue("redis_prefix"))
+    if request.param == "redis":
+        yield backend
+        return
+    batched = BatchedPresenceStore(backend, flush_interval_s=0.02)
+    yield batched
+    batched.close()
 
 
 @pytest.fixture
@@ -114,6 +130,105 @@ def test_an_unreachable_redis_raises_unavailable_and_fails_ping(unreachable_redi
     assert presence.ping() is False
 
 
-def test_the_factory_picks_memory_without_a_url_and_redis_with_one() -> None:
+def test_the_factory_picks_memory_without_a_url_and_batched_redis_with_one() -> None:
     assert isinstance(create_presence_store(None), MemoryPresenceStore)
-    assert isinstance(create_presence_store("redis://127.0.0.1:6379/0"), RedisPresenceStore)
+    batched = create_presence_store("redis://127.0.0.1:6379/0")
+    assert isinstance(batched, BatchedPresenceStore)
+    batched.close()
+
+
+@pytest.mark.redis
+def test_batched_heartbeats_reach_redis_without_a_round_trip_each(redis_client: redis.Redis,
+                                                                   redis_prefix: str) -> None:
+    batched = BatchedPresenceStore(RedisPresenceStore(redis_client, prefix=redis_prefix), flush_interval_s=60)
+    try:
+        batched.mark_seen("d1", 30)
+        batched.mark_seen("d2", 30)
+        assert redis_client.exists(f"{redis_prefix}:presence:d1") == 0  # buffered, not written yet
+        assert batched.online(["d1", "d2", "d3"]) == {"d1", "d2"}  # buffered heartbeats already count
+        batched.flush()
+        assert redis_client.exists(f"{redis_prefix}:presence:d1", f"{redis_prefix}:presence:d2") == 2
+        assert RedisPresenceStore(redis_client, prefix=redis_prefix).online(["d1", "d2"]) == {"d1", "d2"}
+    finally:
+        batched.close()
+
+
+def test_batched_presence_on_an_unreachable_redis_refuses_heartbeats_with_the_reason(
+        unreachable_redis: redis.Redis) -> None:
+    batched = BatchedPresenceStore(RedisPresenceStore(unreachable_redis, prefix="unused"), flush_interval_s=60)
+    try:
+        with pytest.raises(UnavailableError, match="Redis is unavailable, could not record a heartbeat"):
+            batched.mark_seen("d1", 30)
+        assert batched.ping() is False
+    finally:
+        batched.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
+    """A Redis server of this test's own on a free port, which the test may stop and start again."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    servers: list[subprocess.Popen[bytes]] = []
+    yield port, servers
+    for server in servers:
+        server.kill()
+        server.wait()
+
+
+def _start_redis(port: int, servers: list[subprocess.Popen[bytes]]) -> None:
+    servers.append(subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                     "--appendonly", "no"], stdout=subprocess.DEVNULL))
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    client.close()
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def _refuses_heartbeats(batched: BatchedPresenceStore) -> bool:
+    try:
+        batched.mark_seen("probe", 30)
+    except UnavailableError:
+        return True
+    return False
+
+
+def test_batched_presence_keeps_heartbeats_through_a_redis_restart(own_redis) -> None:
+    port, servers = own_redis
+    _start_redis(port, servers)
+    client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+    batched = BatchedPresenceStore(RedisPresenceStore(client, prefix="p"), flush_interval_s=0.05)
+    try:
+        batched.mark_seen("before", 30)
+        _wait_for(lambda: client.exists("p:presence:before") == 1)
+
+        servers[-1].kill()
+        servers[-1].wait()
+        batched.mark_seen("buffered", 30)  # accepted: nothing has told the store yet that Redis is gone
+        _wait_for(lambda: _refuses_heartbeats(batched))  # its write fails, and heartbeats are refused
+        with pytest.raises(UnavailableError, match="Redis is unavailable"):
+            batched.mark_seen("during", 30)
+
+        _start_redis(port, servers)  # an empty Redis: what was buffered must be written again
+        _wait_for(lambda: not _refuses_heartbeats(batched))
+        batched.mark_seen("after", 30)
+        _wait_for(lambda: client.exists("p:presence:buffered", "p:presence:after") == 2)
+        assert set(batched.drain_seen()) >= {"buffered", "after"}
+    finally:
+        batched.close()
+        client.close()
