@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedded", action="store_true",
                         help="use the coordinator's embedded SQLite and in-process presence")
     parser.add_argument("--seed", type=int, default=0, help="seed of the devices' random deltas (default 0)")
+    parser.add_argument("--shared-channel", action="store_true",
+                        help="one connection per device process instead of one per device (as real devices "
+                             "have); heartbeats then wait behind other devices' transfers on that connection")
     return parser
 
 
@@ -235,7 +238,8 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
     invited = min(args.clients_per_round, devices) if args.clients_per_round else devices
     admin.create_federation(federation, federation_config(model, invited, args.clients_per_round))
     poll_s = args.poll_s or default_poll_s(devices)
-    options = FleetOptions(address=coordinator.grpc_address, federation=federation, poll_s=poll_s)
+    options = FleetOptions(address=coordinator.grpc_address, federation=federation, poll_s=poll_s,
+                           shared_channel=args.shared_channel)
     fleet = Fleet(make_specs(devices, args.seed), options, processes=args.device_procs)
     with fleet:
         progress(f"{label} enrolling {devices} devices in {fleet.process_count} process(es), preparing their updates")
@@ -332,6 +336,7 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "poll_s": m.poll_s,
         "heartbeat_s": args.heartbeat_s,
         "device_procs": m.device_procs,
+        "connections": "one per process" if args.shared_channel else "one per device",
         "clients_per_round": args.clients_per_round,
         "model": m.model,
         "rounds_phase_s": m.window[1] - m.window[0],

@@ -89,13 +89,25 @@ def coordinator_breakdown(before: Samples, after: Samples) -> dict[str, Any]:
     aggregated = growth_by_label(before, after, "mlecs_aggregation_seconds_sum", "")
     aggregations = growth_by_label(before, after, "mlecs_aggregation_seconds_count", "")
     seconds, count = sum(aggregated.values()), sum(aggregations.values())
+    lag = growth_by_label(before, after, "mlecs_event_loop_lag_seconds_bucket", "le")
     return {
+        "event_loop_lag_p99_s": bucket_quantile(lag, 0.99),
         "rpc_handling_s": {method: round(value, 3) for method, value in sorted(handled.items())},
         "aggregations": int(count),
         "aggregation_s_mean": seconds / count if count else math.nan,
         "upload_bytes": sum(growth_by_label(before, after, "mlecs_upload_bytes_total", "").values()),
         "download_bytes": sum(growth_by_label(before, after, "mlecs_download_bytes_total", "").values()),
     }
+
+
+def bucket_quantile(buckets: Mapping[str, float], q: float) -> float:
+    """Upper bound of the histogram bucket holding quantile ``q``, from cumulative counts by ``le``
+    (NaN: no observations; inf: above the largest finite bucket)."""
+    ordered = sorted((float(le), count) for le, count in buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    if total <= 0:
+        return math.nan
+    return next(le for le, count in ordered if count >= q * total)
 
 
 def _cell(record: Mapping[str, Any], key: str, fmt: str) -> str:

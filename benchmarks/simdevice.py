@@ -108,6 +108,10 @@ class FleetOptions:
     """Deadline of one download or upload; uploads queue up behind each other when many devices train."""
     enrol_concurrency: int = 16
     """Enrolments in flight at once per process."""
+    shared_channel: bool = False
+    """One connection per device process instead of one per device. Real devices each have their own
+    connection; sharing one puts every device's heartbeat behind the others' transfers (HTTP/2 flow
+    control and socket buffers are per connection), which measures the benchmark, not the coordinator."""
 
 
 @dataclass
@@ -338,15 +342,24 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
     stats = FleetStats()
     running: list[asyncio.Task[None]] = []
     gate = asyncio.Semaphore(options.enrol_concurrency)
-    async with grpc.aio.insecure_channel(options.address, options=CHANNEL_OPTIONS) as channel:
-        stub = fleet_pb2_grpc.FleetStub(channel)
+    channels: list[grpc.aio.Channel] = []
 
+    def stub() -> fleet_pb2_grpc.FleetStub:
+        if options.shared_channel and channels:
+            return fleet_pb2_grpc.FleetStub(channels[0])
+        # A local subchannel pool gives each channel a connection of its own (gRPC otherwise shares one
+        # connection among channels to the same address with the same options).
+        channels.append(grpc.aio.insecure_channel(
+            options.address, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]))
+        return fleet_pb2_grpc.FleetStub(channels[-1])
+
+    try:
         async def start(device: SimDevice) -> None:
             async with gate:
                 await device.enrol()
                 running.append(asyncio.create_task(device.heartbeats()))
 
-        devices = [SimDevice(stub, spec, options, stats) for spec in specs]
+        devices = [SimDevice(stub(), spec, options, stats) for spec in specs]
         outcomes = await asyncio.gather(*(start(d) for d in devices), return_exceptions=True)
         problems = [f"{d.spec.name}: {o!r}" for d, o in zip(devices, outcomes, strict=True) if o is not None]
         enrolled = [d for d, o in zip(devices, outcomes, strict=True) if o is None]
@@ -367,6 +380,8 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
     return stats
 
 

@@ -14,6 +14,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mlecs.proto.v1 import fleet_pb2_grpc
+from server import metrics
 from server.config import CoordinatorSettings
 from server.domain.errors import UnavailableError
 from server.learning.anchors import CloudTuner
@@ -137,6 +138,7 @@ class Coordinator:
         http_task = asyncio.create_task(http.serve())
         scheduler = asyncio.create_task(self._schedule(services))
         watcher = asyncio.create_task(self._watch(services, changes))
+        lag = asyncio.create_task(_measure_loop_lag())
         log.info("coordinator serving gRPC on %s:%d and the admin API on http://%s:%d",
                  self.settings.grpc_host, self.grpc_port, self.settings.admin_host, self.settings.admin_port)
         try:
@@ -146,9 +148,10 @@ class Coordinator:
             await health_servicer.enter_graceful_shutdown()
             scheduler.cancel()
             watcher.cancel()
+            lag.cancel()
             http.should_exit = True
             await server.stop(grace=5)
-            await asyncio.gather(http_task, scheduler, watcher, return_exceptions=True)
+            await asyncio.gather(http_task, scheduler, watcher, lag, return_exceptions=True)
             await asyncio.to_thread(services.rounds.release_leases)
             await asyncio.to_thread(services.ctx.presence.close)
             fleet.close()
@@ -181,3 +184,12 @@ class Coordinator:
             if marker != seen:
                 seen = marker
                 changes.notify()
+
+
+async def _measure_loop_lag(interval_s: float = 0.1) -> None:
+    """Records how late a timer fires: the time any gRPC or HTTP call waits before the loop runs it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval_s)
+        metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - started - interval_s))

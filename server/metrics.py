@@ -10,6 +10,11 @@ RPC_DURATION = Histogram(
 )
 ENROLMENTS = Counter("mlecs_enrolments_total", "Device enrolments", ["outcome"])
 ROUNDS = Counter("mlecs_rounds_total", "Rounds that reached a terminal state", ["state"])
+EVENT_LOOP_LAG = Histogram(
+    "mlecs_event_loop_lag_seconds",
+    "How late a 100 ms timer on the coordinator's event loop fires: every gRPC call waits this long first",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 ROUND_DURATION = Histogram(
     "mlecs_round_duration_seconds", "Wall time from open to commit/failure",
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),

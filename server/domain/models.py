@@ -255,6 +255,16 @@ class Fence:
     token: int
 
 
+@dataclass(frozen=True)
+class TaskView:
+    """What deciding one device's task needs, read together: its federation, the federation's latest
+    round, and whether the device already has an update accepted in that round."""
+
+    federation: Federation
+    latest_round: Round | None
+    accepted: bool
+
+
 @dataclass
 class DeviceReport:
     """Metrics a device reported for a round (e.g. personalised accuracy)."""

@@ -6,7 +6,16 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Protocol
 
-from server.domain.models import Device, DeviceReport, Federation, Fence, ModelVersion, Round, Update
+from server.domain.models import (
+    Device,
+    DeviceReport,
+    Federation,
+    Fence,
+    ModelVersion,
+    Round,
+    TaskView,
+    Update,
+)
 
 
 class Store(Protocol):
@@ -32,6 +41,7 @@ class Store(Protocol):
     def get_round(self, round_id: str) -> Round: ...
     def list_rounds(self, federation_id: str) -> list[Round]: ...
     def latest_round(self, federation_id: str) -> Round | None: ...
+    def task_view(self, federation_id: str, device_id: str) -> TaskView: ...
     def list_unfinished_rounds(self) -> list[Round]: ...
     def save_round(self, round_: Round, fence: Fence | None = None) -> None: ...
     def commit_round(self, round_: Round, version: ModelVersion, fence: Fence | None = None) -> None: ...

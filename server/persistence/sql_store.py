@@ -51,6 +51,7 @@ from server.domain.models import (
     Fence,
     ModelVersion,
     Round,
+    TaskView,
     Update,
     UpdateState,
     utcnow,
@@ -188,6 +189,20 @@ class SqlStore:
             row = session.scalar(select(RoundRow).where(RoundRow.federation_id == federation_id)
                                  .order_by(RoundRow.number.desc()).limit(1))
             return None if row is None else mapping.to_round(row)
+
+    def task_view(self, federation_id: str, device_id: str) -> TaskView:
+        """The federation, its latest round and whether the device's update for it was accepted, in one
+        transaction: every task poll asks this, and at round start a thousand of them arrive at once."""
+        with self._transaction() as session:
+            federation = mapping.to_federation(_get(session, FederationRow, federation_id, "federation"))
+            row = session.scalar(select(RoundRow).where(RoundRow.federation_id == federation_id)
+                                 .order_by(RoundRow.number.desc()).limit(1))
+            if row is None:
+                return TaskView(federation, None, accepted=False)
+            accepted = session.scalar(select(UpdateRow.device_id).where(
+                UpdateRow.round_id == row.id, UpdateRow.device_id == device_id,
+                UpdateRow.state == UpdateState.ACCEPTED.value).limit(1)) is not None
+            return TaskView(federation, mapping.to_round(row), accepted)
 
     def list_unfinished_rounds(self) -> list[Round]:
         with self._transaction() as session:

@@ -75,6 +75,7 @@ class DeviceService:
             device = Device(federation_id=federation.id, name=device_name, modalities=mods,
                             secret_hash=hash_secret(secret))
             store.add_device(device)
+        self._credentials.put(device)  # its first calls need no database read
         try:
             self._ctx.presence.mark_seen(device.id, self._ctx.settings.presence_ttl_s)
         except UnavailableError as exc:  # the enrolment is in the database; its next heartbeat marks it live

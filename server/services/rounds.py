@@ -124,16 +124,15 @@ class RoundService:
 
     def assignment_for(self, device: Device) -> Assignment:
         """Train the open round the device may join, wait, or stop when the federation has."""
-        store = self._ctx.store
-        federation = store.get_federation(device.federation_id)
+        view = self._ctx.store.task_view(device.federation_id, device.id)
+        federation, latest = view.federation, view.latest_round
         if federation.state is FederationState.STOPPED:
             return StopAssignment(reason=f"federation {federation.name} stopped")
-        latest = store.latest_round(federation.id)
         if latest is None or not latest.state.accepts_uploads:
             return WaitAssignment(WAIT_S, "no open round")
         if not self.may_contribute(federation, latest, device):
             return WaitAssignment(WAIT_S, f"not a participant of round {latest.number}")
-        if store.accepted_devices(latest.id, device.id):
+        if view.accepted:
             return WaitAssignment(WAIT_S, f"update for round {latest.number} already accepted")
         return TrainAssignment(round=latest, config=federation.config)
 

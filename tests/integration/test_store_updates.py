@@ -129,3 +129,25 @@ def test_a_report_for_an_unknown_device_is_not_found(store: SqlStore, round_and_
     round_, _ = round_and_device
     with pytest.raises(NotFoundError):
         store.add_device_report(DeviceReport(round_.id, "nobody", {"acc": 1.0}))
+
+
+def test_the_task_view_reads_the_federation_its_latest_round_and_the_devices_acceptance(store: SqlStore,
+                                                                                         seed) -> None:
+    federation = seed.federation()
+    device, other = seed.device(federation), seed.device(federation, name="other")
+    empty = store.task_view(federation.id, device.id)
+    assert (empty.federation, empty.latest_round, empty.accepted) == (federation, None, False)
+
+    seed.round(federation, number=1)
+    latest = seed.round(federation, number=2)
+    pending, accepted = _update(latest.id, device.id), _update(latest.id, other.id, upload_id="upload-0002")
+    store.add_update(pending)
+    store.add_update(accepted)
+    accepted.state, accepted.received_bytes, accepted.blob_key = UpdateState.ACCEPTED, 1000, "d" * 64
+    store.save_update(accepted)
+
+    view = store.task_view(federation.id, device.id)
+    assert view.latest_round == latest and view.accepted is False  # a partial upload is not an acceptance
+    assert store.task_view(federation.id, other.id).accepted is True
+    with pytest.raises(NotFoundError, match="federation"):
+        store.task_view("no-such-federation", device.id)

@@ -344,3 +344,14 @@ def test_the_simulated_devices_import_no_torch() -> None:
 
     probe = "import benchmarks.simdevice, sys; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def test_bucket_quantile_reads_the_bucket_holding_the_quantile() -> None:
+    from benchmarks.load_report import bucket_quantile
+
+    cumulative = {"0.01": 90.0, "0.1": 99.0, "1.0": 100.0, "+Inf": 100.0}
+    assert bucket_quantile(cumulative, 0.5) == 0.01
+    assert bucket_quantile(cumulative, 0.99) == 0.1
+    assert bucket_quantile(cumulative, 1.0) == 1.0
+    assert math.isnan(bucket_quantile({"0.1": 0.0, "+Inf": 0.0}, 0.99))  # nothing observed
+    assert bucket_quantile({"0.1": 1.0, "+Inf": 3.0}, 0.99) == float("inf")
