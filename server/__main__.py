@@ -18,7 +18,6 @@ cli = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="The mlecs coordinator. Settings come from MLECS_* environment variables.")
 
 EXIT_CONFIG = 2
-GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def _settings() -> CoordinatorSettings:
@@ -45,10 +44,7 @@ def serve() -> None:
     _logging(settings.log_level)
     from server.app import Coordinator
 
-    # Every gRPC call passes the GIL between gRPC's poller thread and the event loop, while workers decode
-    # and sum uploads. CPython's default 5 ms switch interval makes each hand-over wait behind a busy
-    # worker; at 1 ms the N = 1000 load benchmark's round took 70 s instead of 94-103 s on 2 cores.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(settings.gil_switch_interval_s)
     asyncio.run(Coordinator(settings).run())
 
 

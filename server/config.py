@@ -33,6 +33,10 @@ class CoordinatorSettings(BaseSettings):
     """Largest declared size of one update."""
     max_concurrent_uploads: int = Field(default=16, ge=1)
     """Upload streams received at once; more wait their turn (bounds memory under a thundering herd)."""
+    grpc_stream_window_bytes: int = Field(default=256 * 1024, ge=64 * 1024)
+    """HTTP/2 receive window per stream on the device port. An upload waiting for a slot holds at most this
+    much in the coordinator; one upload moves at most this much per round trip (256 KiB at 100 ms is
+    2.6 MB/s per device), so raise it for fast, distant devices."""
     max_concurrent_downloads: int = Field(default=32, ge=1)
     """Global-version downloads streamed at once."""
     heartbeat_interval_s: int = Field(default=5, ge=1)
@@ -53,6 +57,10 @@ class CoordinatorSettings(BaseSettings):
     lease_ttl_s: float = Field(default=10.0, gt=0)
     """A replica driving a federation's rounds holds a lease this long, renewed while it works; a replica
     that dies is replaced by another after at most this long."""
+    gil_switch_interval_s: float = Field(default=0.001, gt=0, le=0.1)
+    """CPython's thread switch interval in the coordinator process. Every gRPC call passes the GIL between
+    gRPC's poller thread and the event loop while worker threads decode and sum uploads; the default 5 ms
+    makes each hand-over wait behind a busy worker."""
     data_dir: Path | None = None
     """AV-MNIST directory for server-side evaluation (default: the data loader's search path)."""
     eval_setting: str = "canonical"

@@ -22,6 +22,7 @@ class CredentialCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, Device]] = {}
+        self._refresh_claimed: set[str] = set()
 
     def get(self, device_id: str) -> Device | None:
         if self._ttl <= 0:
@@ -32,17 +33,30 @@ class CredentialCache:
                 return None
             if entry[0] <= self._clock():
                 del self._entries[device_id]
+                self._refresh_claimed.discard(device_id)
                 return None
             return entry[1]
+
+    def claim_refresh(self, device_id: str) -> bool:
+        """True, once per entry, when the entry is past half its TTL: the caller should re-read the device
+        (in the background) so that a busy device's calls never wait for the database at expiry."""
+        with self._lock:
+            entry = self._entries.get(device_id)
+            if entry is None or device_id in self._refresh_claimed or self._clock() < entry[0] - self._ttl / 2:
+                return False
+            self._refresh_claimed.add(device_id)
+            return True
 
     def put(self, device: Device) -> None:
         if self._ttl > 0:
             with self._lock:
                 self._entries[device.id] = (self._clock() + self._ttl, device)
+                self._refresh_claimed.discard(device.id)
 
     def forget(self, device_id: str) -> None:
         with self._lock:
             self._entries.pop(device_id, None)
+            self._refresh_claimed.discard(device_id)
 
     def prune(self) -> int:
         """Drops expired entries; returns how many are left."""
@@ -50,4 +64,5 @@ class CredentialCache:
         with self._lock:
             for device_id in [k for k, (expires, _) in self._entries.items() if expires <= now]:
                 del self._entries[device_id]
+                self._refresh_claimed.discard(device_id)
             return len(self._entries)

@@ -106,6 +106,23 @@ class DeviceService:
             return None
         return device
 
+    def credential_due_for_refresh(self, device_id: str) -> bool:
+        """Whether the caller should call ``refresh_credential`` (in the background), once per cache entry."""
+        return self._credentials.claim_refresh(device_id)
+
+    def refresh_credential(self, device_id: str) -> None:
+        """Re-reads a remembered device, so its cache entry is renewed before it expires (or dropped if the
+        device was revoked or re-enrolled meanwhile)."""
+        try:
+            device = self._ctx.store.get_device(device_id)
+        except NotFoundError:
+            self._credentials.forget(device_id)
+            return
+        if device.revoked:
+            self._credentials.forget(device_id)
+        else:
+            self._credentials.put(device)
+
     def heartbeat_interval(self) -> int:
         return self._ctx.settings.heartbeat_interval_s
 

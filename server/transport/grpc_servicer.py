@@ -89,6 +89,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._upload_slots = asyncio.Semaphore(max_uploads)
         self._download_slots = asyncio.Semaphore(max_downloads)
         self._changes = changes or ChangeSignal()
+        self._background: set[asyncio.Future[None]] = set()
 
     async def _light(self, call: Callable[..., T], *args: Any) -> T:
         """Runs a short control-plane call (database or Redis) on the control threads."""
@@ -96,6 +97,18 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     def close(self) -> None:
         self._control.shutdown(wait=False, cancel_futures=True)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        """Runs ``work`` without making the caller wait; a failure is logged, never raised."""
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.warning("background refresh failed; the next call reads the database", exc_info=True)
+
+        task = asyncio.ensure_future(run())
+        self._background.add(task)  # a reference, so the task is not collected before it finishes
+        task.add_done_callback(self._background.discard)
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext,
                     body: Callable[[], Awaitable[T]]) -> T:
@@ -142,6 +155,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             device = self._devices.authenticate_cached(device_id, secret)
             if device is None:
                 return pb.HeartbeatResponse(next_heartbeat_s=await self._light(self._beat, device_id, secret))
+            if self._devices.credential_due_for_refresh(device.id):
+                self._in_background(self._light(self._devices.refresh_credential, device.id))
             return pb.HeartbeatResponse(next_heartbeat_s=self._devices.heartbeat(device))
         return await self._call("Heartbeat", context, body)
 

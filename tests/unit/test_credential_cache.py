@@ -48,3 +48,21 @@ def test_a_zero_ttl_remembers_nothing() -> None:
     device = _device()
     cache.put(device)
     assert cache.get(device.id) is None
+
+
+def test_a_refresh_is_claimed_once_past_half_the_ttl_and_again_after_a_put() -> None:
+    now = [0.0]
+    cache = CredentialCache(ttl_s=30, clock=lambda: now[0])
+    device = _device()
+    cache.put(device)
+    now[0] = 14.9
+    assert cache.claim_refresh(device.id) is False
+    now[0] = 15.0
+    assert cache.claim_refresh(device.id) is True
+    assert cache.claim_refresh(device.id) is False  # one caller refreshes; the others keep answering
+    assert cache.get(device.id) is device  # still valid until the TTL
+    cache.put(device)  # the refresh landed
+    assert cache.claim_refresh(device.id) is False
+    now[0] = 30.0
+    assert cache.claim_refresh(device.id) is True
+    assert cache.claim_refresh("unknown") is False
