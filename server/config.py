@@ -57,6 +57,9 @@ class CoordinatorSettings(BaseSettings):
     lease_ttl_s: float = Field(default=10.0, gt=0)
     """A replica driving a federation's rounds holds a lease this long, renewed while it works; a replica
     that dies is replaced by another after at most this long."""
+    robust_block_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    """Memory for one coordinate block when a robust rule reduces a round's updates (spilled to disk under
+    state_dir/spill): the block holds this much whatever the number of updates."""
     gil_switch_interval_s: float = Field(default=0.001, gt=0, le=0.1)
     """CPython's thread switch interval in the coordinator process. Every gRPC call passes the GIL between
     gRPC's poller thread and the event loop while worker threads decode and sum uploads; the default 5 ms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,6 +95,18 @@ class FederationConfig:
     server_learning: bool = True
     """After each commit: evaluate the global model, tune the cloud model and generate anchors. Off for
     a pure aggregation service (or a coordinator without the data set)."""
+    clip_norm: float = 0.0
+    """Each update's delta (all its tensors together) is scaled down to at most this L2 norm before it is
+    aggregated, with any rule; 0: no clipping."""
+    robust_rule: Literal["none", "median", "trimmed_mean"] = "none"
+    """``median`` or ``trimmed_mean``: per coordinate over the round's updates, weighted by the rule's
+    (MMA or FedAvg) weights, instead of the weighted mean. The coordinator spills the round's updates to
+    disk and reduces them in coordinate blocks, so memory stays flat in the number of updates."""
+    trim_fraction: float = 0.1
+    """``trimmed_mean``: the share of the weight cut from each end of every coordinate, in [0, 0.5)."""
+    exclude_above: float = 0.0
+    """With a robust rule: leave out updates whose distance to the coordinate-wise median is more than this
+    many times the median distance (their anomaly score); 0: keep every update."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -140,8 +153,27 @@ class FederationConfig:
         if self.target_rounds < 0:
             problems.append("target_rounds must be >= 0")
         problems.extend(_modality_set_problems(self.eligible_modality_sets))
+        problems.extend(self._robust_problems())
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _robust_problems(self) -> list[str]:
+        problems = []
+        if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            problems.append("clip_norm must be a finite number >= 0 (0: no clipping)")
+        if self.robust_rule not in ("none", "median", "trimmed_mean"):
+            problems.append(f"robust_rule must be 'none', 'median' or 'trimmed_mean', not {self.robust_rule!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            problems.append("trim_fraction must be in [0, 0.5)")
+        if not (math.isfinite(self.exclude_above) and (self.exclude_above == 0 or self.exclude_above >= 1)):
+            problems.append("exclude_above must be 0 (off) or a finite number >= 1 (times the median distance)")
+        if self.exclude_above and self.robust_rule == "none":
+            problems.append("exclude_above needs a robust_rule ('median' or 'trimmed_mean'): the anomaly score "
+                            "is the distance to their coordinate-wise median")
+        if self.robust_rule != "none" and self.lora_mode == "exact":
+            problems.append("robust_rule works coordinate by coordinate on the deltas; lora_mode 'exact' averages "
+                            "products of LoRA factors: use lora_mode 'separate' with a robust rule")
+        return problems
 
     def eligible(self, modalities: frozenset[str]) -> bool:
         """Whether a device with these modalities may take part in this federation's rounds."""

@@ -10,17 +10,26 @@ holders.
 The replica that accepts an update adds it while the update is still decoded from validation, so the
 commit does not decode it again. Updates this process did not see (accepted by another replica, or
 before a restart) are read from the blob store and added at commit, one at a time.
+
+A robust rule (coordinate-wise median or trimmed mean) needs every update at once, so it does not
+stream: at commit the round's updates are decoded one at a time and spilled to disk, then reduced in
+coordinate blocks (``mlecs.aggregation.blockwise``), with the same weights as the mean would use.
+Clipping (``clip_norm``) applies to each update before any rule.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from mlecs.aggregation.blockwise import SpilledUpdates, robust_aggregate
+from mlecs.aggregation.robust import clip_update
 from mlecs.aggregation.streaming import (
     StreamingAverage,
     StreamingLoraProducts,
@@ -42,6 +51,10 @@ class AggregateResult:
     """MMA's noise factor of each update (1 where nobody had evidence)."""
     fused: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     """(public sample ids, fused z) of every update that carried them: the cloud tunes toward these."""
+    excluded_devices: list[str] = field(default_factory=list)
+    """Robust rules: devices whose update was left out as an outlier (``exclude_above``)."""
+    anomaly_scores: dict[str, float] = field(default_factory=dict)
+    """Robust rules: each device's distance to the coordinate-wise median over the median distance."""
 
 
 def version_staleness(version_ids: Sequence[str], round_base: str | None, update_base: str | None) -> int:
@@ -69,17 +82,10 @@ class RoundAccumulator:
         config = self._config
         tensors = dict(tensors)
         z = tensors.pop(FUSED_TENSOR, None)
-        modalities = frozenset(update.modalities)
-        samples = max(update.public_samples, 1)
-        weight = float(len(modalities) * samples if config.aggregation == "mma" else samples)
-        weight *= staleness_weight(staleness, config.staleness_exponent)
-        key: Hashable = _NO_EVIDENCE
-        agreement = update.anchor_agreement
-        if config.aggregation == "mma" and agreement is not None:
-            # exp((a - 1)/τ) <= 1; the group's exp((1 - best)/τ) is applied at the end (see merge). With
-            # τ >= MIN_AGREEMENT_TEMPERATURE neither can overflow or vanish: |a - 1| <= 2.
-            weight *= math.exp((agreement - 1.0) / config.agreement_temperature)
-            key = modalities
+        if config.clip_norm:
+            tensors, _ = clip_update(tensors, config.clip_norm)
+        weight, key = own_weight(config, update, staleness)
+        modalities, agreement = frozenset(update.modalities), update.anchor_agreement
         with self._lock:
             if update.id in self.included:
                 return
@@ -100,17 +106,7 @@ class RoundAccumulator:
             self.included.add(update.id)
 
     def _group_scales(self) -> tuple[dict[Hashable, float], list[float]]:
-        """Each group's remaining factor, and every update's noise factor (for the round's metrics)."""
-        tau = self._config.agreement_temperature
-        best: dict[frozenset[str], float] = {}
-        for group, a in self._evidence:
-            best[group] = max(a, best.get(group, a))
-        factors = [math.exp((a - best[group]) / tau) for group, a in self._evidence]
-        # As in agreement_weights: a client without evidence gets the mean factor of those with it.
-        neutral = float(np.mean(factors)) if factors else 1.0
-        scales: dict[Hashable, float] = {group: math.exp((1.0 - b) / tau) for group, b in best.items()}
-        scales[_NO_EVIDENCE] = neutral
-        return scales, factors + [neutral] * self._silent
+        return group_scales(self._evidence, self._silent, self._config.agreement_temperature)
 
     def result(self, base: dict[str, np.ndarray]) -> AggregateResult:
         """base + the weighted average of the deltas (exact LoRA factors in ``exact`` mode)."""
@@ -123,6 +119,36 @@ class RoundAccumulator:
                                                 if prod is not None])
                 new.update(products.result())
             return AggregateResult(tensors=new, quality=quality, fused=list(self.fused))
+
+
+def own_weight(config: FederationConfig, update: Update, staleness: int) -> tuple[float, Hashable]:
+    """The part of an update's weight known from the update alone, and the peer group whose factor
+    completes it (``group_scales``): modality count × samples (MMA) or samples (FedAvg), × the staleness
+    discount, × exp((agreement - 1)/τ) when MMA has anchor evidence for it."""
+    samples = max(update.public_samples, 1)
+    weight = float(len(update.modalities) * samples if config.aggregation == "mma" else samples)
+    weight *= staleness_weight(staleness, config.staleness_exponent)
+    agreement = update.anchor_agreement
+    if config.aggregation == "mma" and agreement is not None:
+        # exp((a - 1)/τ) <= 1; the group's exp((1 - best)/τ) is applied at the end (see merge). With
+        # τ >= MIN_AGREEMENT_TEMPERATURE neither can overflow or vanish: |a - 1| <= 2.
+        return weight * math.exp((agreement - 1.0) / config.agreement_temperature), frozenset(update.modalities)
+    return weight, _NO_EVIDENCE
+
+
+def group_scales(evidence: Sequence[tuple[frozenset[str], float]], silent: int,
+                 tau: float) -> tuple[dict[Hashable, float], list[float]]:
+    """Each peer group's remaining factor exp((1 - best)/τ), and every update's noise factor
+    exp((a - best)/τ) (updates without evidence last, at the mean factor) for the round's metrics."""
+    best: dict[frozenset[str], float] = {}
+    for group, a in evidence:
+        best[group] = max(a, best.get(group, a))
+    factors = [math.exp((a - best[group]) / tau) for group, a in evidence]
+    # As in agreement_weights: a client without evidence gets the mean factor of those with it.
+    neutral = float(np.mean(factors)) if factors else 1.0
+    scales: dict[Hashable, float] = {group: math.exp((1.0 - b) / tau) for group, b in best.items()}
+    scales[_NO_EVIDENCE] = neutral
+    return scales, factors + [neutral] * silent
 
 
 class RoundAccumulators:
@@ -155,9 +181,15 @@ class RoundAccumulators:
 
 def aggregate(config: FederationConfig, base: dict[str, np.ndarray], updates: list[Update],
               staleness: list[int], read_blob: Callable[[Update], bytes],
-              accumulator: RoundAccumulator | None = None) -> AggregateResult:
+              accumulator: RoundAccumulator | None = None, *, spill_dir: Path | None = None,
+              block_bytes: int = 64 * 1024 * 1024) -> AggregateResult:
     """The round's new tensors from its accepted ``updates``: those the accumulator already holds are
-    used as they are, the others are decoded from their blobs one at a time and added."""
+    used as they are, the others are decoded from their blobs one at a time and added. A robust rule
+    spills every update under ``spill_dir`` (a temporary directory, removed after) and reduces them
+    in blocks of at most ``block_bytes``."""
+    if config.robust_rule != "none":
+        return aggregate_robust(config, base, updates, staleness, read_blob, spill_dir=spill_dir,
+                                block_bytes=block_bytes)
     wanted = {u.id for u in updates}
     if accumulator is None or not accumulator.included <= wanted:
         accumulator = RoundAccumulator(config, base)
@@ -165,3 +197,35 @@ def aggregate(config: FederationConfig, base: dict[str, np.ndarray], updates: li
         if update.id not in accumulator.included:
             accumulator.add(update, decode_tensors(read_blob(update)), stale)
     return accumulator.result(base)
+
+
+def aggregate_robust(config: FederationConfig, base: dict[str, np.ndarray], updates: list[Update],
+                     staleness: list[int], read_blob: Callable[[Update], bytes], *, spill_dir: Path | None = None,
+                     block_bytes: int = 64 * 1024 * 1024) -> AggregateResult:
+    """base + the coordinate-wise weighted median or trimmed mean of the (clipped) deltas, outliers left
+    out when ``exclude_above`` is set. Weights are the mean's own (MMA or FedAvg, staleness, agreement)."""
+    weighted = [own_weight(config, u, s) for u, s in zip(updates, staleness, strict=True)]
+    evidence = [(frozenset(u.modalities), float(u.anchor_agreement)) for u in updates
+                if config.aggregation == "mma" and u.anchor_agreement is not None]
+    scales, quality = group_scales(evidence, len(updates) - len(evidence), config.agreement_temperature)
+    device_of = {u.id: u.device_id for u in updates}
+    fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if spill_dir is not None:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="robust-", dir=spill_dir) as directory, \
+            SpilledUpdates(Path(directory), block_bytes=block_bytes) as spilled:
+        for update, (weight, key) in zip(updates, weighted, strict=True):
+            tensors = decode_tensors(read_blob(update))
+            z = tensors.pop(FUSED_TENSOR, None)
+            if config.clip_norm:
+                tensors, _ = clip_update(tensors, config.clip_norm)
+            spilled.add(update.id, tensors, weight * scales[key])
+            if z is not None:
+                fused[update.id] = (np.asarray(update.fused_sample_ids, dtype=np.int64), z)
+        robust = robust_aggregate(spilled, config.robust_rule, trim=config.trim_fraction,
+                                  exclude_above=config.exclude_above or None)
+    # An outlier's fused features are left out of cloud tuning too.
+    kept_fused = [pair for update_id, pair in fused.items() if update_id not in robust.excluded]
+    return AggregateResult(tensors=apply_delta(base, robust.tensors), quality=quality, fused=kept_fused,
+                           excluded_devices=sorted(device_of[u] for u in robust.excluded),
+                           anomaly_scores={device_of[u]: score for u, score in robust.scores.items()})

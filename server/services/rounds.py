@@ -300,8 +300,10 @@ class RoundService:
         config = federation.config
         base = decode_tensors(blobs.get(base_version.adapter_key))
         staleness = self._staleness(round_, accepted)
+        settings = self._ctx.settings
         result = aggregate(config, base, accepted, staleness, lambda u: blobs.get(_accepted_blob(u)),
-                           accumulator=self._accumulators.take(round_.id))
+                           accumulator=self._accumulators.take(round_.id), spill_dir=settings.state_dir / "spill",
+                           block_bytes=settings.robust_block_bytes)
         anchors, evaluation = None, {}
         if config.server_learning:
             cloud = self._ctx.cloud.run_round(config, result.tensors, result.fused,
@@ -316,6 +318,13 @@ class RoundService:
             round_.metrics["anchor_agreement_mean"] = float(np.mean(
                 [u.anchor_agreement for u in accepted if u.anchor_agreement is not None]))
             round_.metrics["quality_weight_min"] = float(min(result.quality))
+        if config.robust_rule != "none":
+            round_.metrics["robust_excluded"] = float(len(result.excluded_devices))
+            # Capped: a score is infinite when most updates coincide, and JSON columns take no infinity.
+            round_.metrics["anomaly_score_max"] = min(max(result.anomaly_scores.values(), default=0.0), 1e6)
+            if result.excluded_devices:
+                log.warning("round %d: left out %d outlier update(s) from %s", round_.number,
+                            len(result.excluded_devices), ", ".join(result.excluded_devices))
         if config.mode == "async":
             round_.metrics["staleness_mean"] = float(np.mean(staleness)) if staleness else 0.0
             round_.metrics["staleness_max"] = float(max(staleness, default=0))

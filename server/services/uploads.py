@@ -242,6 +242,8 @@ class UploadService:
         """Adds the accepted update to its round's running sums while it is still decoded."""
         store, blobs = self._ctx.store, self._ctx.blobs
         config = store.get_federation(round_.federation_id).config
+        if config.robust_rule != "none":
+            return  # robust rules need every update at once: the commit spills and reduces them
         staleness = 0
         if config.mode == "async":
             versions = [v.id for v in store.list_versions(round_.federation_id)]

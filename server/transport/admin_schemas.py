@@ -51,6 +51,14 @@ class FederationConfigBody(BaseModel):
     target_rounds: int = Field(0, ge=0, description="Open rounds automatically until this many committed; 0: manual")
     server_learning: bool = Field(
         True, description="Evaluate, tune the cloud model and make anchors after each commit (off: aggregation only)")
+    clip_norm: float = Field(0.0, ge=0, description="Scale each update's delta to at most this L2 norm; 0: off",
+                             examples=[5.0])
+    robust_rule: Literal["none", "median", "trimmed_mean"] = Field(
+        "none", description="Coordinate-wise weighted median or trimmed mean instead of the weighted mean")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: weight share cut from each end")
+    exclude_above: float = Field(
+        0.0, ge=0, description="With a robust rule: leave out updates farther than this many times the median "
+                               "distance from the coordinate-wise median; 0: off", examples=[3.0])
 
     def to_domain(self) -> FederationConfig:
         try:
