@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedded", action="store_true",
                         help="use the coordinator's embedded SQLite and in-process presence")
     parser.add_argument("--seed", type=int, default=0, help="seed of the devices' random deltas (default 0)")
+    parser.add_argument("--robust-rule", choices=("none", "median", "trimmed_mean"), default="none",
+                        help="aggregate with this robust rule (every update spilled to disk and reduced in coordinate "
+                             "blocks) instead of the streamed weighted mean (default none)")
     parser.add_argument("--shared-channel", action="store_true",
                         help="one connection per device process instead of one per device (as real devices "
                              "have); heartbeats then wait behind other devices' transfers on that connection")
@@ -171,10 +174,11 @@ def default_poll_s(devices: int) -> float:
     return min(2.0, max(0.2, devices / _POLL_RATE_PER_S))
 
 
-def federation_config(model: dict[str, Any], invited: int, clients_per_round: int) -> dict[str, Any]:
+def federation_config(model: dict[str, Any], invited: int, clients_per_round: int,
+                      robust_rule: str = "none") -> dict[str, Any]:
     return {"model": model, "server_learning": False, "fused_upload_samples": 0, "upload_codec": "fp16",
             "max_chunk_bytes": 1024 * 1024, "min_updates": invited, "clients_per_round": clients_per_round,
-            "round_deadline_s": 600}
+            "round_deadline_s": 600, "robust_rule": robust_rule}
 
 
 # ---- one run -------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
              args: argparse.Namespace, label: str) -> dict[str, Any]:
     federation = f"load-{devices}-{uuid.uuid4().hex[:8]}"
     invited = min(args.clients_per_round, devices) if args.clients_per_round else devices
-    admin.create_federation(federation, federation_config(model, invited, args.clients_per_round))
+    admin.create_federation(federation, federation_config(model, invited, args.clients_per_round, args.robust_rule))
     poll_s = args.poll_s or default_poll_s(devices)
     options = FleetOptions(address=coordinator.grpc_address, federation=federation, poll_s=poll_s,
                            shared_channel=args.shared_channel)
@@ -337,6 +341,7 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "heartbeat_s": args.heartbeat_s,
         "device_procs": m.device_procs,
         "connections": "one per process" if args.shared_channel else "one per device",
+        "robust_rule": args.robust_rule,
         "clients_per_round": args.clients_per_round,
         "model": m.model,
         "rounds_phase_s": m.window[1] - m.window[0],
