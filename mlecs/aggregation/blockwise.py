@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -213,16 +214,23 @@ class SpilledUpdates:
         weights = np.array([self._weights[name][i] for i in rows], dtype=np.float64)
         weights.flags.writeable = False
         width = max(1, self._block_bytes // (8 * len(rows)))
-        matrix = np.memmap(self._files[name], dtype=np.float32, mode="r", shape=(len(holders), size))
-        every_row = len(rows) == len(holders)
+        row_bytes = 4 * size
+        if os.path.getsize(self._files[name]) != row_bytes * len(holders):
+            raise AggregationError(f"tensor {name!r}: its spill file does not hold {len(holders)} rows")
+        # Explicit reads rather than a memory map: the pages of a mapped file, once touched, count in the
+        # process's resident memory until the mapping goes, which would make memory grow with the fleet.
+        descriptor = os.open(self._files[name], os.O_RDONLY)
         try:
             for start in range(0, size, width):
                 columns = slice(start, min(start + width, size))
-                # Only this block's pages are read; the float64 copy handed out is a plain array, not a view.
-                block = matrix[:, columns] if every_row else matrix[rows, columns]
-                yield columns, np.array(block, dtype=np.float64, subok=False), weights
+                count = columns.stop - columns.start
+                block = np.empty((len(rows), count), dtype=np.float32)
+                for position, row in enumerate(rows):
+                    offset = row * row_bytes + 4 * columns.start
+                    block[position] = np.frombuffer(_read_exactly(descriptor, 4 * count, offset), dtype=np.float32)
+                yield columns, block.astype(np.float64), weights
         finally:
-            del matrix  # drop the mapping as soon as the caller stops iterating
+            os.close(descriptor)
 
     def reduce(self, rule: BlockRule, exclude: Collection[str] = ()) -> dict[str, np.ndarray]:
         """``rule(values, weights) -> (B,)`` applied block by block; float32 tensors in their shapes, names sorted."""
@@ -351,3 +359,16 @@ def _client_scores(spilled: SpilledUpdates, centre: Mapping[str, np.ndarray]) ->
             totals[client_id] += size * score
             sizes[client_id] += size
     return {client_id: totals[client_id] / sizes[client_id] for client_id in totals}
+
+
+def _read_exactly(descriptor: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset`` (pread may return fewer than asked)."""
+    parts = []
+    while size > 0:
+        part = os.pread(descriptor, size, offset)
+        if not part:
+            raise AggregationError("a spill file ended early; it was changed or truncated while in use")
+        parts.append(part)
+        size -= len(part)
+        offset += len(part)
+    return b"".join(parts) if len(parts) > 1 else parts[0]
