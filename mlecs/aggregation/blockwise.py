@@ -2,12 +2,13 @@
 
 A median or trimmed mean cannot stream like a weighted sum: each coordinate needs all clients'
 values. Holding K updates in memory grows with K, so ``SpilledUpdates`` appends each update to one raw
-float32 file per tensor (a row per client) and reads it back through a read-only memory map, a block
-of columns at a time, sized so that one block of K values per column stays under ``block_bytes``.
-Memory then stays flat in the number of clients; only the block width shrinks.
+float32 file per tensor (a row per client) and reads it back with positioned reads, a block of columns
+at a time, sized so that one block of K values per column stays under ``block_bytes``. Memory then
+stays flat in the number of clients; only the block width shrinks.
 
-``robust_aggregate`` builds on it: a weighted-median centre, each client's distance to it as an
-anomaly score, optional exclusion of outliers, and the chosen robust rule over the clients kept.
+``robust_aggregate`` builds on it: a weighted-median centre, each client's anomaly score (per tensor,
+its distance to the centre over the median distance of that tensor's holders), optional exclusion of
+outliers, and the chosen robust rule over the clients kept.
 """
 
 from __future__ import annotations

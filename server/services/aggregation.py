@@ -20,7 +20,6 @@ Clipping (``clip_norm``) applies to each update before any rule.
 from __future__ import annotations
 
 import math
-import tempfile
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -212,8 +211,7 @@ def aggregate_robust(config: FederationConfig, base: dict[str, np.ndarray], upda
     fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if spill_dir is not None:
         spill_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="robust-", dir=spill_dir) as directory, \
-            SpilledUpdates(Path(directory), block_bytes=block_bytes) as spilled:
+    with SpilledUpdates(spill_dir, block_bytes=block_bytes) as spilled:  # a private directory, removed after
         for update, (weight, key) in zip(updates, weighted, strict=True):
             tensors = decode_tensors(read_blob(update))
             z = tensors.pop(FUSED_TENSOR, None)
