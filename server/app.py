@@ -119,7 +119,7 @@ class Coordinator:
             ("grpc.max_send_message_length", limit),
             # A fixed per-stream receive window (no BDP probing, which grew it to megabytes on loopback):
             # upload streams waiting for a slot then hold at most this much here each, instead of the
-            # whole update. At N = 1000 this took peak RSS from 2.5-2.75 GiB to 1.2 GiB.
+            # whole update. At N = 1000 this took peak RSS from 2.4-2.75 GiB to 1.2-1.4 GiB.
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", self.settings.grpc_stream_window_bytes),
         ])
