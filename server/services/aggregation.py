@@ -53,7 +53,8 @@ class AggregateResult:
     excluded_devices: list[str] = field(default_factory=list)
     """Robust rules: devices whose update was left out as an outlier (``exclude_above``)."""
     anomaly_scores: dict[str, float] = field(default_factory=dict)
-    """Robust rules: each device's distance to the coordinate-wise median over the median distance."""
+    """Robust rules: each device's anomaly score (per tensor, its distance to the coordinate-wise median
+    over the median distance of that tensor's holders, averaged by tensor size)."""
 
 
 def version_staleness(version_ids: Sequence[str], round_base: str | None, update_base: str | None) -> int:
@@ -79,10 +80,7 @@ class RoundAccumulator:
     def add(self, update: Update, tensors: dict[str, np.ndarray], staleness: int) -> None:
         """Adds an accepted update (its decoded tensors, ``fused.z`` included or not); once per update."""
         config = self._config
-        tensors = dict(tensors)
-        z = tensors.pop(FUSED_TENSOR, None)
-        if config.clip_norm:
-            tensors, _ = clip_update(tensors, config.clip_norm)
+        tensors, z = _prepared(config, tensors)
         weight, key = own_weight(config, update, staleness)
         modalities, agreement = frozenset(update.modalities), update.anchor_agreement
         with self._lock:
@@ -118,6 +116,17 @@ class RoundAccumulator:
                                                 if prod is not None])
                 new.update(products.result())
             return AggregateResult(tensors=new, quality=quality, fused=list(self.fused))
+
+
+def _prepared(config: FederationConfig, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                                                 np.ndarray | None]:
+    """An update's tensors as every rule takes them (fused features apart, clipped to ``clip_norm``), and
+    its fused features."""
+    tensors = dict(tensors)
+    z = tensors.pop(FUSED_TENSOR, None)
+    if config.clip_norm:
+        tensors, _ = clip_update(tensors, config.clip_norm)
+    return tensors, z
 
 
 def own_weight(config: FederationConfig, update: Update, staleness: int) -> tuple[float, Hashable]:
@@ -213,10 +222,7 @@ def aggregate_robust(config: FederationConfig, base: dict[str, np.ndarray], upda
         spill_dir.mkdir(parents=True, exist_ok=True)
     with SpilledUpdates(spill_dir, block_bytes=block_bytes) as spilled:  # a private directory, removed after
         for update, (weight, key) in zip(updates, weighted, strict=True):
-            tensors = decode_tensors(read_blob(update))
-            z = tensors.pop(FUSED_TENSOR, None)
-            if config.clip_norm:
-                tensors, _ = clip_update(tensors, config.clip_norm)
+            tensors, z = _prepared(config, decode_tensors(read_blob(update)))
             spilled.add(update.id, tensors, weight * scales[key])
             if z is not None:
                 fused[update.id] = (np.asarray(update.fused_sample_ids, dtype=np.int64), z)
