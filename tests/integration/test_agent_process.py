@@ -49,9 +49,11 @@ def test_the_agent_trains_a_round_then_stops_cleanly_on_sigterm(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
         try:
+            # Enrolment marks the device online on the coordinator a moment before the agent has
+            # written its identity to disk, so wait for both.
             _wait(lambda: any(d["online"] for d in c.admin.get(f"/v1/federations/{name}/devices").json()),
                   120, "agent did not enrol")
-            assert (tmp_path / "state" / "identity.json").exists()
+            _wait((tmp_path / "state" / "identity.json").exists, 30, "agent did not persist its identity")
             round_id = c.admin.post(f"/v1/federations/{name}/rounds").json()["id"]
             round_ = wait_for_round(c.admin, round_id, timeout_s=180)
             assert round_["state"] == "committed", round_
