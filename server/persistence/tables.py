@@ -198,4 +198,74 @@ class LeaseRow(Base):
     expires_at: Mapped[datetime]
 
 
+class EnrolmentTokenRow(Base):
+    """A one-time token an operator hands to one device so it can enrol (only its digest is kept)."""
+
+    __tablename__ = "enrolment_tokens"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    federation_id: Mapped[str] = mapped_column(ID, ForeignKey("federations.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(SHA256, unique=True)
+    device_name: Mapped[str | None] = mapped_column(NAME)
+    """When set, only a device of this name may use the token."""
+    created_by: Mapped[str] = mapped_column(NAME)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    used_by_device_id: Mapped[str | None] = mapped_column(ID)
+
+
+class AdminTokenRow(Base):
+    """A bearer token for the admin API: digest only, scopes, expiry, revocation."""
+
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(NAME)
+    token_hash: Mapped[str] = mapped_column(SHA256, unique=True)
+    scopes: Mapped[list[str]]
+    created_by: Mapped[str] = mapped_column(NAME)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class AuditEntryRow(Base):
+    """One admin action: who (token id and name), what (method, path, action), when, and the outcome."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index(None, "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    actor_id: Mapped[str | None] = mapped_column(ID)
+    actor_name: Mapped[str] = mapped_column(NAME)
+    action: Mapped[str] = mapped_column(NAME)
+    method: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(STATE)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class RefusalRow(Base):
+    """A device request refused on purpose (validation, rate limit, identity), kept for operators.
+
+    No foreign keys: a refusal may name a device or round that does not exist (that can be why it was refused).
+    """
+
+    __tablename__ = "refusals"
+    __table_args__ = (Index(None, "round_id"), Index(None, "device_id", "at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    federation_id: Mapped[str | None] = mapped_column(ID)
+    device_id: Mapped[str | None] = mapped_column(ID)
+    round_id: Mapped[str | None] = mapped_column(ID)
+    method: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+
+
 metadata = Base.metadata

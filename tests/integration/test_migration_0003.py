@@ -130,7 +130,7 @@ def test_upgrading_again_restores_the_0003_schema_with_defaults_for_old_rows(
         empty_database_url: str, written: Written) -> None:
     url = empty_database_url
     downgrade(url, BEFORE)
-    migrate(url)
+    migrate(url, HEAD)
 
     assert current_revision(url) == HEAD
     assert "leases" in _tables(url)
