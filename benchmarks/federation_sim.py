@@ -2,7 +2,8 @@
 
 Every learning step is the code the services run (``mlecs.learning.amt``, ``mlecs.learning.cloud``,
 ``mlecs.aggregation``); only gRPC, the database and the blob store are left out. A method is a set of
-switches on that code (see ``METHODS``).
+switches on that code (see ``METHODS``). ``SimConfig.poisoning`` adds attacking clients and the
+coordinator's robust defences (``benchmarks.adversary``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mlecs.aggregation import ClientUpdate, fedavg_weights, mma_weights, weighted_average_per_tensor
+from benchmarks.adversary import DEFENCES, Poisoning, aggregate_round, choose_attackers, poison_delta, round_record
+from mlecs.aggregation import ClientUpdate, fedavg_weights, mma_weights
 from mlecs.aggregation.lora_exact import average_lora_products
 from mlecs.aggregation.quality import agreement_weights, anchor_agreement
 from mlecs.codec import CodecKind, encode_tensors
@@ -70,6 +72,8 @@ class SimConfig:
     """MMA's noise factor softness; None leaves the factor out (modality count x samples only)."""
     unseen_speaker: int | None = 0
     """Speaker left out of every client's data; the global model is also evaluated on its clips."""
+    poisoning: Poisoning = field(default_factory=Poisoning)
+    """Attacking clients and the aggregation's defence; the default has neither (plain MMA/FedAvg)."""
 
 
 @dataclass
@@ -81,6 +85,8 @@ class SimResult:
     cloud_accuracy: float | None
     history: list[dict[str, float]]
     seconds: float
+    attackers: tuple[int, ...] = ()
+    """Indices of the clients that poisoned their updates (``config.poisoning``)."""
 
 
 def _zero_filled(split: AVMnistSplit, modalities: frozenset[Modality]) -> AVMnistSplit:
@@ -140,6 +146,11 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
              text_anchors: np.ndarray | None, say: Callable[[str], None] = lambda _: None) -> SimResult:
     """Runs one federation of ``config.rounds`` rounds with the named method; deterministic given ``seed``."""
     method = METHODS[method_name]
+    poisoning = config.poisoning
+    defence = DEFENCES[poisoning.defence]
+    if poisoning.defence != "none" and (method.exact_lora or not method.federated):
+        raise ValueError(f"defence {poisoning.defence!r} needs a federated method without exact LoRA, "
+                         f"not {method_name!r}")
     started = time.perf_counter()
     recipe = replace(config.recipe,
                      ccl_weight=config.recipe.ccl_weight if method.ccl else 0.0,
@@ -147,6 +158,7 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
                      fused_upload_samples=config.recipe.fused_upload_samples if method.seccl else 0)
     cloud_recipe = replace(config.cloud, ccl_weight=config.cloud.ccl_weight if method.ccl else 0.0)
     clients = _client_data(data, config, p, seed, method.zero_fill)
+    attackers = choose_attackers(len(clients), poisoning, seed)
     test, unseen = _eval_sets(data, config)
     models: dict[frozenset[Modality], EdgeModel] = {}
 
@@ -180,8 +192,9 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
                 local_states[index] = {k: v.numpy() for k, v in model_for(client.modalities).shared_state().items()}
                 continue
             personal[index] = result.personal
-            sizes.append(_update_bytes(result.delta, result.fused))
-            updates.append(ClientUpdate(client_id=str(index), tensors=result.delta,
+            delta = poison_delta(result.delta, poisoning.attack) if index in attackers else result.delta
+            sizes.append(_update_bytes(delta, result.fused))
+            updates.append(ClientUpdate(client_id=str(index), tensors=delta,
                                         num_samples=result.public_samples,
                                         modalities=frozenset(str(m) for m in client.modalities)))
             uploads.append((result.fused_ids, result.fused))
@@ -189,7 +202,8 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
         record: dict[str, float] = {"round": float(round_number), "client_accuracy_mean": client_acc}
         if method.federated:
             weights = _weights(method, updates, uploads, anchors, config.agreement_temperature)
-            delta = weighted_average_per_tensor(updates, weights)
+            aggregated = aggregate_round(updates, weights, defence)
+            delta = aggregated.delta
             new_tensors = {k: (v + delta[k]).astype(np.float32) if k in delta else v
                            for k, v in global_tensors.items()}
             if method.exact_lora:
@@ -197,9 +211,14 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
                 new_tensors.update(average_lora_products(full, weights))
             global_tensors = new_tensors
             upload_bytes = float(np.mean(sizes))
+            if poisoning.active:
+                record.update(round_record(aggregated, attackers))
+            # As the coordinator does: an excluded update's fused features stay out of cloud tuning.
+            kept = [upload for update, upload in zip(updates, uploads, strict=True)
+                    if update.client_id not in aggregated.excluded]
             if method.seccl:
                 tune_cloud(cloud, global_tensors, public, recipe=cloud_recipe, seed=round_seed,
-                           edge_fused=mean_edge_fused(uploads), text_anchors=text_anchors)
+                           edge_fused=mean_edge_fused(kept), text_anchors=text_anchors)
                 cloud_acc = evaluate(cloud, test, every)
                 anchors = generate_anchors(cloud, public, text_anchors)
                 record["cloud_accuracy"] = cloud_acc
@@ -218,7 +237,8 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
             unseen_acc = _local_global_accuracy(clients, local_states, model_for, unseen)
     return SimResult(global_accuracy=history[-1]["global_accuracy"], client_accuracy_mean=client_acc,
                      upload_bytes_per_client=upload_bytes, unseen_speaker_accuracy=unseen_acc,
-                     cloud_accuracy=cloud_acc, history=history, seconds=time.perf_counter() - started)
+                     cloud_accuracy=cloud_acc, history=history, seconds=time.perf_counter() - started,
+                     attackers=tuple(sorted(attackers)))
 
 
 def _as_torch(tensors: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -224,12 +224,14 @@ def run_load(devices: int, model: dict[str, Any], params: int, args: argparse.Na
         coordinator = CoordinatorProcess(Path(tmp) / "coordinator", stores, args.heartbeat_s,
                                          presence_ttl_s=4.0 * args.heartbeat_s)
         progress(f"{label} starting the coordinator (database {stores.database}, presence {stores.presence})")
-        admin = AdminClient(coordinator.admin_url)
+        admin: AdminClient | None = None
         try:
-            coordinator.start()
+            coordinator.start()  # makes the admin token the client sends
+            admin = AdminClient(coordinator.admin_url, coordinator.admin_token)
             record = _measure(coordinator, admin, devices, model, params, args, label)
         finally:
-            admin.close()
+            if admin is not None:
+                admin.close()
             code = coordinator.stop()
             progress(f"{label} coordinator stopped (exit code {code})")
         record.update(database=stores.database, presence=stores.presence)

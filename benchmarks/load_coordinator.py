@@ -272,6 +272,10 @@ class CoordinatorProcess:
             "MLECS_LOG_LEVEL": "WARNING",
             "MLECS_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
             "MLECS_PRESENCE_TTL_S": str(presence_ttl_s),
+            # Benchmark mode: plaintext and enrolment without tokens, so the simulated devices measure the
+            # coordinator's work, not TLS handshakes or token issuing (logged loudly by the coordinator).
+            "MLECS_ALLOW_PLAINTEXT": "true",
+            "MLECS_OPEN_ENROLMENT": "true",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
         }
@@ -281,6 +285,8 @@ class CoordinatorProcess:
             else:  # an unset URL selects the embedded store; one inherited from our environment must not leak in
                 self._env.pop(key, None)
         self._process: subprocess.Popen[bytes] | None = None
+        self.admin_token = ""
+        """An admin-scope token for the admin API, made by ``start`` (``mlecs-coordinator tokens create``)."""
 
     @property
     def grpc_address(self) -> str:
@@ -297,8 +303,16 @@ class CoordinatorProcess:
         return self._process.pid
 
     def start(self, timeout_s: float = 180.0) -> None:
-        """Starts the coordinator and waits until its admin API answers /healthz."""
+        """Makes an admin token (migrating the database), starts the coordinator and waits until its admin API
+        answers /healthz."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        made = subprocess.run([sys.executable, "-m", "server", "tokens", "create", "--name", "load-benchmark",
+                               "--scope", "admin", "--expires-in-days", "1", "--quiet"],
+                              env=self._env, capture_output=True, text=True, timeout=timeout_s, check=False)
+        if made.returncode != 0 or not made.stdout.strip():
+            raise LoadBenchmarkError(f"could not create an admin token (exit code {made.returncode}):\n"
+                                     f"{made.stderr[-2000:]}")
+        self.admin_token = made.stdout.strip()
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen([sys.executable, "-m", "server", "serve"], env=self._env,
                                              stdout=log, stderr=subprocess.STDOUT)
@@ -349,8 +363,8 @@ class CoordinatorProcess:
 class AdminClient:
     """The few admin API calls the benchmark makes; a refusal raises LoadBenchmarkError with the API's detail."""
 
-    def __init__(self, base_url: str) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=120)
+    def __init__(self, base_url: str, token: str) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {token}"})
 
     def close(self) -> None:
         self._http.close()

@@ -348,7 +348,8 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
         if options.shared_channel and channels:
             return fleet_pb2_grpc.FleetStub(channels[0])
         # A local subchannel pool gives each channel a connection of its own (gRPC otherwise shares one
-        # connection among channels to the same address with the same options).
+        # connection among channels to the same address with the same options). Benchmark mode: plaintext,
+        # enrolment without tokens (the coordinator runs with MLECS_ALLOW_PLAINTEXT and MLECS_OPEN_ENROLMENT).
         channels.append(grpc.aio.insecure_channel(
             options.address, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]))
         return fleet_pb2_grpc.FleetStub(channels[-1])

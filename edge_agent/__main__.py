@@ -4,7 +4,8 @@ Exit codes (systemd's RestartPreventExitStatus uses the configuration ones):
   0  stopped: the coordinator ended the federation, or SIGTERM/SIGINT
   1  unexpected failure (restart me)
   2  configuration error: fix the config file (restarting will not help)
-  3  refused by the coordinator: unknown federation or revoked device
+  3  refused by the coordinator: unknown federation, revoked device, or a missing, used or expired
+     enrolment token
 """
 
 from __future__ import annotations
@@ -45,12 +46,17 @@ def run(
     from edge_agent.client import CoordinatorClient
     from edge_agent.errors import CredentialRejected, RequestRefused
 
-    agent = Agent(settings, CoordinatorClient(settings.coordinator))
+    tls = settings.tls_material()  # checked by load_settings already
+    if tls is None:
+        logging.getLogger("mlecs.agent").warning(
+            "!!! PLAINTEXT connection to the coordinator (allow_plaintext = true): the device secret and updates "
+            "cross the network unencrypted. For local development only !!!")
+    agent = Agent(settings, CoordinatorClient(settings.coordinator, tls=tls))
     signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
     signal.signal(signal.SIGINT, lambda *_: agent.shutdown())
     try:
         agent.run()
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigError) as exc:
         typer.echo(f"configuration error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
     except (CredentialRejected, RequestRefused) as exc:

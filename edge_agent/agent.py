@@ -46,8 +46,9 @@ class Agent:
             except CoordinatorUnavailable as exc:
                 if self._stop.is_set():
                     raise
-                log.warning("%s: coordinator unavailable (%s); retrying in %.1fs", what, exc, delay)
-                self._stop.wait(delay * random.uniform(0.5, 1.5))
+                wait = max(delay * random.uniform(0.5, 1.5), exc.retry_after_s)  # at least as long as asked
+                log.warning("%s: coordinator unavailable (%s); retrying in %.1fs", what, exc, wait)
+                self._stop.wait(wait)
                 delay = min(delay * 2, self.settings.max_backoff_s)
             except CredentialRejected:
                 if self._identity is None:
@@ -61,8 +62,9 @@ class Agent:
         s = self.settings
         identity = self._state.load_identity(s.coordinator, s.federation)
         if identity is None:
+            token = s.enrolment_token_value()
             device_id, secret, interval = self._retry(
-                lambda: self._client.enrol(s.federation, s.device_name, s.modalities), "enrol")
+                lambda: self._client.enrol(s.federation, s.device_name, s.modalities, token), "enrol")
             identity = Identity(s.coordinator, s.federation, device_id, secret)
             self._state.save_identity(identity)
             self._heartbeat_s = interval or self._heartbeat_s

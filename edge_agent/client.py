@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from edge_agent.config import TlsMaterial
 from edge_agent.errors import AgentError, CoordinatorUnavailable, CredentialRejected, RequestRefused
 from edge_agent.tasks import GlobalVersion, Stop, TrainTask, UploadRequest, Wait
 from mlecs.codec import iter_chunks
@@ -29,23 +30,46 @@ def translate(exc: grpc.RpcError) -> AgentError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     message = f"{code.name}: {detail}"
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (detail or ""):
+        return RequestRefused(message)  # gRPC's message size limit: the same message fails every time
     if code in _RETRYABLE:
-        return CoordinatorUnavailable(message)
+        return CoordinatorUnavailable(message, retry_after_s=_retry_after_s(exc))
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return CredentialRejected(message)
     # PERMISSION_DENIED (revoked, not invited, acting as another device) is not cured by enrolling again.
     return RequestRefused(message)
 
 
+def _retry_after_s(exc: grpc.RpcError) -> float:
+    """The coordinator's ``retry-after-ms`` hint (sent with RESOURCE_EXHAUSTED when over the rate limit), or 0."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, min(float(value) / 1000, 300.0))
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
+
+
 class CoordinatorClient:
+    """The coordinator over gRPC: mutual TLS with ``tls`` (this device's certificate), plaintext without."""
+
     def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = 8 * 1024 * 1024,
-                 task_wait_s: int = TASK_WAIT_S) -> None:
-        self._channel = grpc.insecure_channel(address, options=[
+                 task_wait_s: int = TASK_WAIT_S, tls: TlsMaterial | None = None) -> None:
+        options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # With several replica addresses, spread calls and skip a replica that is down.
             ("grpc.lb_policy_name", "round_robin"),
-        ])
+        ]
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            credentials = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
         self._timeout = timeout_s
         self._task_wait_s = max(0, min(task_wait_s, int(timeout_s) - 5))
@@ -57,11 +81,12 @@ class CoordinatorClient:
     def authenticate(self, device_id: str, secret: str) -> None:
         self._metadata = (("authorization", f"Device {device_id}:{secret}"),)
 
-    def enrol(self, federation: str, device_name: str, modalities: list[str]) -> tuple[str, str, int]:
+    def enrol(self, federation: str, device_name: str, modalities: list[str],
+              enrolment_token: str = "") -> tuple[str, str, int]:
         """Returns (device id, secret, heartbeat interval)."""
         try:
             reply = self._stub.Enrol(pb.EnrolRequest(
-                federation=federation, device_name=device_name,
+                federation=federation, device_name=device_name, enrolment_token=enrolment_token,
                 modalities=[_MODALITY[m] for m in modalities], agent_version="0.1.0"), timeout=self._timeout)
         except grpc.RpcError as exc:
             raise translate(exc) from exc

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from mlecs.certs import CertificateError, check_key_pair, common_name
 from mlecs.modality import parse_modalities
 
 
@@ -38,6 +40,32 @@ class PartitionSettings(BaseModel):
     seed: int = 0
 
 
+class TlsSettings(BaseModel):
+    """Mutual TLS to the coordinator: files from ``mlecs certs`` (or your own CA)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path
+    """CA certificate the coordinator's certificate must chain to (``ca.pem``)."""
+    cert_file: Path
+    """This device's client certificate (``mlecs certs device NAME``); its CN must equal ``device_name``."""
+    key_file: Path
+    """The private key of ``cert_file`` (keep it mode 0600)."""
+    server_name: str | None = None
+    """The name to check the coordinator's certificate against when it is not the host in ``coordinator``
+    (e.g. a target listing several replica IPs); default: that host."""
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The PEM bytes of a checked ``TlsSettings``, as the gRPC channel needs them."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    server_name: str | None = None
+
+
 class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +82,53 @@ class AgentSettings(BaseModel):
     max_backoff_s: float = Field(30.0, gt=0)
     data: DataSettings = Field(default_factory=DataSettings)
     partition: PartitionSettings
+    tls: TlsSettings | None = None
+    """Mutual TLS to the coordinator; required unless ``allow_plaintext``."""
+    allow_plaintext: bool = False
+    """Talk to the coordinator without TLS. For local development only (logged loudly at start)."""
+    enrolment_token: SecretStr | None = None
+    """The one-time enrolment token from the operator (``mlecs-coordinator enrolment-tokens create``). Needed
+    only for the first enrolment; prefer ``enrolment_token_file``, which keeps it out of the config."""
+    enrolment_token_file: Path | None = None
+    """A file holding the enrolment token (read only when the agent enrols)."""
+
+    def enrolment_token_value(self) -> str:
+        """The enrolment token, or "" when none is configured (the coordinator may allow open enrolment).
+        Raises ConfigError when the token file cannot be read."""
+        if self.enrolment_token is not None:
+            return self.enrolment_token.get_secret_value().strip()
+        if self.enrolment_token_file is None:
+            return ""
+        try:
+            return self.enrolment_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"enrolment_token_file {self.enrolment_token_file} cannot be read: {exc.strerror}; "
+                              "the agent needs it to enrol") from exc
+
+    def tls_material(self) -> TlsMaterial | None:
+        """The TLS files, read and checked (the key matches the certificate, whose CN is this device's
+        name); None for plaintext. Raises ConfigError naming the file and the problem."""
+        if self.tls is None:
+            return None
+        pems = {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self.tls, key)
+            try:
+                pems[key] = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"tls.{key}: {path} cannot be read: {exc.strerror}") from exc
+        try:
+            check_key_pair(pems["cert_file"], pems["key_file"], f"tls.cert_file {self.tls.cert_file} with tls.key_file")
+            name = common_name(pems["cert_file"])
+        except CertificateError as exc:
+            raise ConfigError(str(exc)) from exc
+        if name != self.device_name:
+            raise ConfigError(f"tls.cert_file {self.tls.cert_file} is for device {name!r}, but device_name is "
+                              f"{self.device_name!r}: the coordinator accepts a certificate only for the device "
+                              "it names")
+        if b"-----BEGIN CERTIFICATE-----" not in pems["ca_file"]:
+            raise ConfigError(f"tls.ca_file {self.tls.ca_file} holds no PEM certificate")
+        return TlsMaterial(pems["ca_file"], pems["cert_file"], pems["key_file"], self.tls.server_name)
 
     @field_validator("modalities")
     @classmethod
@@ -76,4 +151,13 @@ def load_settings(path: Path) -> AgentSettings:
         raise ConfigError(f"{path}: {problems}") from exc
     if settings.partition.client_index >= settings.partition.num_clients:
         raise ConfigError(f"{path}: partition.client_index must be below partition.num_clients")
+    if settings.tls is None and not settings.allow_plaintext:
+        raise ConfigError(f"{path}: no [tls] section: set tls.ca_file, tls.cert_file and tls.key_file (from `mlecs "
+                          "certs`), or allow_plaintext = true for local development only")
+    if settings.enrolment_token is not None and settings.enrolment_token_file is not None:
+        raise ConfigError(f"{path}: set enrolment_token or enrolment_token_file, not both")
+    try:
+        settings.tls_material()  # the files are checked now, not at the first connection
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return settings

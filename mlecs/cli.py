@@ -10,6 +10,9 @@ from pathlib import Path
 
 import typer
 
+from mlecs.admin_cli import register as register_admin_commands
+from mlecs.certs_cli import certs_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mlecs: federated multimodal learning between a coordinator and edge devices.")
 
@@ -18,6 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @app.callback()
 def _root() -> None:
     """mlecs: federated multimodal learning between a coordinator and edge devices."""
+
+
+app.add_typer(certs_app, name="certs")
+register_admin_commands(app)  # federations, rounds, devices, enrolment-tokens, versions, tokens, audit
 
 
 COLUMNS = ("round", "participants", "global acc", "client acc", "cloud acc", "upload B/client", "upload ratio",
@@ -62,6 +69,9 @@ def fleet(
     label-skewed shard of AV-MNIST; each round prints participants, global test accuracy, mean
     personalised client accuracy, bytes uploaded per client, the upload as a share of the full edge
     model in fp32, and the round's wall time.
+
+    It runs the secure setup: a development CA and certificates under the workdir's certs/, mutual TLS on
+    the device port, and a one-time enrolment token per agent.
     """
     from mlecs.fleet.runner import FleetError, FleetOptions, run_fleet
 

@@ -1,18 +1,32 @@
-"""``mlecs-coordinator``: run the coordinator, or only migrate its database.
+"""``mlecs-coordinator``: run the coordinator, migrate its database, or manage admin tokens on it.
 
-Exit codes: 0 stopped cleanly; 2 bad configuration; 1 unexpected failure.
+Exit codes: 0 stopped cleanly; 2 bad configuration (the device port with neither TLS nor
+MLECS_ALLOW_PLAINTEXT, among others); 1 unexpected failure, or a ``tokens`` / ``enrolment-tokens`` command
+refused (unknown token id, invalid name or scope, unknown federation).
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
+import os
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import typer
 from pydantic import ValidationError
 
 from server.config import CoordinatorSettings
+from server.domain.errors import CoordinatorError
+
+if TYPE_CHECKING:
+    from server.services.admin_tokens import AdminTokenService
+    from server.services.devices import DeviceService
 
 cli = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="The mlecs coordinator. Settings come from MLECS_* environment variables.")
@@ -39,13 +53,21 @@ def serve() -> None:
 
     With no MLECS_DATABASE_URL the coordinator keeps its state in SQLite under MLECS_STATE_DIR
     (default ./mlecs-data); with no MLECS_REDIS_URL device presence is kept in-process.
+
+    The device port needs mutual TLS (MLECS_TLS_CERT_FILE, MLECS_TLS_KEY_FILE, MLECS_TLS_CLIENT_CA_FILE;
+    `mlecs certs init` makes development ones) unless MLECS_ALLOW_PLAINTEXT=true (local development).
     """
     settings = _settings()
     _logging(settings.log_level)
     from server.app import Coordinator
+    from server.config import ConfigurationError
 
     sys.setswitchinterval(settings.gil_switch_interval_s)
-    asyncio.run(Coordinator(settings).run())
+    try:
+        asyncio.run(Coordinator(settings).run())
+    except ConfigurationError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
 
 
 @cli.command("migrate")
@@ -57,6 +79,134 @@ def migrate_command(revision: str = typer.Argument("head", help="Alembic revisio
 
     migrate(settings.resolved_database_url(), revision)
     typer.echo(f"database at revision {revision}")
+
+
+tokens_cli = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+    "Admin API tokens, directly on the configured database (migrated first). The first admin token can only be "
+    "made here: there is no default password."))
+cli.add_typer(tokens_cli, name="tokens")
+
+
+@contextmanager
+def _token_service() -> Iterator[AdminTokenService]:
+    """The token service on the configured database; a refused command prints why and exits 1."""
+    from server.persistence.database import migrate
+    from server.persistence.sql_store import SqlStore
+    from server.services.admin_tokens import AdminTokenService
+
+    settings = _settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    migrate(url)
+    store = SqlStore.from_url(url)
+    try:
+        yield AdminTokenService(store)
+    except CoordinatorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        store.close()
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = f"uid {os.getuid()}"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _when(value: datetime | None, never: str = "never") -> str:
+    return never if value is None else value.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@tokens_cli.command("create")
+def tokens_create(
+    name: str = typer.Option(..., "--name", help="Who or what holds the token; shown in the audit log."),
+    scopes: list[str] = typer.Option(["admin"], "--scope", help="read, operate or admin (admin ⊇ operate ⊇ read); "
+                                                               "repeat for several."),
+    expires_in_days: int | None = typer.Option(None, "--expires-in-days", min=1, max=3650,
+                                               help="Lifetime in days (default: until revoked)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the token, for scripts."),
+) -> None:
+    """Create an admin token and print it once (only its sha256 is stored)."""
+    with _token_service() as tokens:
+        expires_in = None if expires_in_days is None else timedelta(days=expires_in_days)
+        issued = tokens.create(name, scopes, expires_in, _operator())
+    if not quiet:
+        token = issued.token
+        typer.echo(f"created token {token.id} {token.name!r}: scopes {', '.join(sorted(s.value for s in token.scopes))}"
+                   f", expires {_when(token.expires_at)}")
+        typer.echo("store it now, it is not shown again:")
+    typer.echo(issued.plaintext)
+
+
+@tokens_cli.command("list")
+def tokens_list() -> None:
+    """List admin tokens (never their plaintext)."""
+    with _token_service() as tokens:
+        listed = tokens.list_all()
+    now = datetime.now(UTC)
+    typer.echo(f"{'id':<32}  {'name':<24}  {'scopes':<20}  {'state':<8}  {'expires':<20}  last used")
+    for t in listed:
+        state = ("revoked" if t.revoked_at else
+                 "expired" if t.expires_at is not None and t.expires_at <= now else "active")
+        typer.echo(f"{t.id:<32}  {t.name[:24]:<24}  {','.join(sorted(s.value for s in t.scopes)):<20}  {state:<8}  "
+                   f"{_when(t.expires_at):<20}  {_when(t.last_used_at, '-')}")
+
+
+@tokens_cli.command("revoke")
+def tokens_revoke(token_id: str = typer.Argument(..., help="The token's id (from `tokens list`).")) -> None:
+    """Revoke an admin token: its next request is refused."""
+    with _token_service() as tokens:
+        token = tokens.revoke(token_id)
+    typer.echo(f"revoked token {token.id} {token.name!r}")
+
+
+enrolment_cli = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+    "One-time enrolment tokens for devices, directly on the configured database (migrated first). A device "
+    "enrols once with its token (agent config: enrolment_token_file); the token is then used up."))
+cli.add_typer(enrolment_cli, name="enrolment-tokens")
+
+
+@enrolment_cli.command("create")
+def enrolment_tokens_create(
+    federation: str = typer.Option(..., "--federation", help="Name (or id) of the federation the device joins."),
+    device_names: list[str] = typer.Option(
+        None, "--device-name", help="Only the device of this name may use the token (it may then also re-enrol "
+                                    "an existing device of that name). Repeat for one token per name, printed "
+                                    "in the same order. Default: one token for one new device of any name."),
+    ttl_hours: float = typer.Option(24.0, "--ttl-hours", min=0.001, max=720,
+                                    help="How long the token may be used, in hours."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the token(s), one per line, for scripts."),
+) -> None:
+    """Create a one-time enrolment token and print it once (only its sha256 is stored)."""
+    names: list[str | None] = list(device_names) if device_names else [None]
+    with _device_service() as devices:
+        issued = [devices.issue_enrolment_token(federation, name, ttl_hours * 3600, _operator()) for name in names]
+    for plaintext, token in issued:
+        if not quiet:
+            who = f"device {token.device_name!r}" if token.device_name else "one new device"
+            typer.echo(f"enrolment token {token.id} for {who} in federation {federation!r}, usable until "
+                       f"{_when(token.expires_at)}; give it to the device now, it is not shown again:", err=True)
+        typer.echo(plaintext)
+
+
+@contextmanager
+def _device_service() -> Iterator[DeviceService]:
+    """The device service on the configured database and Redis; a refused command prints why and exits 1."""
+    from server.app import build_services
+
+    settings = _settings()
+    services = build_services(settings)
+    try:
+        yield services.devices
+    except CoordinatorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        services.ctx.presence.close()
+        services.ctx.revocations.close()
 
 
 def main() -> None:

@@ -22,18 +22,25 @@ from server.learning.global_model import GlobalEvaluator
 from server.persistence.blobs import FileBlobStore
 from server.persistence.database import create_engine_for, migrate
 from server.persistence.presence import create_presence_store
+from server.persistence.revocations import create_revocation_feed
 from server.persistence.sql_store import SqlStore
+from server.services.admin_tokens import AdminTokenService
 from server.services.aggregation import RoundAccumulators
+from server.services.audit import AuditService
 from server.services.context import ServiceContext
 from server.services.devices import DeviceService
 from server.services.federations import FederationService
+from server.services.inspection import RoundInspectionService
 from server.services.locks import RoundLocks
+from server.services.rate_limits import TokenBucketLimiter
+from server.services.refusals import RefusalRecorder
 from server.services.rounds import RoundService
 from server.services.uploads import UploadService
 from server.services.versions import VersionService
 from server.transport.admin_api import AdminServices, create_admin_app
 from server.transport.grpc_servicer import FleetServicer
 from server.transport.long_poll import ChangeSignal
+from server.transport.tls import device_port_credentials
 
 log = logging.getLogger("mlecs.coordinator")
 
@@ -48,6 +55,15 @@ class Services:
     rounds: RoundService
     uploads: UploadService
     versions: VersionService
+    refusals: RefusalRecorder
+    admin_tokens: AdminTokenService
+    audit: AuditService
+    inspection: RoundInspectionService
+
+    def admin_services(self) -> AdminServices:
+        """What the admin API calls."""
+        return AdminServices(self.federations, self.rounds, self.devices, self.versions, self.health,
+                             tokens=self.admin_tokens, audit=self.audit, inspection=self.inspection)
 
     def health(self) -> dict[str, bool]:
         """Whether the database and the presence store answer. Only the database decides readiness:
@@ -73,6 +89,7 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         presence=create_presence_store(settings.redis_url, settings.redis_prefix, settings.presence_flush_interval_s),
         evaluator=GlobalEvaluator(settings.data_dir, settings.eval_setting),
         cloud=CloudTuner(settings.data_dir, settings.eval_setting),
+        revocations=create_revocation_feed(settings.redis_url, settings.redis_prefix),
     )
     locks = RoundLocks()
     accumulators = RoundAccumulators()  # running sums of the rounds this replica accepts updates for
@@ -89,6 +106,10 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         rounds=RoundService(ctx, federations, locks, accumulators),
         uploads=UploadService(ctx, locks, on_accepted, accumulators),
         versions=VersionService(ctx, federations),
+        refusals=RefusalRecorder(ctx.store, record_interval_s=settings.refusal_record_interval_s),
+        admin_tokens=AdminTokenService(ctx.store),
+        audit=AuditService(ctx.store),
+        inspection=RoundInspectionService(ctx),
     )
 
 
@@ -111,6 +132,12 @@ class Coordinator:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.shutdown)
+        # Checked first: a coordinator that may not serve devices must not migrate or start anything.
+        device_credentials = device_port_credentials(self.settings)
+        if self.settings.open_enrolment:
+            log.warning("!!! OPEN ENROLMENT (MLECS_OPEN_ENROLMENT=true): any caller that reaches the device port "
+                        "can enrol in any active federation without an enrolment token. For local development "
+                        "and benchmarks only !!!")
         services = await asyncio.to_thread(build_services, self.settings, self._wake, loop)
         self.services = services
         limit = self.settings.max_message_bytes
@@ -127,23 +154,28 @@ class Coordinator:
         changes = ChangeSignal()
         fleet = FleetServicer(services.devices, services.rounds, services.uploads, services.versions.read, chunk,
                               max_uploads=self.settings.max_concurrent_uploads,
-                              max_downloads=self.settings.max_concurrent_downloads, changes=changes)
+                              max_downloads=self.settings.max_concurrent_downloads, changes=changes,
+                              limiter=TokenBucketLimiter(self.settings.device_rate_per_s, self.settings.device_burst),
+                              refusals=services.refusals,
+                              mtls=device_credentials is not None)
         fleet_pb2_grpc.add_FleetServicer_to_server(fleet, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.grpc_port = (server.add_insecure_port(address) if device_credentials is None
+                          else server.add_secure_port(address, device_credentials))
         await server.start()
         await health_servicer.set(FLEET_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
-        admin = create_admin_app(AdminServices(services.federations, services.rounds, services.devices,
-                                               services.versions, services.health))
+        admin = create_admin_app(services.admin_services())
         http = uvicorn.Server(uvicorn.Config(admin, host=self.settings.admin_host, port=self.settings.admin_port,
                                              log_level="warning", lifespan="off"))
         http_task = asyncio.create_task(http.serve())
         scheduler = asyncio.create_task(self._schedule(services))
         watcher = asyncio.create_task(self._watch(services, changes))
         lag = asyncio.create_task(_measure_loop_lag())
+        revocations = asyncio.create_task(self._follow_revocations(services))
         log.info("coordinator serving gRPC on %s:%d and the admin API on http://%s:%d",
                  self.settings.grpc_host, self.grpc_port, self.settings.admin_host, self.settings.admin_port)
         try:
@@ -154,11 +186,14 @@ class Coordinator:
             scheduler.cancel()
             watcher.cancel()
             lag.cancel()
+            revocations.cancel()
             http.should_exit = True
             await server.stop(grace=5)
-            await asyncio.gather(http_task, scheduler, watcher, lag, return_exceptions=True)
+            await asyncio.gather(http_task, scheduler, watcher, lag, revocations, return_exceptions=True)
             await asyncio.to_thread(services.rounds.release_leases)
             await asyncio.to_thread(services.ctx.presence.close)
+            await asyncio.to_thread(services.refusals.close)
+            await asyncio.to_thread(services.ctx.revocations.close)
             fleet.close()
 
     async def _schedule(self, services: Services) -> None:
@@ -189,6 +224,22 @@ class Coordinator:
             if marker != seen:
                 seen = marker
                 changes.notify()
+
+    async def _follow_revocations(self, services: Services) -> None:
+        """Forgets the remembered credentials of devices other replicas revoked (see
+        ``server.persistence.revocations``), every ``revocation_poll_interval_s``."""
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.revocation_poll_interval_s)
+            try:
+                await asyncio.to_thread(services.devices.follow_revocations)
+            except UnavailableError as exc:
+                if not failing:
+                    log.warning("revocations by other replicas take effect here when cached credentials "
+                                "expire (%.0f s) until Redis answers: %s", self.settings.credential_cache_s, exc)
+                failing = True
+            else:
+                failing = False
 
 
 async def _measure_loop_lag(interval_s: float = 0.1) -> None:

@@ -6,8 +6,12 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work together; the message says what to set. Not retryable (exit code 2)."""
 
 
 class CoordinatorSettings(BaseSettings):
@@ -31,6 +35,16 @@ class CoordinatorSettings(BaseSettings):
     """Largest gRPC message accepted or sent; chunks must fit well inside it."""
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest declared size of one update."""
+    device_rate_per_s: float = Field(default=5.0, ge=0)
+    """Requests per second one device may make on average (an upload stream counts once; Enrol is counted per
+    federation and device name); 0 turns the limit off. Kept in each replica: N replicas allow N times it.
+    A healthy agent makes well under one per second."""
+    device_burst: int = Field(default=50, ge=1)
+    """Requests one device may make at once before ``device_rate_per_s`` applies (a round's task, download,
+    upload and report, retries included, fit several times over)."""
+    refusal_record_interval_s: float = Field(default=10.0, ge=0)
+    """A device refused for its rate, or a caller refused as unauthenticated or not permitted, is recorded at
+    most once per this many seconds per device (or peer address) and method; every refusal is still counted."""
     max_concurrent_uploads: int = Field(default=16, ge=1)
     """Upload streams received at once; more wait their turn (bounds memory under a thundering herd)."""
     grpc_stream_window_bytes: int = Field(default=256 * 1024, ge=64 * 1024)
@@ -47,7 +61,26 @@ class CoordinatorSettings(BaseSettings):
     credential_cache_s: float = Field(default=30.0, ge=0)
     """How long a verified device credential is remembered, so most calls need no database read. Within
     one replica a re-enrolment takes effect at once; another replica may accept the old credential for up
-    to this long. 0 reads the database on every call."""
+    to this long. 0 reads the database on every call. A revocation reaches every replica sooner (see
+    ``revocation_poll_interval_s``)."""
+    revocation_poll_interval_s: float = Field(default=0.25, gt=0)
+    """How often each replica reads the revocations other replicas published in Redis and forgets those
+    devices' remembered credentials: a device revoked through one replica is refused by the others from at
+    most this long later (without Redis, from at most ``credential_cache_s`` later)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate the device gRPC port presents (``mlecs certs init`` makes a development one).
+    With ``tls_key_file`` and ``tls_client_ca_file`` it turns on mutual TLS: set all three or none."""
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA certificate(s) that device client certificates must chain to. Each call is bound to the
+    device the certificate names (CN = device name)."""
+    allow_plaintext: bool = False
+    """Serve the device port without TLS. For local development and benchmarks only (logged loudly): device
+    secrets and updates then cross the network in the clear."""
+    open_enrolment: bool = False
+    """Let devices enrol without a one-time enrolment token. For local development and benchmarks only
+    (logged loudly): anyone who can reach the device port can then join a federation."""
     scheduler_interval_s: float = Field(default=1.0, gt=0)
     task_watch_interval_s: float = Field(default=0.25, gt=0)
     """How often held task long polls look for rounds opened by another replica."""
@@ -78,3 +111,16 @@ class CoordinatorSettings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.state_dir / 'coordinator.db').resolve()}"
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> CoordinatorSettings:
+        tls = {"MLECS_TLS_CERT_FILE": self.tls_cert_file, "MLECS_TLS_KEY_FILE": self.tls_key_file,
+               "MLECS_TLS_CLIENT_CA_FILE": self.tls_client_ca_file}
+        missing = [name for name, value in tls.items() if value is None]
+        if 0 < len(missing) < len(tls):
+            raise ValueError(f"mutual TLS needs all of {', '.join(tls)}; missing {', '.join(missing)}")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None

@@ -22,6 +22,12 @@ ROUND_DURATION = Histogram(
 ROUND_PARTICIPANTS = Gauge("mlecs_round_participants", "Participants of the latest round", ["kind"])
 UPDATES = Counter("mlecs_updates_total", "Uploaded updates by outcome", ["outcome"])
 UPDATE_REJECTIONS = Counter("mlecs_update_rejections_total", "Refused updates by reason", ["reason"])
+REFUSALS = Counter("mlecs_refusals_total", "Device requests refused on purpose, by RPC and reason",
+                   ["method", "reason"])
+REFUSALS_UNRECORDED = Counter(
+    "mlecs_refusals_unrecorded_total",
+    "Refusals counted but not written to the refusals table: thinned (a flood from one caller), queue_full, "
+    "or store_error", ["cause"])
 UPLOAD_BYTES = Counter("mlecs_upload_bytes_total", "Update bytes received from devices")
 DOWNLOAD_BYTES = Counter("mlecs_download_bytes_total", "Global adapter/anchor bytes sent to devices")
 GLOBAL_ACCURACY = Gauge("mlecs_global_accuracy", "Test accuracy of the current global version", ["modalities"])

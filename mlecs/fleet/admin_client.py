@@ -1,9 +1,13 @@
-"""A minimal JSON client for the coordinator's admin API (stdlib only, so the CLI stays light)."""
+"""A minimal client for the coordinator's admin API (stdlib only, so the CLI stays light).
+
+Every /v1 call sends ``Authorization: Bearer <token>``; the health probes need none.
+"""
 
 from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -18,17 +22,24 @@ class AdminApiError(Exception):
 
 
 class AdminClient:
-    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self.token = token
         self.timeout_s = timeout_s
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def _open(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> tuple[bytes, Any]:
+        """Sends one request; returns the body and the response headers. Raises AdminApiError for an error status
+        and OSError (urllib.error.URLError) when the coordinator cannot be reached."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        url = self.base_url + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                payload = resp.read()
+                return resp.read(), resp.headers
         except urllib.error.HTTPError as exc:
             raw = exc.read().decode(errors="replace")
             try:
@@ -36,10 +47,18 @@ class AdminClient:
             except (ValueError, AttributeError):
                 detail = raw
             raise AdminApiError(exc.code, str(detail)) from exc
+
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        payload, _ = self._open(method, path, body, query)
         return json.loads(payload) if payload else None
 
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
+    def get(self, path: str, **query: Any) -> Any:
+        return self.request("GET", path, query=query)
+
+    def get_bytes(self, path: str) -> tuple[bytes, dict[str, str]]:
+        """A binary answer (a version's adapter) with its headers (lower-cased names)."""
+        payload, headers = self._open("GET", path)
+        return payload, {k.lower(): v for k, v in headers.items()}
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body if body is not None else {})

@@ -2,6 +2,11 @@
 
 Used by ``mlecs fleet`` and by the end-to-end test. The coordinator and agents are started as
 ``python -m server`` / ``python -m edge_agent`` so this module imports neither.
+
+It runs the secure setup a newcomer should copy: a development CA and certificates in ``<workdir>/certs``
+(``mlecs certs``), mutual TLS on the device port, and one one-time enrolment token per agent, made with
+``mlecs-coordinator enrolment-tokens create`` and handed to the agent in a file. Its own admin calls use an
+admin token made with ``mlecs-coordinator tokens create``, as an operator makes the first one.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from mlecs.certs import CaLayout, CertificateError, init_directory, issue_device_files
 from mlecs.data.partition import assign_modality_sets
 from mlecs.fleet.admin_client import AdminApiError, AdminClient
 
@@ -93,6 +99,8 @@ class LocalFleet:
         self.grpc_port = _free_port()
         self.admin = AdminClient(f"http://127.0.0.1:{self.admin_port}")
         self.federation = f"fleet-{int(time.time())}-{os.getpid()}"
+        self.certs = CaLayout(self.workdir / "certs")
+        self._coordinator_env: dict[str, str] = {}
 
     def __enter__(self) -> LocalFleet:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -124,6 +132,9 @@ class LocalFleet:
             "MLECS_ADMIN_PORT": str(self.admin_port),
             "MLECS_EVAL_SETTING": o.setting,
             "OMP_NUM_THREADS": "2",
+            "MLECS_TLS_CERT_FILE": str(self.certs.coordinator.cert),
+            "MLECS_TLS_KEY_FILE": str(self.certs.coordinator.key),
+            "MLECS_TLS_CLIENT_CA_FILE": str(self.certs.ca.cert),
         }
         if o.database_url:
             env["MLECS_DATABASE_URL"] = o.database_url
@@ -131,6 +142,12 @@ class LocalFleet:
             env["MLECS_REDIS_URL"] = o.redis_url
         if o.data_dir:
             env["MLECS_DATA_DIR"] = str(o.data_dir)
+        try:
+            init_directory(self.certs.root, force=True)  # a fresh development CA for every run
+        except CertificateError as exc:
+            raise FleetError(f"could not create the development certificates: {exc}") from exc
+        self._coordinator_env = env
+        self.admin.token = self.admin_token()
         self._spawn("coordinator", ["server", "serve"], env)
         deadline = time.monotonic() + 120
         while not self.admin.healthy():
@@ -155,18 +172,55 @@ class LocalFleet:
             raise FleetError(f"the coordinator refused the federation: {exc.detail}") from exc
         return federation
 
+    def admin_token(self) -> str:
+        """An admin-scope token for this run's admin calls, made as an operator makes the first one: with
+        ``mlecs-coordinator tokens create`` on the coordinator's database (which it migrates first)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "tokens", "create", "--name", f"mlecs-fleet-{os.getpid()}",
+             "--scope", "admin", "--expires-in-days", "1", "--quiet"],
+            capture_output=True, text=True, env={**os.environ, **self._coordinator_env}, cwd=self.workdir,
+            timeout=120, check=False)
+        token = result.stdout.strip()
+        if result.returncode != 0 or not token:
+            raise FleetError(f"could not create an admin token (exit code {result.returncode}): "
+                             f"{result.stderr.strip()[-2000:]}")
+        return token
+
+    def enrolment_tokens(self, device_names: list[str]) -> list[str]:
+        """One one-time enrolment token per device name, from the coordinator's own command line."""
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "enrolment-tokens", "create", "--federation", self.federation,
+             "--ttl-hours", "1", "--quiet", *(arg for name in device_names for arg in ("--device-name", name))],
+            capture_output=True, text=True, env={**os.environ, **self._coordinator_env}, cwd=self.workdir,
+            timeout=120, check=False)
+        tokens = result.stdout.split()
+        if result.returncode != 0 or len(tokens) != len(device_names):
+            raise FleetError(f"could not create enrolment tokens (exit code {result.returncode}): "
+                             f"{result.stderr.strip()[-2000:]}")
+        return tokens
+
     def start_agents(self) -> list[list[str]]:
         o = self.options
         modality_sets = assign_modality_sets(o.clients, o.seed)
+        device_names = [f"edge-{index}" for index in range(len(modality_sets))]
+        tokens = self.enrolment_tokens(device_names)
         for index, mods in enumerate(modality_sets):
             names = sorted(m.value for m in mods)
+            try:
+                device_files = issue_device_files(self.certs.root, device_names[index], force=True)
+            except CertificateError as exc:
+                raise FleetError(f"could not issue the certificate of {device_names[index]}: {exc}") from exc
+            token_file = self.workdir / f"agent-{index}.token"
+            token_file.touch(mode=0o600)
+            token_file.write_text(tokens[index] + "\n")
             lines = [
                 f'coordinator = "127.0.0.1:{self.grpc_port}"',
                 f'federation = "{self.federation}"',
-                f'device_name = "edge-{index}"',
+                f'device_name = "{device_names[index]}"',
                 f"modalities = {json.dumps(names)}",
                 f'state_dir = "{self.workdir / f"agent-{index}"}"',
                 "torch_threads = 1",
+                f'enrolment_token_file = "{token_file}"',
                 "[data]",
                 f'setting = "{o.setting}"',
                 *([f'dir = "{o.data_dir}"'] if o.data_dir else []),
@@ -177,6 +231,10 @@ class LocalFleet:
                 f"alpha = {o.alpha}",
                 f"public_fraction = {o.public_fraction}",
                 f"seed = {o.seed}",
+                "[tls]",
+                f'ca_file = "{self.certs.ca.cert}"',
+                f'cert_file = "{device_files.cert}"',
+                f'key_file = "{device_files.key}"',
             ]
             path = self.workdir / f"agent-{index}.toml"
             path.write_text("\n".join(lines) + "\n")

@@ -8,9 +8,11 @@
     │   └── LeaseLostError           a replica's lease passed to another replica; its write was refused
     ├── InvalidRequestError      malformed or inconsistent input (names what is wrong)
     │   └── UpdateRejectedError  an upload failed validation (size, checksum, schema, values)
-    ├── UnauthenticatedError     missing or wrong device credential
+    ├── UnauthenticatedError     missing or wrong device credential or admin token (expired, revoked)
     ├── PermissionDeniedError    a device acting outside its own identity, or revoked
-    └── UnavailableError         the database, Redis or blob store is down (retryable)
+    │   └── InsufficientScopeError   an admin token without the scope an operation needs
+    ├── UnavailableError         the database, Redis or blob store is down (retryable)
+    └── RateLimitedError         a device sent requests faster than its rate limit (retryable later)
 
 Each class says whether retrying the same request can help (``retryable``).
 """
@@ -65,7 +67,25 @@ class PermissionDeniedError(CoordinatorError):
     """The caller is known but may not do this."""
 
 
+class InsufficientScopeError(PermissionDeniedError):
+    """A valid admin token whose scopes do not include the one the operation needs (``scope``)."""
+
+    def __init__(self, scope: str, detail: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
+
+
 class UnavailableError(CoordinatorError):
     """A dependency (database, Redis, blob store) is unavailable; retry later."""
 
     retryable = True
+
+
+class RateLimitedError(CoordinatorError):
+    """The caller sent requests faster than its rate limit allows; retry after ``retry_after_s``."""
+
+    retryable = True
+
+    def __init__(self, detail: str, retry_after_s: float) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s

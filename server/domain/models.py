@@ -22,7 +22,8 @@ def new_id() -> str:
 
 class FederationState(StrEnum):
     ACTIVE = "active"
-    STOPPED = "stopped"
+    PAUSED = "paused"    # opens no new rounds and gives devices Wait; resumable
+    STOPPED = "stopped"  # terminal: devices are told to stop
 
 
 class UpdateState(StrEnum):
@@ -98,6 +99,10 @@ class FederationConfig:
     clip_norm: float = 0.0
     """Each update's delta (all its tensors together) is scaled down to at most this L2 norm before it is
     aggregated, with any rule; 0: no clipping."""
+    max_update_norm: float = 0.0
+    """An update whose delta (all its adapter tensors together, not the fused features) has a larger L2 norm
+    is rejected (reason ``norm_bound``) before it reaches aggregation; 0: no bound. Unlike ``clip_norm``,
+    which scales every update down, this refuses the update outright."""
     robust_rule: Literal["none", "median", "trimmed_mean"] = "none"
     """``median`` or ``trimmed_mean``: per coordinate over the round's updates, weighted by the rule's
     (MMA or FedAvg) weights, instead of the weighted mean. The coordinator spills the round's updates to
@@ -161,6 +166,8 @@ class FederationConfig:
         problems = []
         if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             problems.append("clip_norm must be a finite number >= 0 (0: no clipping)")
+        if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
+            problems.append("max_update_norm must be a finite number >= 0 (0: no bound)")
         if self.robust_rule not in ("none", "median", "trimmed_mean"):
             problems.append(f"robust_rule must be 'none', 'median' or 'trimmed_mean', not {self.robust_rule!r}")
         if not 0 <= self.trim_fraction < 0.5:
@@ -305,3 +312,111 @@ class DeviceReport:
     device_id: str
     metrics: dict[str, float]
     reported_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class EnrolmentToken:
+    """A one-time token an operator hands to a device so it can enrol in one federation. Only the sha256 of
+    the token is kept; the plaintext is shown once, when it is issued."""
+
+    federation_id: str
+    token_hash: str
+    created_by: str
+    expires_at: datetime
+    device_name: str | None = None
+    """When set, only the device of this name may use the token (and it may re-enrol an existing device of
+    that name); otherwise it enrols one new device of any name."""
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=utcnow)
+    used_at: datetime | None = None
+    used_by_device_id: str | None = None
+
+    def refusal(self, federation_id: str, device_name: str, now: datetime) -> str | None:
+        """Why this token cannot enrol ``device_name`` in ``federation_id`` now; None when it can."""
+        if self.federation_id != federation_id:
+            return "the enrolment token is for another federation"
+        if self.used_at is not None:
+            return f"the enrolment token was already used (at {self.used_at.isoformat(timespec='seconds')})"
+        if self.expires_at <= now:
+            return f"the enrolment token expired at {self.expires_at.isoformat(timespec='seconds')}"
+        if self.device_name is not None and self.device_name != device_name:
+            return f"the enrolment token is for device {self.device_name!r}, not {device_name!r}"
+        return None
+
+
+class AdminScope(StrEnum):
+    """What an admin token may do. Each scope includes the ones before it: admin ⊇ operate ⊇ read."""
+
+    READ = "read"        # every GET
+    OPERATE = "operate"  # create, pause, resume and stop federations; launch rounds; issue enrolment tokens
+    ADMIN = "admin"      # admin tokens, device revocation, version promotion, the audit log
+
+    def includes(self, other: AdminScope) -> bool:
+        order = list(AdminScope)
+        return order.index(self) >= order.index(other)
+
+
+@dataclass
+class AdminToken:
+    """A bearer token for the admin API. Only the sha256 of the token is kept; the plaintext is shown once."""
+
+    name: str
+    token_hash: str
+    scopes: frozenset[AdminScope]
+    created_by: str
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    """None: never expires (until revoked)."""
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+    """Written at most once a minute or so (see ``AdminTokenService``), not on every request."""
+
+    def grants(self, scope: AdminScope) -> bool:
+        return any(held.includes(scope) for held in self.scopes)
+
+
+class AuditOutcome(StrEnum):
+    OK = "ok"            # 2xx / 3xx
+    REFUSED = "refused"  # 4xx: unauthenticated, not allowed, invalid or conflicting
+    ERROR = "error"      # 5xx: the coordinator failed (or a dependency was down)
+
+    @classmethod
+    def of_status(cls, status: int) -> AuditOutcome:
+        return cls.OK if status < 400 else cls.REFUSED if status < 500 else cls.ERROR
+
+
+@dataclass
+class AuditEntry:
+    """One admin action: who (token id and name, or "anonymous"), what, when, and how it ended."""
+
+    actor_id: str | None
+    actor_name: str
+    action: str
+    """The operation, e.g. ``federations.stop``; ``unknown`` for a path no operation serves."""
+    method: str
+    path: str
+    status: int
+    outcome: AuditOutcome
+    detail: str | None = None
+    at: datetime = field(default_factory=utcnow)
+    id: int | None = None
+    """Assigned by the store (ascending)."""
+
+
+@dataclass
+class Refusal:
+    """A device request the coordinator refused on purpose (invalid update, rate limit, identity), kept for
+    operators. The ids are what the request named or proved, when known; none has to exist."""
+
+    method: str
+    """The RPC, e.g. ``UploadUpdate``."""
+    reason: str
+    """A short, bounded code (``checksum``, ``norm_bound``, ``rate_limited``, ``permission_denied`` ...)."""
+    detail: str
+    federation_id: str | None = None
+    device_id: str | None = None
+    round_id: str | None = None
+    at: datetime = field(default_factory=utcnow)
+    id: int | None = None
+    """Assigned by the store (ascending)."""

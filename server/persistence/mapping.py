@@ -11,22 +11,32 @@ import math
 from typing import Any
 
 from server.domain.models import (
+    AdminScope,
+    AdminToken,
+    AuditEntry,
+    AuditOutcome,
     Device,
     DeviceReport,
+    EnrolmentToken,
     Federation,
     FederationConfig,
     FederationState,
     ModelVersion,
+    Refusal,
     Round,
     Update,
     UpdateState,
 )
 from server.domain.rounds import RoundState
 from server.persistence.tables import (
+    AdminTokenRow,
+    AuditEntryRow,
     DeviceReportRow,
     DeviceRow,
+    EnrolmentTokenRow,
     FederationRow,
     ModelVersionRow,
+    RefusalRow,
     RoundRow,
     UpdateRow,
 )
@@ -110,6 +120,34 @@ def to_device(row: DeviceRow) -> Device:
         revoked=row.revoked,
         enrolled_at=row.enrolled_at,
         last_seen_at=row.last_seen_at,
+    )
+
+
+def enrolment_token_values(token: EnrolmentToken) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "federation_id": token.federation_id,
+        "token_hash": token.token_hash,
+        "device_name": token.device_name,
+        "created_by": token.created_by,
+        "created_at": token.created_at,
+        "expires_at": token.expires_at,
+        "used_at": token.used_at,
+        "used_by_device_id": token.used_by_device_id,
+    }
+
+
+def to_enrolment_token(row: EnrolmentTokenRow) -> EnrolmentToken:
+    return EnrolmentToken(
+        id=row.id,
+        federation_id=row.federation_id,
+        token_hash=row.token_hash,
+        device_name=row.device_name,
+        created_by=row.created_by,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        used_at=row.used_at,
+        used_by_device_id=row.used_by_device_id,
     )
 
 
@@ -250,4 +288,90 @@ def to_report(row: DeviceReportRow) -> DeviceReport:
         device_id=row.device_id,
         metrics=decode_metrics(row.metrics),
         reported_at=row.reported_at,
+    )
+
+
+def admin_token_values(token: AdminToken) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "name": token.name,
+        "token_hash": token.token_hash,
+        "scopes": sorted(scope.value for scope in token.scopes),
+        "created_by": token.created_by,
+        "created_at": token.created_at,
+        "expires_at": token.expires_at,
+        "revoked_at": token.revoked_at,
+        "last_used_at": token.last_used_at,
+    }
+
+
+def to_admin_token(row: AdminTokenRow) -> AdminToken:
+    known = {scope.value for scope in AdminScope}
+    return AdminToken(
+        id=row.id,
+        name=row.name,
+        token_hash=row.token_hash,
+        # A scope a newer coordinator wrote grants nothing here (least privilege) rather than failing the read.
+        scopes=frozenset(AdminScope(value) for value in row.scopes if value in known),
+        created_by=row.created_by,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+    )
+
+
+def audit_values(entry: AuditEntry) -> dict[str, Any]:
+    # The id is left to the database (autoincrement), so entries are numbered in the order written.
+    return {
+        "at": entry.at,
+        "actor_id": entry.actor_id,
+        "actor_name": entry.actor_name,
+        "action": entry.action,
+        "method": entry.method,
+        "path": entry.path,
+        "status": entry.status,
+        "outcome": entry.outcome.value,
+        "detail": entry.detail,
+    }
+
+
+def to_audit_entry(row: AuditEntryRow) -> AuditEntry:
+    return AuditEntry(
+        id=row.id,
+        at=row.at,
+        actor_id=row.actor_id,
+        actor_name=row.actor_name,
+        action=row.action,
+        method=row.method,
+        path=row.path,
+        status=row.status,
+        outcome=AuditOutcome(row.outcome),
+        detail=row.detail,
+    )
+
+
+def refusal_values(refusal: Refusal) -> dict[str, Any]:
+    # The id is left to the database (autoincrement), as for audit entries.
+    return {
+        "at": refusal.at,
+        "federation_id": refusal.federation_id,
+        "device_id": refusal.device_id,
+        "round_id": refusal.round_id,
+        "method": refusal.method,
+        "reason": refusal.reason,
+        "detail": refusal.detail,
+    }
+
+
+def to_refusal(row: RefusalRow) -> Refusal:
+    return Refusal(
+        id=row.id,
+        at=row.at,
+        federation_id=row.federation_id,
+        device_id=row.device_id,
+        round_id=row.round_id,
+        method=row.method,
+        reason=row.reason,
+        detail=row.detail,
     )

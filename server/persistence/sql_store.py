@@ -2,7 +2,8 @@
 
 Every method runs in its own short transaction and commits before it returns. Database errors are
 translated once, here: unique-constraint violations become ``ConflictError``, references to missing
-rows ``NotFoundError``, and an unreachable or locked database ``UnavailableError`` (retryable).
+rows ``NotFoundError``, values the database cannot hold (a NUL byte in PostgreSQL text) ``InvalidRequestError``,
+and an unreachable or locked database ``UnavailableError`` (retryable).
 
 Concurrency: ``save_round`` is an optimistic compare-and-set on the round's lifecycle state. Its
 UPDATE only applies while the stored state may still legally become the new one: the same state, or
@@ -38,18 +39,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.domain.errors import (
     ConflictError,
+    InvalidRequestError,
     InvalidTransitionError,
     LateUpdateError,
     LeaseLostError,
     NotFoundError,
+    PermissionDeniedError,
     UnavailableError,
 )
 from server.domain.models import (
+    AdminToken,
+    AuditEntry,
     Device,
     DeviceReport,
+    EnrolmentToken,
     Federation,
     Fence,
     ModelVersion,
+    Refusal,
     Round,
     TaskView,
     Update,
@@ -61,19 +68,25 @@ from server.domain.rounds import RoundState, check_transition
 from server.persistence import mapping
 from server.persistence.database import create_engine_for
 from server.persistence.tables import (
+    AdminTokenRow,
+    AuditEntryRow,
     DeviceReportRow,
     DeviceRow,
+    EnrolmentTokenRow,
     FederationRow,
     LeaseRow,
     ModelVersionRow,
+    RefusalRow,
     RoundRow,
     UpdateRow,
 )
 
+MAX_REFUSALS_LISTED = 1000
+"""The most refusals one ``list_refusals`` call returns."""
 _UNFINISHED = [state.value for state in RoundState if not state.is_terminal]
 _DEVICES = cast(Table, DeviceRow.__table__)
 
-RowT = TypeVar("RowT", FederationRow, DeviceRow, RoundRow, UpdateRow, ModelVersionRow)
+RowT = TypeVar("RowT", FederationRow, DeviceRow, RoundRow, UpdateRow, ModelVersionRow, AdminTokenRow)
 
 
 class SqlStore:
@@ -164,6 +177,67 @@ class SqlStore:
         )
         with self._transaction() as session:
             session.execute(statement, [{"device_id": key, "seen_at": at} for key, at in seen.items()])
+
+    def enrol_device(self, device: Device, *, new: bool, token: EnrolmentToken | None = None) -> bool:
+        """In one transaction: marks ``token`` used by the device, then adds (``new``) or saves the device.
+
+        Returns False, writing nothing, when the token was used or expired since it was checked: of two
+        enrolments racing with one token exactly one succeeds (the token's row is locked while it is
+        checked, ``FOR UPDATE`` on PostgreSQL, the write lock on SQLite). On success ``token`` is updated.
+        Re-enrolling a device revoked meanwhile raises PermissionDeniedError: a revocation is never undone.
+        """
+        with self._transaction(
+            clash=f"a device named {device.name!r} (or id {device.id}) already exists in federation "
+                  f"{device.federation_id}",
+            missing=f"federation {device.federation_id} or device {device.id} not found",
+        ) as session:
+            now = utcnow()
+            if token is not None:
+                row = session.scalar(select(EnrolmentTokenRow).where(EnrolmentTokenRow.id == token.id)
+                                     .with_for_update())
+                if row is None or row.used_at is not None or row.expires_at <= now:
+                    return False
+                row.used_at = now
+                row.used_by_device_id = device.id
+            if new:
+                session.add(DeviceRow(**mapping.device_values(device)))
+            else:
+                values = _without_id(mapping.device_values(device)) | {"revoked": False}
+                result = session.execute(sql_update(DeviceRow).where(DeviceRow.id == device.id,
+                                                                     DeviceRow.revoked.is_(False)).values(**values))
+                if _rowcount(result) == 0:
+                    _get(session, DeviceRow, device.id, "device")
+                    raise PermissionDeniedError(f"device revoked: {device.name!r} may not enrol again")
+            session.flush()  # a clashing device name fails here, inside the transaction that used the token
+        if token is not None:
+            token.used_at, token.used_by_device_id = now, device.id
+        return True
+
+    def revoke_device(self, device_id: str) -> Device:
+        """Marks the device revoked (only that column, so no concurrent save can undo it); returns it."""
+        with self._transaction() as session:
+            if _rowcount(session.execute(sql_update(DeviceRow).where(DeviceRow.id == device_id)
+                                         .values(revoked=True))) == 0:
+                raise NotFoundError(f"device {device_id} not found")
+            return mapping.to_device(_get(session, DeviceRow, device_id, "device"))
+
+    # ---- enrolment tokens -------------------------------------------------------------------
+
+    def add_enrolment_token(self, token: EnrolmentToken) -> None:
+        with self._transaction(clash="an enrolment token with the same id or digest already exists",
+                               missing=f"federation {token.federation_id} not found") as session:
+            session.add(EnrolmentTokenRow(**mapping.enrolment_token_values(token)))
+
+    def find_enrolment_token_by_hash(self, token_hash: str) -> EnrolmentToken | None:
+        with self._transaction() as session:
+            row = session.scalar(select(EnrolmentTokenRow).where(EnrolmentTokenRow.token_hash == token_hash))
+            return None if row is None else mapping.to_enrolment_token(row)
+
+    def list_enrolment_tokens(self, federation_id: str) -> list[EnrolmentToken]:
+        with self._transaction() as session:
+            rows = session.scalars(select(EnrolmentTokenRow).where(EnrolmentTokenRow.federation_id == federation_id)
+                                   .order_by(EnrolmentTokenRow.created_at, EnrolmentTokenRow.id))
+            return [mapping.to_enrolment_token(row) for row in rows]
 
     # ---- rounds -----------------------------------------------------------------------------
 
@@ -366,6 +440,85 @@ class SqlStore:
                                    .order_by(DeviceReportRow.reported_at, DeviceReportRow.id))
             return [mapping.to_report(row) for row in rows]
 
+    # ---- admin tokens and the audit log ------------------------------------------------------
+
+    def add_admin_token(self, token: AdminToken) -> None:
+        with self._transaction(clash=f"an admin token with id {token.id} or the same digest already exists") as session:
+            session.add(AdminTokenRow(**mapping.admin_token_values(token)))
+
+    def get_admin_token(self, token_id: str) -> AdminToken:
+        with self._transaction() as session:
+            return mapping.to_admin_token(_get(session, AdminTokenRow, token_id, "admin token"))
+
+    def find_admin_token_by_hash(self, token_hash: str) -> AdminToken | None:
+        with self._transaction() as session:
+            row = session.scalar(select(AdminTokenRow).where(AdminTokenRow.token_hash == token_hash))
+            return None if row is None else mapping.to_admin_token(row)
+
+    def list_admin_tokens(self) -> list[AdminToken]:
+        with self._transaction() as session:
+            rows = session.scalars(select(AdminTokenRow).order_by(AdminTokenRow.created_at, AdminTokenRow.id))
+            return [mapping.to_admin_token(row) for row in rows]
+
+    def save_admin_token(self, token: AdminToken) -> None:
+        with self._transaction() as session:
+            _save(session, AdminTokenRow, mapping.admin_token_values(token), "admin token")
+
+    def touch_admin_token(self, token_id: str, at: datetime) -> None:
+        """Sets last_used_at alone, so it can never write over a revocation made meanwhile."""
+        with self._transaction() as session:
+            session.execute(sql_update(AdminTokenRow).where(AdminTokenRow.id == token_id).values(last_used_at=at))
+
+    def add_audit_entry(self, entry: AuditEntry) -> AuditEntry:
+        """Appends the entry; returns it with the id the database gave it."""
+        with self._transaction() as session:
+            row = AuditEntryRow(**mapping.audit_values(entry))
+            session.add(row)
+            session.flush()
+            return mapping.to_audit_entry(row)
+
+    def list_audit_entries(self, *, actor: str | None = None, action: str | None = None,
+                           since: datetime | None = None, limit: int = 100) -> list[AuditEntry]:
+        """Newest first. ``actor`` matches a token id or name; ``action`` an action or its prefix before a dot
+        (``federations`` matches ``federations.stop``); ``since`` is inclusive."""
+        statement = select(AuditEntryRow)
+        if actor is not None:
+            statement = statement.where(or_(AuditEntryRow.actor_id == actor, AuditEntryRow.actor_name == actor))
+        if action is not None:
+            statement = statement.where(or_(AuditEntryRow.action == action,
+                                            AuditEntryRow.action.startswith(f"{action}.", autoescape=True)))
+        if since is not None:
+            statement = statement.where(AuditEntryRow.at >= since)
+        statement = statement.order_by(AuditEntryRow.id.desc()).limit(max(0, limit))
+        with self._transaction() as session:
+            return [mapping.to_audit_entry(row) for row in session.scalars(statement)]
+
+    # ---- refusals ---------------------------------------------------------------------------
+
+    def add_refusal(self, refusal: Refusal) -> Refusal:
+        """Appends the refusal; returns it with the id the database gave it."""
+        with self._transaction() as session:
+            row = RefusalRow(**mapping.refusal_values(refusal))
+            session.add(row)
+            session.flush()
+            return mapping.to_refusal(row)
+
+    def list_refusals(self, round_id: str | None = None, device_id: str | None = None,
+                      federation_id: str | None = None, limit: int = 100) -> list[Refusal]:
+        """Newest first, narrowed by whichever of round, device and federation are given."""
+        if not 1 <= limit <= MAX_REFUSALS_LISTED:
+            raise InvalidRequestError(f"limit must be between 1 and {MAX_REFUSALS_LISTED}, got {limit}")
+        statement = select(RefusalRow)
+        if round_id is not None:
+            statement = statement.where(RefusalRow.round_id == round_id)
+        if device_id is not None:
+            statement = statement.where(RefusalRow.device_id == device_id)
+        if federation_id is not None:
+            statement = statement.where(RefusalRow.federation_id == federation_id)
+        statement = statement.order_by(RefusalRow.at.desc(), RefusalRow.id.desc()).limit(limit)
+        with self._transaction() as session:
+            return [mapping.to_refusal(row) for row in session.scalars(statement)]
+
     # ---- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
@@ -381,6 +534,9 @@ class SqlStore:
             if _is_foreign_key_violation(exc):
                 raise NotFoundError(missing) from exc
             raise
+        except sa_exc.DataError as exc:  # a value the database cannot hold, e.g. a NUL byte in PostgreSQL text
+            raise InvalidRequestError(
+                f"the {self._engine.dialect.name} database refused a value: {_reason(exc)}") from exc
         except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
             raise UnavailableError(
                 f"the {self._engine.dialect.name} database is unavailable: {_reason(exc)}") from exc

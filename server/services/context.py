@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.config import CoordinatorSettings
-from server.domain.ports import BlobStore, PresenceStore, Store
+from server.domain.ports import BlobStore, PresenceStore, RevocationFeed, Store
 from server.learning.anchors import CloudTuner
 from server.learning.global_model import GlobalEvaluator
 
@@ -18,3 +18,4 @@ class ServiceContext:
     presence: PresenceStore
     evaluator: GlobalEvaluator
     cloud: CloudTuner
+    revocations: RevocationFeed

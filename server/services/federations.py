@@ -1,4 +1,8 @@
-"""Creating, listing and stopping federations; every federation starts with global version 0."""
+"""Creating, listing, pausing and stopping federations, and choosing their current global version.
+
+Every federation starts with global version 0. The current version is what the next round starts from (its
+``base_version_id``) and what devices download; promoting an older one is a roll-back.
+"""
 
 from __future__ import annotations
 
@@ -87,3 +91,48 @@ class FederationService:
         federation.state = FederationState.STOPPED
         self._ctx.store.save_federation(federation)
         return federation
+
+    def pause(self, federation_id_or_name: str) -> Federation:
+        """No new rounds open (launched or scheduled) and devices are told to wait; a round already open
+        keeps its deadline. Pausing a paused federation changes nothing; a stopped one cannot be paused."""
+        return self._set_state(federation_id_or_name, FederationState.PAUSED)
+
+    def resume(self, federation_id_or_name: str) -> Federation:
+        """Undoes ``pause``; resuming an active federation changes nothing."""
+        return self._set_state(federation_id_or_name, FederationState.ACTIVE)
+
+    def _set_state(self, federation_id_or_name: str, state: FederationState) -> Federation:
+        federation = self.get(federation_id_or_name)
+        if federation.state is FederationState.STOPPED:
+            raise ConflictError(f"federation {federation.name!r} is stopped for good; create a new one")
+        if federation.state is not state:
+            federation.state = state
+            self._ctx.store.save_federation(federation)
+        return federation
+
+    def promote(self, federation_id_or_name: str, version_id: str) -> tuple[Federation, str | None]:
+        """Makes one of the federation's versions the current one (newer: promote, older: roll back); the
+        next round starts from it. Returns the federation and the version that was current before.
+
+        Refused while a round is unfinished: its commit would replace the choice with a version built from
+        the old base. Pause the federation and let the round close first.
+        """
+        federation = self.get(federation_id_or_name)
+        store = self._ctx.store
+        try:
+            version = store.get_version(version_id)
+        except NotFoundError:
+            raise NotFoundError(f"version {version_id!r} not found") from None
+        if version.federation_id != federation.id:
+            raise InvalidRequestError(f"version {version_id} belongs to another federation, not {federation.name!r}")
+        latest = store.latest_round(federation.id)
+        if latest is not None and not latest.state.is_terminal:
+            raise ConflictError(f"round {latest.number} is still {latest.state}; pause the federation and wait for "
+                                "the round to close before changing the current version")
+        previous = federation.current_version_id
+        if previous != version.id:
+            federation.current_version_id = version.id
+            store.save_federation(federation)
+            log.info("federation %s: current version %s -> %s (round %d)", federation.name, previous, version.id,
+                     version.round_number)
+        return federation, previous

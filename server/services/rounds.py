@@ -89,6 +89,8 @@ class RoundService:
 
     def _open_next(self, federation: Federation) -> Round:
         store = self._ctx.store
+        if federation.state is FederationState.PAUSED:
+            raise ConflictError(f"federation {federation.name!r} is paused; resume it to open rounds")
         if federation.state is not FederationState.ACTIVE:
             raise ConflictError(f"federation {federation.name!r} is {federation.state}; start a new one")
         latest = store.latest_round(federation.id)
@@ -128,6 +130,8 @@ class RoundService:
         federation, latest = view.federation, view.latest_round
         if federation.state is FederationState.STOPPED:
             return StopAssignment(reason=f"federation {federation.name} stopped")
+        if federation.state is FederationState.PAUSED:
+            return WaitAssignment(WAIT_S, f"federation {federation.name} paused")
         if latest is None or not latest.state.accepts_uploads:
             return WaitAssignment(WAIT_S, "no open round")
         if not self.may_contribute(federation, latest, device):
@@ -176,11 +180,13 @@ class RoundService:
 
     def activity_marker(self) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
         """A value that changes whenever there may be new work for a device: a round opened, moved on or
-        closed, or a federation stopped (whichever replica did it). Held long polls wake when it does."""
+        closed, or a federation paused, resumed or stopped (whichever replica did it). Held long polls wake
+        when it does."""
         store = self._ctx.store
         rounds = tuple(sorted((r.id, r.state.value) for r in store.list_unfinished_rounds()))
-        stopped = tuple(sorted(f.id for f in store.list_federations() if f.state is FederationState.STOPPED))
-        return rounds, stopped
+        halted = tuple(sorted(f"{f.id}:{f.state.value}" for f in store.list_federations()
+                              if f.state is not FederationState.ACTIVE))
+        return rounds, halted
 
     def release_leases(self) -> None:
         """Hands this replica's leases back (at shutdown) so another replica takes over at once."""

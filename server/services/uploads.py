@@ -16,7 +16,17 @@ from functools import lru_cache
 
 import numpy as np
 
-from mlecs.codec import CodecError, CodecKind, NonFiniteValuesError, decode_tensors, peek_header, sha256_hex
+from mlecs.aggregation.robust import AggregationError, update_norm
+from mlecs.codec import (
+    MAX_HEADER_BYTES,
+    CodecError,
+    CodecKind,
+    NonFiniteValuesError,
+    TensorSetHeader,
+    decode_tensors,
+    peek_header,
+    sha256_hex,
+)
 from server import metrics
 from server.domain.errors import (
     ConflictError,
@@ -37,6 +47,8 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_PRECISION = {CodecKind.INT8.value: 0, CodecKind.FP16.value: 1, CodecKind.FP32.value: 2}
+"""Codecs by precision: an update may use the federation's upload codec or a more precise one."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class UploadService:
             return self._resume(existing, header)
         round_, federation = self._target_round(device, header.round_id)
         self._check_header(header)
+        self._check_codec(federation, header.codec)
         self._check_base(federation, round_, header.base_version_id)
         limit = federation.config.fused_upload_samples
         if len(header.fused_sample_ids) > limit or len(set(header.fused_sample_ids)) != len(header.fused_sample_ids):
@@ -163,11 +176,18 @@ class UploadService:
         return UploadSession(update=update, offset=header.resume_offset)
 
     def _check_header(self, header: UploadHeader) -> None:
+        limit = self._ctx.settings.max_upload_bytes
+        if header.total_size > limit:
+            # Refused before a byte is staged; INVALID_ARGUMENT, since sending it again cannot succeed.
+            self._count_rejection("upload_too_large")
+            raise UpdateRejectedError("upload_too_large",
+                                      f"total_size {header.total_size} is over this coordinator's limit of {limit} "
+                                      "bytes (max_upload_bytes)")
         problems = []
         if header.codec not in {c.value for c in CodecKind}:
             problems.append(f"unknown codec {header.codec!r}")
-        if not 0 < header.total_size <= self._ctx.settings.max_upload_bytes:
-            problems.append(f"total_size must be 1..{self._ctx.settings.max_upload_bytes} bytes")
+        if header.total_size <= 0:
+            problems.append(f"total_size must be 1..{limit} bytes")
         if not _SHA256.match(header.sha256):
             problems.append("sha256 must be 64 lowercase hex digits")
         if not header.modalities:
@@ -177,20 +197,34 @@ class UploadService:
         if problems:
             raise InvalidRequestError("invalid upload header: " + "; ".join(problems))
 
+    def _check_codec(self, federation: Federation, codec: str) -> None:
+        """The federation's upload codec or a more precise one: a device may not lower the precision asked for."""
+        wanted = federation.config.upload_codec
+        if _PRECISION[codec] < _PRECISION[wanted]:
+            self._count_rejection("codec")
+            raise UpdateRejectedError("codec", f"codec {codec} is less precise than this federation's upload "
+                                               f"codec {wanted}")
+
     def append(self, session: UploadSession, offset: int, data: bytes) -> int:
-        """Stages one chunk durably; returns the new acknowledged offset."""
+        """Stages one chunk durably; returns the new acknowledged offset.
+
+        A refused chunk stages nothing: the bytes acknowledged before it stay, and the upload can resume there.
+        """
         update = session.update
         if update.state is UpdateState.ACCEPTED:
             return session.offset  # a replay of an accepted upload: idempotent, the bytes are not needed
         if update.state is not UpdateState.PARTIAL:
             raise ConflictError(f"upload is already {update.state}")
         if offset != session.offset:
-            raise InvalidRequestError(f"chunk offset {offset} does not continue at {session.offset}")
+            self._count_rejection("chunk_offset")
+            raise UpdateRejectedError("chunk_offset", f"chunk offset {offset} does not continue at the "
+                                                      f"acknowledged offset {session.offset}")
         if not data:
-            raise InvalidRequestError("empty chunk")
+            raise self.malformed("empty chunk")
         if offset + len(data) > update.declared_size:
-            raise InvalidRequestError(
-                f"chunk ends at {offset + len(data)}, beyond the declared size {update.declared_size}")
+            self._count_rejection("size")
+            raise UpdateRejectedError(
+                "size", f"chunk ends at {offset + len(data)}, beyond the declared size {update.declared_size}")
         session.offset = self._ctx.blobs.append_staged(update.id, offset, data)
         metrics.UPLOAD_BYTES.inc(len(data))
         return session.offset
@@ -273,6 +307,7 @@ class UploadService:
         schema = _schema(json.dumps(federation.config.model, sort_keys=True))
         if not header.tensors:
             raise UpdateRejectedError("schema", "the update holds no tensors")
+        self._check_payload_bytes(header)
         fused_shape = (len(update.fused_sample_ids), fused_dim(federation.config.model))
         if update.fused_sample_ids and FUSED_TENSOR not in {entry.name for entry in header.tensors}:
             raise UpdateRejectedError("schema", f"fused_sample_ids were declared but {FUSED_TENSOR!r} is missing")
@@ -293,17 +328,41 @@ class UploadService:
             if owner is not None and owner not in update.modalities:
                 raise UpdateRejectedError("schema", f"tensor {entry.name!r} belongs to a modality the device lacks")
         try:
-            tensors = decode_tensors(data)  # the payload itself: checksummed frame, consistent, finite
+            # The payload itself: checksummed frame, consistent, finite; never inflated past what the header
+            # (checked against the schema above) says it holds.
+            tensors = decode_tensors(data, max_decoded_bytes=header.payload_bytes + 4 + MAX_HEADER_BYTES)
         except NonFiniteValuesError as exc:
             raise UpdateRejectedError("non_finite", str(exc)) from exc
         except CodecError as exc:
             raise UpdateRejectedError("codec", str(exc)) from exc
+        self._check_norm(federation.config.max_update_norm, tensors)
         if FUSED_TENSOR in tensors:
             # Scored now, while the payload is decoded anyway, so aggregation can weigh without decoding twice.
             ids = np.asarray(update.fused_sample_ids, dtype=np.int64)
             update.anchor_agreement = client_agreements(self._anchors(update.base_version_id),
                                                         [(ids, tensors[FUSED_TENSOR])])[0]
         return tensors
+
+    @staticmethod
+    def _check_payload_bytes(header: TensorSetHeader) -> None:
+        """The payload holds the tensors and nothing else, so a small upload cannot inflate to gigabytes."""
+        needed = sum(entry.nbytes + 4 * entry.scale_count for entry in header.tensors)  # int8: float32 scales
+        if header.payload_bytes > needed:
+            raise UpdateRejectedError("codec", f"the payload declares {header.payload_bytes} bytes; its tensors "
+                                               f"need {needed}")
+
+    @staticmethod
+    def _check_norm(bound: float, tensors: dict[str, np.ndarray]) -> None:
+        """Refuses an update whose delta (all adapter tensors, not the fused features) is longer than ``bound``."""
+        if not bound:
+            return
+        try:
+            norm = update_norm({name: t for name, t in tensors.items() if name != FUSED_TENSOR})
+        except AggregationError as exc:
+            raise UpdateRejectedError("norm_bound", str(exc)) from exc
+        if norm > bound:
+            raise UpdateRejectedError("norm_bound", f"the update's L2 norm {norm:.6g} is over this federation's "
+                                                    f"max_update_norm {bound:g}")
 
     def _anchors(self, version_id: str | None) -> dict[str, np.ndarray]:
         """The decoded anchor set of a version (cached: every update of a round shares it)."""
@@ -330,6 +389,12 @@ class UploadService:
         if update.state is UpdateState.REJECTED:
             return update.state, 0
         return update.state, self._ctx.blobs.staged_size(update.id)
+
+    def malformed(self, detail: str) -> UpdateRejectedError:
+        """The error for an upload stream that breaks the protocol (no header first, two headers, an empty
+        chunk), counted like every other rejection."""
+        self._count_rejection("malformed")
+        return UpdateRejectedError("malformed", detail)
 
     @staticmethod
     def _count_rejection(reason: str) -> None:

@@ -20,6 +20,7 @@ import httpx
 from server.domain.models import UpdateState
 from server.domain.rounds import RoundState
 from server.persistence.sql_store import SqlStore
+from server.services.admin_tokens import AdminTokenService
 from tests.integration.coordinator_harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +107,7 @@ class Cluster:
     root: Path
     replicas: list[Replica] = field(default_factory=list)
     devices: dict[str, Process] = field(default_factory=dict)
+    admin_token: str | None = None
 
     def add_replica(self, **settings: str) -> Replica:
         name = f"coordinator-{len(self.replicas)}"
@@ -115,7 +117,9 @@ class Cluster:
                "MLECS_REDIS_PREFIX": self.redis_prefix, "MLECS_STATE_DIR": str(self.root / "coordinator"),
                "MLECS_GRPC_PORT": str(grpc_port), "MLECS_ADMIN_PORT": str(admin_port),
                "MLECS_HEARTBEAT_INTERVAL_S": "1", "MLECS_PRESENCE_TTL_S": "3", "MLECS_SCHEDULER_INTERVAL_S": "0.2",
-               "MLECS_LEASE_TTL_S": "3", "MLECS_REPLICA_ID": name, "MLECS_LOG_LEVEL": "INFO"}
+               "MLECS_LEASE_TTL_S": "3", "MLECS_REPLICA_ID": name, "MLECS_LOG_LEVEL": "INFO",
+               # Fault tests break things on purpose, not identity: the explicit development mode.
+               "MLECS_ALLOW_PLAINTEXT": "true", "MLECS_OPEN_ENROLMENT": "true"}
         env.update({f"MLECS_{k.upper()}": v for k, v in settings.items()})
         replica = Replica(Process(name, [sys.executable, "-m", "server", "serve"], env, self.root), grpc_port,
                           admin_port)
@@ -125,8 +129,14 @@ class Cluster:
 
     @property
     def admin(self) -> httpx.Client:
+        """An admin API client on a live replica, with an admin token (made once, on the shared database, by the
+        service behind `mlecs-coordinator tokens create`; a replica has migrated the database by then)."""
+        if self.admin_token is None:
+            with self.store() as store:
+                self.admin_token = AdminTokenService(store).create("fault-tests", ["admin"], None, "tests").plaintext
         live = next((r for r in self.replicas if r.process.alive()), self.replicas[0])
-        return httpx.Client(base_url=f"http://127.0.0.1:{live.admin_port}", timeout=60)
+        return httpx.Client(base_url=f"http://127.0.0.1:{live.admin_port}", timeout=60,
+                            headers={"Authorization": f"Bearer {self.admin_token}"})
 
     def create_federation(self, name: str, **config: Any) -> dict[str, Any]:
         body = {"model": {"backbone": "tiny"}, "server_learning": False, "fused_upload_samples": 0,

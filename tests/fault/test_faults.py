@@ -177,7 +177,7 @@ def test_the_real_agent_killed_mid_upload_resumes_the_same_update_after_a_restar
     state = cluster.root / "agent-state"
     config = cluster.root / "agent.toml"
     config.write_text(f'coordinator = "{cluster.replicas[0].address}"\nfederation = "f"\ndevice_name = "edge-real"\n'
-                      f'modalities = ["image", "audio"]\nstate_dir = "{state}"\n'
+                      f'modalities = ["image", "audio"]\nstate_dir = "{state}"\nallow_plaintext = true\n'
                       "[partition]\nnum_clients = 3\nclient_index = 0\n")
     agent = Process("agent", [sys.executable, "-m", "edge_agent", "--config", str(config)],
                     {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, cluster.root)

@@ -23,6 +23,7 @@ federation = "{federation}"
 device_name = "edge-test"
 modalities = {modalities}
 state_dir = "{tmp_path / 'state'}"
+allow_plaintext = true
 [partition]
 num_clients = 3
 client_index = 0

@@ -344,7 +344,10 @@ def test_embedded_uploads_are_not_refused_as_unavailable_while_the_scheduler_wri
     """SQLite's busy_timeout should make concurrent writers wait, not fail. A deferred transaction that
     reads and then writes (accept_update, acquire_lease) gets SQLITE_BUSY_SNAPSHOT at once in WAL mode
     when another connection committed in between; busy_timeout does not cover that case."""
-    settings = CoordinatorSettings(state_dir=tmp_path, presence_ttl_s=60.0, scheduler_interval_s=0.005)
+    # The device polls in a tight loop to keep the writers busy: far past the per-device rate limit, which
+    # is not what this test is about.
+    settings = CoordinatorSettings(state_dir=tmp_path, presence_ttl_s=60.0, scheduler_interval_s=0.005,
+                                   device_rate_per_s=0)
     with running_coordinator(settings) as c:
         federation = _federation(c, mode="async", async_buffer=1, min_updates=1, **FAST)
         client, device_id = _device(c, federation["name"], "busy", ["image"])

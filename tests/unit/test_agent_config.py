@@ -9,6 +9,7 @@ coordinator = "127.0.0.1:50051"
 federation = "demo"
 device_name = "cam-1"
 modalities = ["image"]
+allow_plaintext = true
 [partition]
 num_clients = 3
 client_index = 1

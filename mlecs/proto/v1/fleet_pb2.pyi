@@ -119,7 +119,7 @@ class EnrolRequest(_message.Message):
     device_name: _builtins.str
     """stable name chosen by the operator"""
     enrolment_token: _builtins.str
-    """reserved for token-gated enrolment"""
+    """one-time token from the operator (unless the coordinator allows open enrolment)"""
     agent_version: _builtins.str
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[Global___Modality.ValueType]: ...
