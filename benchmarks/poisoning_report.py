@@ -175,7 +175,9 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(x, defences, rotation=15)
     ax.set_ylabel("global accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Global accuracy with 20% of clients poisoning their updates")
+    fractions = sorted({float(r["fraction"]) for r in records if "fraction" in r})
+    share = "/".join(f"{100 * f:g}%" for f in fractions) or "a share"
+    ax.set_title(f"Global accuracy with {share} of clients poisoning their updates")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     figure.tight_layout()

@@ -211,9 +211,11 @@ def create_admin_app(services: AdminServices) -> FastAPI:
 
     @app.post("/v1/federations", status_code=status.HTTP_201_CREATED, tags=["federations"],
               name="federations.create", responses=_problems(409))
-    async def create_federation(body: CreateFederationBody, s: Services, _: Operator) -> FederationOut:
+    async def create_federation(body: CreateFederationBody, request: Request, s: Services,
+                                _: Operator) -> FederationOut:
         """Creates a federation with its full config and its initial global version (round 0). Scope: operate."""
         federation = await asyncio.to_thread(s.federations.create, body.name, body.config.to_domain())
+        note(request, f"created federation {federation.name} ({federation.id})")
         return FederationOut.of(federation)
 
     @app.get("/v1/federations", tags=["federations"], name="federations.list", responses=_problems())
@@ -247,10 +249,12 @@ def create_admin_app(services: AdminServices) -> FastAPI:
 
     @app.post("/v1/federations/{federation}/rounds", status_code=status.HTTP_201_CREATED, tags=["rounds"],
               name="rounds.launch", responses=_problems(404, 409))
-    async def start_round(federation: FederationRef, s: Services, _: Operator) -> RoundOut:
+    async def start_round(federation: FederationRef, request: Request, s: Services, _: Operator) -> RoundOut:
         """Launches the next round with the live devices (409 says why not: paused, a round still open, too few
         live devices). Scope: operate."""
-        return RoundOut.of(await asyncio.to_thread(s.rounds.start, federation))
+        round_ = await asyncio.to_thread(s.rounds.start, federation)
+        note(request, f"opened round {round_.number} ({round_.id}) with {len(round_.participants)} participant(s)")
+        return RoundOut.of(round_)
 
     @app.get("/v1/federations/{federation}/rounds", tags=["rounds"], name="rounds.list", responses=_problems(404))
     async def list_rounds(federation: FederationRef, s: Services, _: Reader) -> list[RoundOut]:

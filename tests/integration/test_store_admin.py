@@ -106,7 +106,7 @@ def test_a_value_the_database_cannot_hold_is_an_invalid_request_not_a_crash(stor
         with pytest.raises(NotFoundError):
             store.get_federation("a\x00b")
         return
-    with pytest.raises(InvalidRequestError, match="postgresql database refused a value: .*NUL"):
+    with pytest.raises(InvalidRequestError, match=r"postgresql database refused a value: .*NUL"):
         store.get_federation("a\x00b")
     with pytest.raises(InvalidRequestError):
         store.add_audit_entry(_entry(actor="nul\x00"))
