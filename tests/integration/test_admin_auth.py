@@ -196,6 +196,7 @@ def test_the_audit_log_filters_by_actor_action_and_time(c: RunningCoordinator) -
 
     mine = _audit(c, actor=token_name)
     assert [e["action"] for e in mine] == ["federations.stop", "federations.create"]
+    assert mine[1]["detail"] == f"created federation {first['name']} ({first['id']})"
     assert [e["action"] for e in _audit(c, actor=token_name, action="federations.stop")] == ["federations.stop"]
     assert [e["action"] for e in _audit(c, actor=mine[0]["actor_id"], limit=1)] == ["federations.stop"]
     assert _audit(c, actor=token_name, since=mine[0]["at"]) == [mine[0]]
