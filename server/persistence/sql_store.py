@@ -54,6 +54,7 @@ from server.domain.models import (
     DeviceReport,
     EnrolmentToken,
     Federation,
+    FederationState,
     Fence,
     ModelVersion,
     Refusal,
@@ -131,6 +132,36 @@ class SqlStore:
     def save_federation(self, federation: Federation) -> None:
         with self._transaction(clash=f"a federation named {federation.name!r} already exists") as session:
             _save(session, FederationRow, mapping.federation_values(federation), "federation")
+
+    def set_federation_state(self, federation_id: str, state: FederationState) -> Federation:
+        """Writes the state column alone, so a round committing at the same moment keeps the current version
+        it sets. A stopped federation stays stopped (ConflictError), decided in the same statement."""
+        with self._transaction() as session:
+            changed = session.execute(
+                sql_update(FederationRow)
+                .where(FederationRow.id == federation_id, FederationRow.state != FederationState.STOPPED.value)
+                .values(state=state.value))
+            row = session.get(FederationRow, federation_id)
+            if row is None:
+                raise NotFoundError(f"federation {federation_id} not found")
+            if _rowcount(changed) == 0:
+                raise ConflictError(f"federation {row.name!r} is stopped for good; create a new one")
+            return mapping.to_federation(row)
+
+    def set_current_version(self, federation_id: str, version_id: str) -> Federation:
+        """Writes the current-version column alone (a promotion or roll-back); the state is left as it is.
+        The version must be one of this federation's (there is no foreign key to say so)."""
+        with self._transaction() as session:
+            version = session.get(ModelVersionRow, version_id)
+            if version is None or version.federation_id != federation_id:
+                raise NotFoundError(f"version {version_id} of federation {federation_id} not found")
+            changed = session.execute(sql_update(FederationRow).where(FederationRow.id == federation_id)
+                                      .values(current_version_id=version_id))
+            if _rowcount(changed) == 0:
+                raise NotFoundError(f"federation {federation_id} not found")
+            row = session.get(FederationRow, federation_id)
+            assert row is not None
+            return mapping.to_federation(row)
 
     # ---- devices ----------------------------------------------------------------------------
 

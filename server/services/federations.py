@@ -88,9 +88,9 @@ class FederationService:
     def stop(self, federation_id_or_name: str) -> Federation:
         """Stops a federation: devices are told to stop; unfinished rounds are failed."""
         federation = self.get(federation_id_or_name)
-        federation.state = FederationState.STOPPED
-        self._ctx.store.save_federation(federation)
-        return federation
+        if federation.state is FederationState.STOPPED:
+            return federation
+        return self._ctx.store.set_federation_state(federation.id, FederationState.STOPPED)
 
     def pause(self, federation_id_or_name: str) -> Federation:
         """No new rounds open (launched or scheduled) and devices are told to wait; a round already open
@@ -105,10 +105,10 @@ class FederationService:
         federation = self.get(federation_id_or_name)
         if federation.state is FederationState.STOPPED:
             raise ConflictError(f"federation {federation.name!r} is stopped for good; create a new one")
-        if federation.state is not state:
-            federation.state = state
-            self._ctx.store.save_federation(federation)
-        return federation
+        if federation.state is state:
+            return federation
+        # The state column alone: a round committing meanwhile keeps the current version it sets.
+        return self._ctx.store.set_federation_state(federation.id, state)
 
     def promote(self, federation_id_or_name: str, version_id: str) -> tuple[Federation, str | None]:
         """Makes one of the federation's versions the current one (newer: promote, older: roll back); the
@@ -131,8 +131,7 @@ class FederationService:
                                 "the round to close before changing the current version")
         previous = federation.current_version_id
         if previous != version.id:
-            federation.current_version_id = version.id
-            store.save_federation(federation)
+            federation = store.set_current_version(federation.id, version.id)  # a pause meanwhile stays paused
             log.info("federation %s: current version %s -> %s (round %d)", federation.name, previous, version.id,
                      version.round_number)
         return federation, previous

@@ -68,3 +68,41 @@ def test_renaming_a_federation_onto_another_name_is_a_conflict(store: SqlStore, 
     beta.name = "alpha"
     with pytest.raises(ConflictError):
         store.save_federation(beta)
+
+
+def test_setting_the_state_leaves_a_current_version_written_meanwhile(store: SqlStore, seed) -> None:
+    federation = seed.federation()  # a caller holding this copy is about to pause it
+    version = seed.version(federation)
+    store.set_current_version(federation.id, version.id)  # a round commits in between
+
+    paused = store.set_federation_state(federation.id, FederationState.PAUSED)
+
+    assert paused.state is FederationState.PAUSED
+    assert store.get_federation(federation.id).current_version_id == version.id
+
+
+def test_a_stopped_federation_cannot_be_paused_or_resumed(store: SqlStore, seed) -> None:
+    federation = seed.federation()
+    store.set_federation_state(federation.id, FederationState.STOPPED)
+    for state in (FederationState.PAUSED, FederationState.ACTIVE):
+        with pytest.raises(ConflictError, match="stopped for good"):
+            store.set_federation_state(federation.id, state)
+    assert store.get_federation(federation.id).state is FederationState.STOPPED
+
+
+def test_state_and_version_writes_name_what_is_missing(store: SqlStore, seed) -> None:
+    with pytest.raises(NotFoundError):
+        store.set_federation_state("no-such-federation", FederationState.PAUSED)
+    with pytest.raises(NotFoundError):
+        store.set_current_version("no-such-federation", "no-such-version")
+    federation = seed.federation()
+    with pytest.raises(NotFoundError):
+        store.set_current_version(federation.id, "no-such-version")
+
+
+def test_promoting_a_version_keeps_the_state(store: SqlStore, seed) -> None:
+    federation = seed.federation()
+    version = seed.version(federation)
+    store.set_federation_state(federation.id, FederationState.PAUSED)
+    promoted = store.set_current_version(federation.id, version.id)
+    assert (promoted.state, promoted.current_version_id) == (FederationState.PAUSED, version.id)
