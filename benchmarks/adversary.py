@@ -10,7 +10,8 @@ the defence's credit.
 A defence is the coordinator's composition (``server.services.aggregation``: ``_prepared`` then
 ``aggregate_robust``), built from the same ``mlecs.aggregation`` functions: every update clipped first,
 then the weighted mean or a coordinate-wise robust rule weighted by the mean's own MMA weights, with
-optional exclusion by anomaly score; an excluded update's fused features leave cloud tuning too. The
+optional exclusion by anomaly score and/or by direction (cosine with the weighted median); an excluded
+update's fused features leave cloud tuning too. The
 one difference is the clipping bound: the coordinator takes a fixed ``clip_norm`` from the federation's
 config, which no value here could set fairly for every round of training, so the benchmark clips at the
 median update norm of the round — with fewer than half the clients attacking, that is an honest norm.
@@ -25,8 +26,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from mlecs.aggregation import ClientUpdate, weighted_average_per_tensor
+from mlecs.aggregation.base import AggregationError
 from mlecs.aggregation.blockwise import SpilledUpdates, robust_aggregate
-from mlecs.aggregation.robust import check_trim, clip_update, update_norm
+from mlecs.aggregation.robust import check_cosine_threshold, check_trim, clip_update, update_norm
 
 ATTACKS: dict[str, float | None] = {"none": None, "scale10": 10.0, "signflip": -1.0}
 """Each attack's factor on the uploaded delta (None: the client uploads what it trained)."""
@@ -44,6 +46,8 @@ class Defence:
     """``trimmed_mean``: weight share cut from each end; 0.2 covers 20% attackers on one side."""
     exclude_above: float | None = None
     """Leave out updates scoring above this (distance to the weighted median / the median distance)."""
+    exclude_cosine_below: float | None = None
+    """Leave out updates whose cosine with the weighted median (per tensor, averaged by size) is below this."""
 
     def __post_init__(self) -> None:
         if self.rule not in ("none", "median", "trimmed_mean"):
@@ -51,6 +55,18 @@ class Defence:
         check_trim(self.trim)
         if self.exclude_above is not None and (self.rule == "none" or not self.exclude_above >= 1):
             raise ValueError("exclude_above needs a robust rule and a score >= 1 (times the median distance)")
+        if self.exclude_cosine_below is not None:
+            if self.rule == "none":
+                raise ValueError("exclude_cosine_below needs a robust rule (the cosine is with its weighted median)")
+            try:
+                check_cosine_threshold(self.exclude_cosine_below)
+            except AggregationError as error:
+                raise ValueError(f"exclude_cosine_below: {error}") from error
+
+    @property
+    def excludes(self) -> bool:
+        """Whether this defence can leave updates out."""
+        return self.exclude_above is not None or self.exclude_cosine_below is not None
 
 
 DEFENCES: dict[str, Defence] = {
@@ -68,9 +84,15 @@ DEFENCES: dict[str, Defence] = {
     # leaves the honest ones a margin.
     "median+exclude1.5": Defence(rule="median", exclude_above=1.5),
     "trimmed_mean+exclude1.5": Defence(rule="trimmed_mean", exclude_above=1.5),
+    # The direction check, its threshold fixed at 0 before any run with it and never tuned: leave out an
+    # update pointing away from the weighted median (cosine < 0). A sign flip negates its update's
+    # cosine, while honest updates, trained from one global model toward one task, point the median's
+    # way; the threshold needs no scale and no pilot, unlike a distance.
+    "median+cosine": Defence(rule="median", exclude_cosine_below=0.0),
+    "median+exclude1.5+cosine": Defence(rule="median", exclude_above=1.5, exclude_cosine_below=0.0),
 }
 DEFAULT_DEFENCES: tuple[str, ...] = ("none", "clip", "median", "trimmed_mean", "median+exclude", "median+exclude1.5",
-                                     "trimmed_mean+exclude1.5")
+                                     "trimmed_mean+exclude1.5", "median+cosine", "median+exclude1.5+cosine")
 """The benchmark's grid; ``clip+trimmed_mean`` runs when named (trimming already bounds a scaled update)."""
 
 
@@ -123,6 +145,8 @@ class RoundAggregate:
     """Client ids left out as outliers (exclusion only)."""
     scores: dict[str, float] = field(default_factory=dict)
     """Every client's anomaly score (robust rules only)."""
+    cosines: dict[str, float] = field(default_factory=dict)
+    """Every client's cosine with the weighted median (robust rules only)."""
     clip_bound: float | None = None
     """The norm the updates were clipped to (clipping only)."""
 
@@ -139,15 +163,18 @@ def aggregate_round(updates: Sequence[ClientUpdate], weights: Sequence[float], d
     with SpilledUpdates() as spilled:  # a private temporary directory, removed on exit
         for update, weight in zip(updates, weights, strict=True):
             spilled.add(update.client_id, update.tensors, weight)
-        robust = robust_aggregate(spilled, defence.rule, trim=defence.trim, exclude_above=defence.exclude_above)
-    return RoundAggregate(robust.tensors, excluded=robust.excluded, scores=robust.scores, clip_bound=clip_bound)
+        robust = robust_aggregate(spilled, defence.rule, trim=defence.trim, exclude_above=defence.exclude_above,
+                                  exclude_cosine_below=defence.exclude_cosine_below)
+    return RoundAggregate(robust.tensors, excluded=robust.excluded, scores=robust.scores, cosines=robust.cosines,
+                          clip_bound=clip_bound)
 
 
 SCORE_CAP = 1e6
 
 
 def round_record(result: RoundAggregate, attackers: frozenset[int]) -> dict[str, float]:
-    """What the defence did this round, for the run's history: exclusions by kind, score extremes, clip bound."""
+    """What the defence did this round, for the run's history: exclusions by kind, the score and cosine
+    extremes that separate (or fail to separate) honest clients from attackers, the clip bound."""
     attacker_ids = {str(i) for i in attackers}
     record = {
         "excluded_attackers": float(len(result.excluded & attacker_ids)),
@@ -162,6 +189,12 @@ def round_record(result: RoundAggregate, attackers: frozenset[int]) -> dict[str,
         record["score_max_honest"] = max(honest)
     if attacking:
         record["score_min_attacker"] = min(attacking)
+    honest_cosines = [c for client, c in result.cosines.items() if client not in attacker_ids]
+    attacking_cosines = [c for client, c in result.cosines.items() if client in attacker_ids]
+    if honest_cosines:
+        record["cosine_min_honest"] = min(honest_cosines)
+    if attacking_cosines:
+        record["cosine_max_attacker"] = max(attacking_cosines)
     if result.clip_bound is not None and math.isfinite(result.clip_bound):
         record["clip_bound"] = result.clip_bound
     return record

@@ -7,7 +7,8 @@ For every (attack, defence, seed) it runs one in-process federation (``benchmark
 method ``mlecs``: plain MMA when the defence is ``none``) in which a fixed 20% of the clients, drawn by
 the seed, upload their trained adapter delta times 10 (``scale10``) or times -1 (``signflip``) every
 round; ``none`` is the clean run. Defences (``benchmarks.adversary``) compose clipping, the
-coordinate-wise weighted median or trimmed mean and exclusion by anomaly score as the coordinator does.
+coordinate-wise weighted median or trimmed mean and exclusion by anomaly score and/or by direction (cosine
+with the weighted median) as the coordinator does.
 It writes ``results.json`` (one record per run: attack, defence, seed, global_accuracy, ...),
 ``results.md`` (mean ± std per cell and the target checks) and ``poisoning.png``; progress goes to
 stderr, the table to stdout.

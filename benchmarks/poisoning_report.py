@@ -114,6 +114,14 @@ def markdown_report(records: Sequence[dict[str, Any]]) -> str:
                 "|---|" + "---|" * len(attacks)]
         for defence in [d for d in defences if d in excluded]:
             out.append(f"| {defence} | " + " | ".join(excluded[defence].get(a, "–") for a in attacks) + " |")
+    separation = _cosine_separation(records)
+    if separation:
+        out += ["", "Cosine with the weighted median over every round of every run (lowest honest / highest "
+                "attacker; below 0 an update points away from it):", "",
+                "| defence | " + " | ".join(f"attack {a}" for a in attacks) + " |",
+                "|---|" + "---|" * len(attacks)]
+        for defence in [d for d in defences if d in separation]:
+            out.append(f"| {defence} | " + " | ".join(separation[defence].get(a, "–") for a in attacks) + " |")
     checks = option_checks(records)
     if checks:
         attack_names = list(checks[0].drops)
@@ -144,10 +152,29 @@ def _exclusions(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, str]]:
                 (float(record["excluded_attackers"]), float(record["excluded_honest"])))
     out: dict[str, dict[str, str]] = defaultdict(dict)
     for (defence, attack), pairs in sums.items():
-        excluding = defence in DEFENCES and DEFENCES[defence].exclude_above is not None
+        excluding = defence in DEFENCES and DEFENCES[defence].excludes
         if excluding or any(a or h for a, h in pairs):
             attacked, honest = np.mean(pairs, axis=0)
             out[defence][attack] = f"{attacked:.1f} / {honest:.1f}"
+    return dict(out)
+
+
+def _cosine_separation(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """defence -> attack -> 'lowest honest / highest attacker' cosine over all rounds, where runs recorded them."""
+    lows: dict[tuple[str, str], list[float]] = defaultdict(list)
+    highs: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for record in records:
+        key = (record["defence"], record["attack"])
+        for entry in record.get("history", []):
+            if "cosine_min_honest" in entry:
+                lows[key].append(float(entry["cosine_min_honest"]))
+            if "cosine_max_attacker" in entry:
+                highs[key].append(float(entry["cosine_max_attacker"]))
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in lows.keys() | highs.keys():
+        low = f"{min(lows[key]):+.2f}" if lows[key] else "–"
+        high = f"{max(highs[key]):+.2f}" if highs[key] else "–"
+        out[key[0]][key[1]] = f"{low} / {high}"
     return dict(out)
 
 

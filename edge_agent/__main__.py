@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import typer
@@ -27,17 +26,30 @@ cli = typer.Typer(add_completion=False)
 def run(
     config: Path = typer.Option(Path("/etc/mlecs/agent.toml"), "--config", "-c", help="Agent TOML config file"),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
+    log_format: str | None = typer.Option(
+        None, help="text or json (one JSON object per line, for the journal); default: the config's log_format"),
+    check_config: bool = typer.Option(
+        False, "--check-config", help="Only check the config (and the TLS files it names), print a summary, exit"),
 ) -> None:
     """Run the agent: enrol, then train the rounds the coordinator assigns until it says stop."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edge_agent.config import ConfigError, load_settings
+    from edge_agent.logs import configure_logging
 
+    if log_format not in (None, "text", "json"):
+        typer.echo(f"configuration error: --log-format must be text or json, got {log_format!r}", err=True)
+        raise typer.Exit(EXIT_CONFIG)
     try:
         settings = load_settings(config)
     except ConfigError as exc:
         typer.echo(f"configuration error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
+    configure_logging(log_level, "json" if log_format == "json" else
+                      "text" if log_format == "text" else settings.log_format)
+    if check_config:  # the installer runs this before it switches a device to a new version
+        typer.echo(f"config ok: device_name={settings.device_name} federation={settings.federation} "
+                   f"coordinator={settings.coordinator} state_dir={settings.state_dir} "
+                   f"tls={'on' if settings.tls else 'off'}")
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 

@@ -91,6 +91,8 @@ class AgentSettings(BaseModel):
     only for the first enrolment; prefer ``enrolment_token_file``, which keeps it out of the config."""
     enrolment_token_file: Path | None = None
     """A file holding the enrolment token (read only when the agent enrols)."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines on stderr: ``text`` for a terminal, ``json`` (one object per line) for the journal."""
 
     def enrolment_token_value(self) -> str:
         """The enrolment token, or "" when none is configured (the coordinator may allow open enrolment).

@@ -32,6 +32,7 @@ from server.services.devices import DeviceService
 from server.services.federations import FederationService
 from server.services.inspection import RoundInspectionService
 from server.services.locks import RoundLocks
+from server.services.observations import observe_dependencies, observe_fleet
 from server.services.rate_limits import TokenBucketLimiter
 from server.services.refusals import RefusalRecorder
 from server.services.rounds import RoundService
@@ -45,6 +46,8 @@ from server.transport.tls import device_port_credentials
 log = logging.getLogger("mlecs.coordinator")
 
 FLEET_SERVICE = "mlecs.v1.Fleet"
+OBSERVE_INTERVAL_S = 5.0
+"""How often the fleet and dependency gauges are refreshed (Prometheus scrapes every 15 s by default)."""
 
 
 @dataclass
@@ -73,7 +76,9 @@ class Services:
             database = True
         except UnavailableError:
             database = False
-        return {"ready": database, "database": database, "presence": self.ctx.presence.ping()}
+        presence = self.ctx.presence.ping()
+        observe_dependencies(database=database, redis=presence)
+        return {"ready": database, "database": database, "presence": presence}
 
 
 def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = None,
@@ -176,6 +181,7 @@ class Coordinator:
         watcher = asyncio.create_task(self._watch(services, changes))
         lag = asyncio.create_task(_measure_loop_lag())
         revocations = asyncio.create_task(self._follow_revocations(services))
+        observer = asyncio.create_task(_observe(services))
         log.info("coordinator serving gRPC on %s:%d and the admin API on http://%s:%d",
                  self.settings.grpc_host, self.grpc_port, self.settings.admin_host, self.settings.admin_port)
         try:
@@ -187,9 +193,10 @@ class Coordinator:
             watcher.cancel()
             lag.cancel()
             revocations.cancel()
+            observer.cancel()
             http.should_exit = True
             await server.stop(grace=5)
-            await asyncio.gather(http_task, scheduler, watcher, lag, revocations, return_exceptions=True)
+            await asyncio.gather(http_task, scheduler, watcher, lag, revocations, observer, return_exceptions=True)
             await asyncio.to_thread(services.rounds.release_leases)
             await asyncio.to_thread(services.ctx.presence.close)
             await asyncio.to_thread(services.refusals.close)
@@ -249,3 +256,16 @@ async def _measure_loop_lag(interval_s: float = 0.1) -> None:
         started = loop.time()
         await asyncio.sleep(interval_s)
         metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - started - interval_s))
+
+
+async def _observe(services: Services, interval_s: float = OBSERVE_INTERVAL_S) -> None:
+    """Refreshes the gauges no event sets: devices enrolled/online per modality set, database and Redis up."""
+    while True:
+        try:
+            await asyncio.to_thread(services.health)  # sets the dependency gauges
+            await asyncio.to_thread(observe_fleet, services.ctx)
+        except UnavailableError as exc:
+            log.debug("fleet gauges not refreshed: %s", exc)
+        except Exception:  # a gauge is not worth the task: log and try again next time
+            log.exception("could not refresh the fleet gauges")
+        await asyncio.sleep(interval_s)

@@ -38,3 +38,22 @@ AGGREGATION_SECONDS = Histogram(
 )
 DEVICES_ONLINE = Gauge("mlecs_devices_online", "Devices with a live heartbeat", ["modalities"])
 LEASES_HELD = Gauge("mlecs_leases_held", "Federations whose rounds this replica drives (lease held)")
+
+# ---- for the Grafana dashboards (deploy/grafana/dashboards) ----------------------------------------------------
+DEVICES_ENROLLED = Gauge("mlecs_devices_enrolled", "Enrolled, unrevoked devices", ["modalities"])
+REVOCATIONS = Counter("mlecs_device_revocations_total", "Devices revoked by an operator")
+ROUNDS_IN_STATE = Gauge("mlecs_rounds_in_state", "Unfinished rounds (every federation) by state", ["state"])
+MODALITY_COVERAGE = Gauge(
+    "mlecs_round_modality_coverage", "Share of the latest committed round's updates that carry each modality",
+    ["modality"])
+AGGREGATION_WEIGHT_SHARE = Gauge(
+    "mlecs_round_aggregation_weight_share",
+    "Share of the latest committed round's aggregation weight (MMA or FedAvg, with staleness and agreement "
+    "factors) held by each modality set", ["modalities"])
+ROUND_UPLOAD_BYTES = Gauge("mlecs_round_upload_bytes", "Bytes of the updates the latest committed round aggregated")
+UPDATE_WIRE_BYTES = Counter("mlecs_update_wire_bytes_total", "Bytes of accepted updates as uploaded (encoded)")
+UPDATE_RAW_BYTES = Counter(
+    "mlecs_update_raw_bytes_total",
+    "fp32 bytes of the accepted updates' tensors: wire / raw is the upload compression ratio")
+DEPENDENCY_UP = Gauge("mlecs_dependency_up", "1 when the dependency answered the latest health probe, else 0",
+                      ["dependency"])

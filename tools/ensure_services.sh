@@ -22,3 +22,15 @@ if ! redis_up; then
 fi
 redis_up || { echo "Redis is not reachable on 127.0.0.1:6379: install and start it (see README)" >&2; exit 1; }
 echo "PostgreSQL and Redis are up"
+
+# tests/integration/test_dashboards.py runs Debian's Prometheus (the binary only: it starts its own on a free
+# port). Installed when missing and apt is there; its packaged service is stopped so that port 9090 stays free.
+if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing prometheus"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends prometheus >/dev/null || { apt-get update >/dev/null && \
+    apt-get install -y --no-install-recommends prometheus >/dev/null; } || true
+  if command -v systemctl >/dev/null; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+  if pid=$(cat /run/prometheus/prometheus.pid 2>/dev/null); then kill "$pid" 2>/dev/null || true; fi
+fi
+command -v prometheus >/dev/null || echo "prometheus is missing: tests/integration/test_dashboards.py will fail" >&2

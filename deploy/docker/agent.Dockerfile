@@ -9,8 +9,10 @@ WORKDIR /opt/mlecs
 COPY pyproject.toml README.md ./
 COPY mlecs ./mlecs
 COPY edge_agent ./edge_agent
-RUN pip install ".[edge]" && useradd --system --home /var/lib/mlecs-agent mlecs \
-    && mkdir -p /var/lib/mlecs-agent && chown mlecs /var/lib/mlecs-agent
+# The same fixed uid as the coordinator image (the compose certs service hands TLS files to 10001:10001).
+RUN pip install ".[edge]" && groupadd --system --gid 10001 mlecs \
+    && useradd --system --uid 10001 --gid 10001 --home /var/lib/mlecs-agent mlecs \
+    && mkdir -p /var/lib/mlecs-agent && chown mlecs:mlecs /var/lib/mlecs-agent
 
 USER mlecs
 ENTRYPOINT ["mlecs-agent"]

@@ -11,8 +11,13 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY mlecs ./mlecs
 COPY server ./server
 COPY migrations ./migrations
-RUN pip install ".[server]" && useradd --system --home /var/lib/mlecs mlecs \
-    && mkdir -p /var/lib/mlecs && chown mlecs /var/lib/mlecs
+# The compose fleet's one-shot certs and bootstrap services (deploy/docker/compose/*.sh).
+COPY deploy/docker/compose/certs.sh deploy/docker/compose/bootstrap.sh ./compose/
+# A fixed uid, shared with the agent image: the compose certs service hands TLS files to it (10001:10001),
+# and Kubernetes' runAsUser names it.
+RUN pip install ".[server]" && groupadd --system --gid 10001 mlecs \
+    && useradd --system --uid 10001 --gid 10001 --home /var/lib/mlecs mlecs \
+    && mkdir -p /var/lib/mlecs && chown mlecs:mlecs /var/lib/mlecs
 
 USER mlecs
 ENV MLECS_STATE_DIR=/var/lib/mlecs MLECS_GRPC_HOST=0.0.0.0 MLECS_ADMIN_HOST=0.0.0.0 \

@@ -7,8 +7,9 @@ at a time, sized so that one block of K values per column stays under ``block_by
 stays flat in the number of clients; only the block width shrinks.
 
 ``robust_aggregate`` builds on it: a weighted-median centre, each client's anomaly score (per tensor,
-its distance to the centre over the median distance of that tensor's holders), optional exclusion of
-outliers, and the chosen robust rule over the clients kept.
+its distance to the centre over the median distance of that tensor's holders) and its cosine with the
+centre (per tensor), both averaged over the client's tensors by size; optional exclusion of outliers by
+either; and the chosen robust rule over the clients kept.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -26,9 +27,17 @@ from types import TracebackType
 import numpy as np
 
 from mlecs.aggregation.base import AggregationError
-from mlecs.aggregation.robust import anomaly_scores, check_trim, weighted_median, weighted_trimmed_mean
+from mlecs.aggregation.robust import (
+    anomaly_scores,
+    centre_cosines,
+    check_cosine_threshold,
+    check_trim,
+    size_weighted_means,
+    weighted_median,
+    weighted_trimmed_mean,
+)
 
-__all__ = ["ROBUST_RULES", "RobustResult", "SpilledUpdates", "robust_aggregate"]
+__all__ = ["ROBUST_RULES", "CentreMeasures", "RobustResult", "SpilledUpdates", "robust_aggregate"]
 
 ROBUST_RULES = ("median", "trimmed_mean")
 
@@ -278,10 +287,20 @@ class SpilledUpdates:
 
     def tensor_distances(self, centre: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
         """Per tensor name, each holder's L2 distance to ``centre`` on that tensor (block by block)."""
+        return self.measure(centre).distances
+
+    def tensor_cosines(self, centre: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """Per tensor name, each holder's cosine with ``centre`` on that tensor (``centre_cosines``)."""
+        return self.measure(centre).cosines
+
+    def measure(self, centre: Mapping[str, np.ndarray]) -> CentreMeasures:
+        """Per tensor, each holder's distance to ``centre`` and cosine with it, from one pass over the spill:
+        squared distances, dot products and squared norms accumulate block by block."""
         self._check_open()
         if not self._clients:
             raise AggregationError("no client updates to measure")
-        out: dict[str, dict[str, float]] = {}
+        distances: dict[str, dict[str, float]] = {}
+        cosines: dict[str, dict[str, float]] = {}
         for name in self.names:
             if name not in centre:
                 raise AggregationError(f"the centre has no tensor {name!r}")
@@ -294,36 +313,58 @@ class SpilledUpdates:
             if not np.all(np.isfinite(flat)):
                 raise AggregationError(f"tensor {name!r}: the centre has non-finite values")
             holders = self._holders[name]
-            per_holder = np.zeros(len(holders), dtype=np.float64)
+            squares, dots, norms = (np.zeros(len(holders), dtype=np.float64) for _ in range(3))
             for columns, values, _ in self._blocks(name, list(range(len(holders)))):
-                difference = values - flat[columns]
-                per_holder += np.einsum("kb,kb->k", difference, difference)
-            out[name] = {client_id: math.sqrt(float(square))
-                         for client_id, square in zip(holders, per_holder, strict=True)}
-        return out
+                part = flat[columns]
+                difference = values - part
+                squares += np.einsum("kb,kb->k", difference, difference)
+                dots += values @ part
+                norms += np.einsum("kb,kb->k", values, values)
+            distances[name] = {client_id: math.sqrt(float(square))
+                               for client_id, square in zip(holders, squares, strict=True)}
+            try:
+                cosines[name] = centre_cosines(dict(zip(holders, dots.tolist(), strict=True)),
+                                               dict(zip(holders, norms.tolist(), strict=True)), float(flat @ flat))
+            except AggregationError as error:  # e.g. a squared norm overflowing float64
+                raise AggregationError(f"tensor {name!r}: {error}") from error
+        return CentreMeasures(distances=distances, cosines=cosines)
 
     def size(self, name: str) -> int:
         """Number of values in tensor ``name``."""
         return math.prod(self._shapes[name])
 
 
+@dataclass(frozen=True)
+class CentreMeasures:
+    """Per tensor name, each of its holders' L2 distance to a centre and cosine with it."""
+
+    distances: dict[str, dict[str, float]]
+    cosines: dict[str, dict[str, float]]
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays field-wise is meaningless
 class RobustResult:
-    """The robust aggregate, every client's anomaly score, and the clients left out of the aggregate."""
+    """The robust aggregate, every client's anomaly score and cosine with the centre, and the clients
+    left out of the aggregate."""
 
     tensors: dict[str, np.ndarray]
     scores: dict[str, float]
     excluded: frozenset[str]
+    cosines: dict[str, float] = field(default_factory=dict)
+    """Each client's cosine with the weighted-median centre: per tensor, averaged over its tensors by size."""
 
 
 def robust_aggregate(
-    spilled: SpilledUpdates, rule: str, *, trim: float = 0.1, exclude_above: float | None = None
+    spilled: SpilledUpdates, rule: str, *, trim: float = 0.1, exclude_above: float | None = None,
+    exclude_cosine_below: float | None = None,
 ) -> RobustResult:
     """Scores clients against a weighted-median centre, drops outliers, then aggregates with ``rule``.
 
     ``rule`` is "median" or "trimmed_mean" (with ``trim`` of the weight mass cut from each end per
-    coordinate). Clients scoring above ``exclude_above`` (distance / median distance) are left out;
-    None keeps everyone. Arguments are checked before the (disk-bound) passes over the updates.
+    coordinate). Clients scoring above ``exclude_above`` (distance / median distance) are left out, and
+    so are clients whose cosine with the centre is below ``exclude_cosine_below`` (in [-1, 1); 0 leaves
+    out updates pointing away from the centre); None keeps everyone. Arguments are checked before the
+    (disk-bound) passes over the updates.
     """
     if rule not in ROBUST_RULES:
         raise AggregationError(f"unknown robust rule {rule!r}; valid rules: {', '.join(ROBUST_RULES)}")
@@ -331,35 +372,41 @@ def robust_aggregate(
         check_trim(trim)
     if exclude_above is not None and not float(exclude_above) > 0:  # also refuses nan
         raise AggregationError(f"exclude_above must be positive (or None), got {exclude_above!r}")
+    if exclude_cosine_below is not None:
+        try:
+            check_cosine_threshold(exclude_cosine_below)
+        except AggregationError as error:
+            raise AggregationError(f"exclude_cosine_below: {error}") from error
 
     centre = spilled.reduce(weighted_median)
-    scores = _client_scores(spilled, centre)
+    measures = spilled.measure(centre)
+    sizes = {name: spilled.size(name) for name in spilled.names}
+    by_score, by_cosine = _client_scores(measures, sizes), size_weighted_means(measures.cosines, sizes)
+    scores = {client_id: by_score[client_id] for client_id in spilled.clients}  # in add order
+    cosines = {client_id: by_cosine[client_id] for client_id in spilled.clients}
     excluded = frozenset(
-        client_id for client_id, score in scores.items() if exclude_above is not None and score > exclude_above
+        client_id for client_id in scores
+        if (exclude_above is not None and scores[client_id] > exclude_above)
+        or (exclude_cosine_below is not None and cosines[client_id] < exclude_cosine_below)
     )
     if excluded and len(excluded) == len(scores):
-        raise AggregationError(f"every client scores above exclude_above={exclude_above}: nothing left to aggregate")
+        raise AggregationError(f"every client scores above exclude_above={exclude_above} or has a cosine below "
+                               f"exclude_cosine_below={exclude_cosine_below}: nothing left to aggregate")
 
     if rule == "median":
         tensors = centre if not excluded else spilled.reduce(weighted_median, exclude=excluded)
     else:
         tensors = spilled.reduce(partial(weighted_trimmed_mean, trim=trim), exclude=excluded)
-    return RobustResult(tensors=tensors, scores=scores, excluded=excluded)
+    return RobustResult(tensors=tensors, scores=scores, excluded=excluded, cosines=cosines)
 
 
-def _client_scores(spilled: SpilledUpdates, centre: Mapping[str, np.ndarray]) -> dict[str, float]:
+def _client_scores(measures: CentreMeasures, sizes: Mapping[str, int]) -> dict[str, float]:
     """Each client's anomaly score: per tensor, its distance over the median distance of that tensor's
     holders; then the mean over the tensors it holds, weighted by tensor size. Scoring per tensor keeps
     clients that hold more (or larger) tensors, as devices with more modalities do, from looking
     anomalous for that alone."""
-    totals: dict[str, float] = dict.fromkeys(spilled.clients, 0.0)
-    sizes: dict[str, float] = dict.fromkeys(spilled.clients, 0.0)
-    for name, distances in spilled.tensor_distances(centre).items():
-        size = float(spilled.size(name))
-        for client_id, score in anomaly_scores(distances).items():
-            totals[client_id] += size * score
-            sizes[client_id] += size
-    return {client_id: totals[client_id] / sizes[client_id] for client_id in totals}
+    per_tensor = {name: anomaly_scores(distances) for name, distances in measures.distances.items()}
+    return size_weighted_means(per_tensor, sizes)
 
 
 def _read_exactly(descriptor: int, size: int, offset: int) -> bytes:

@@ -6,7 +6,11 @@ A plain weighted mean lets one client move the result anywhere. The rules here b
 * ``weighted_median`` / ``weighted_trimmed_mean`` work per coordinate on a (clients × coordinates)
   block, treating each client's weight as mass, so a weight-2 client counts exactly like two
   identical weight-1 clients;
-* ``anomaly_scores`` turns each client's distance to a robust centre into a scale-free score.
+* ``anomaly_scores`` turns each client's distance to a robust centre into a scale-free score;
+* ``centre_cosines`` says which way each client's update points relative to that centre: a sign-flipped
+  update has an honest norm and only a modestly larger distance, but its cosine is the negative of the
+  honest update it was made from;
+* ``size_weighted_means`` combines such per-tensor measures into one number per client.
 
 All arithmetic is float64; the rules return float64 so that callers decide when to round to float32.
 """
@@ -22,8 +26,11 @@ from mlecs.aggregation.base import AggregationError
 
 __all__ = [
     "anomaly_scores",
+    "centre_cosines",
+    "check_cosine_threshold",
     "check_trim",
     "clip_update",
+    "size_weighted_means",
     "update_norm",
     "weighted_median",
     "weighted_trimmed_mean",
@@ -180,3 +187,64 @@ def anomaly_scores(distances: Mapping[str, float]) -> dict[str, float]:
     if median == 0:
         return {client_id: 0.0 if distance == 0 else math.inf for client_id, distance in distances.items()}
     return {client_id: float(distance) / median for client_id, distance in distances.items()}
+
+
+def check_cosine_threshold(threshold: float) -> float:
+    """``threshold`` as a float if it is a cosine in [-1, 1): at 1 even an update along the centre would fall below."""
+    value = float(threshold)
+    if not -1.0 <= value < 1.0:  # also false for nan
+        raise AggregationError(f"a cosine threshold must be in [-1, 1), got {threshold!r}")
+    return value
+
+
+def centre_cosines(dots: Mapping[str, float], squared_norms: Mapping[str, float],
+                   centre_squared_norm: float) -> dict[str, float]:
+    """Each client's cosine with the centre on one tensor, from its dot product with the centre and the
+    squared norms (sums a blockwise pass accumulates, so no update is ever held whole).
+
+    Where a norm is zero there is no direction to compare: an update and a centre that are both zero
+    agree (1.0: the client sent exactly the centre), and when only one of them is zero the client
+    neither follows nor opposes the centre (0.0). Rounding can push a cosine a hair past ±1; it is
+    clamped to [-1, 1].
+    """
+    centre = float(centre_squared_norm)
+    if not math.isfinite(centre) or centre < 0:
+        raise AggregationError(f"the centre's squared norm must be finite and non-negative, got {centre_squared_norm}")
+    if set(dots) != set(squared_norms):
+        raise AggregationError(f"dot products and squared norms name different clients: "
+                               f"{sorted(set(dots) ^ set(squared_norms))}")
+    out = {}
+    for client_id, dot in dots.items():
+        square = float(squared_norms[client_id])
+        if not math.isfinite(dot) or not math.isfinite(square) or square < 0:
+            raise AggregationError(f"client {client_id!r}: dot product {dot} and squared norm {square} must be "
+                                   "finite, the squared norm non-negative")
+        if square == 0 or centre == 0:
+            out[client_id] = 1.0 if square == centre else 0.0
+        else:
+            out[client_id] = min(1.0, max(-1.0, float(dot) / (math.sqrt(square) * math.sqrt(centre))))
+    return out
+
+
+def size_weighted_means(per_tensor: Mapping[str, Mapping[str, float]], sizes: Mapping[str, int]) -> dict[str, float]:
+    """Each client's mean of its per-tensor values (``per_tensor[name][client]``) over the tensors it holds,
+    weighted by tensor size, so that a client's measure reflects its parameters rather than how its update
+    is cut into tensors. A client holding only empty tensors gets the plain mean of its values."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    plain: dict[str, list[float]] = {}
+    for name, values in per_tensor.items():
+        if name not in sizes:
+            raise AggregationError(f"no size for tensor {name!r}")
+        size = sizes[name]
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 0:
+            raise AggregationError(f"tensor {name!r}: size must be a non-negative integer, got {size!r}")
+        for client_id, value in values.items():
+            if math.isnan(value):
+                raise AggregationError(f"tensor {name!r}, client {client_id!r}: the value is nan")
+            plain.setdefault(client_id, []).append(float(value))
+            weights[client_id] = weights.get(client_id, 0.0) + size
+            if size:  # an empty tensor adds nothing (and 0 × an infinite score would be nan)
+                totals[client_id] = totals.get(client_id, 0.0) + size * float(value)
+    return {client_id: totals[client_id] / weights[client_id] if weights[client_id] > 0
+            else float(np.mean(own)) for client_id, own in plain.items()}

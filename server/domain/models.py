@@ -112,6 +112,11 @@ class FederationConfig:
     exclude_above: float = 0.0
     """With a robust rule: leave out updates whose distance to the coordinate-wise median is more than this
     many times the median distance (their anomaly score); 0: keep every update."""
+    exclude_cosine_below: float | None = None
+    """With a robust rule: leave out updates whose cosine with the coordinate-wise median (per tensor,
+    averaged over the update's tensors by size) is below this, in [-1, 1). 0 leaves out updates pointing
+    away from the median, as a sign-flipped one does: its norm is honest and its distance only modestly
+    larger, but its direction is reversed. None: no direction check."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -177,6 +182,13 @@ class FederationConfig:
         if self.exclude_above and self.robust_rule == "none":
             problems.append("exclude_above needs a robust_rule ('median' or 'trimmed_mean'): the anomaly score "
                             "is the distance to their coordinate-wise median")
+        cosine = self.exclude_cosine_below
+        if cosine is not None and (isinstance(cosine, bool) or not isinstance(cosine, int | float)
+                                   or not -1 <= cosine < 1):  # also false for nan
+            problems.append(f"exclude_cosine_below must be null (off) or a cosine in [-1, 1), not {cosine!r}")
+        elif cosine is not None and self.robust_rule == "none":
+            problems.append("exclude_cosine_below needs a robust_rule ('median' or 'trimmed_mean'): the cosine is "
+                            "taken with their coordinate-wise median")
         if self.robust_rule != "none" and self.lora_mode == "exact":
             problems.append("robust_rule works coordinate by coordinate on the deltas; lora_mode 'exact' averages "
                             "products of LoRA factors: use lora_mode 'separate' with a robust rule")

@@ -51,10 +51,13 @@ class AggregateResult:
     fused: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     """(public sample ids, fused z) of every update that carried them: the cloud tunes toward these."""
     excluded_devices: list[str] = field(default_factory=list)
-    """Robust rules: devices whose update was left out as an outlier (``exclude_above``)."""
+    """Robust rules: devices whose update was left out as an outlier (``exclude_above``,
+    ``exclude_cosine_below``)."""
     anomaly_scores: dict[str, float] = field(default_factory=dict)
     """Robust rules: each device's anomaly score (per tensor, its distance to the coordinate-wise median
     over the median distance of that tensor's holders, averaged by tensor size)."""
+    centre_cosines: dict[str, float] = field(default_factory=dict)
+    """Robust rules: each device's cosine with the coordinate-wise median (per tensor, averaged by size)."""
 
 
 def version_staleness(version_ids: Sequence[str], round_base: str | None, update_base: str | None) -> int:
@@ -211,7 +214,8 @@ def aggregate_robust(config: FederationConfig, base: dict[str, np.ndarray], upda
                      staleness: list[int], read_blob: Callable[[Update], bytes], *, spill_dir: Path | None = None,
                      block_bytes: int = 64 * 1024 * 1024) -> AggregateResult:
     """base + the coordinate-wise weighted median or trimmed mean of the (clipped) deltas, outliers left
-    out when ``exclude_above`` is set. Weights are the mean's own (MMA or FedAvg, staleness, agreement)."""
+    out when ``exclude_above`` or ``exclude_cosine_below`` is set. Weights are the mean's own (MMA or FedAvg,
+    staleness, agreement)."""
     weighted = [own_weight(config, u, s) for u, s in zip(updates, staleness, strict=True)]
     evidence = [(frozenset(u.modalities), float(u.anchor_agreement)) for u in updates
                 if config.aggregation == "mma" and u.anchor_agreement is not None]
@@ -227,9 +231,11 @@ def aggregate_robust(config: FederationConfig, base: dict[str, np.ndarray], upda
             if z is not None:
                 fused[update.id] = (np.asarray(update.fused_sample_ids, dtype=np.int64), z)
         robust = robust_aggregate(spilled, config.robust_rule, trim=config.trim_fraction,
-                                  exclude_above=config.exclude_above or None)
+                                  exclude_above=config.exclude_above or None,
+                                  exclude_cosine_below=config.exclude_cosine_below)
     # An outlier's fused features are left out of cloud tuning too.
     kept_fused = [pair for update_id, pair in fused.items() if update_id not in robust.excluded]
     return AggregateResult(tensors=apply_delta(base, robust.tensors), quality=quality, fused=kept_fused,
                            excluded_devices=sorted(device_of[u] for u in robust.excluded),
-                           anomaly_scores={device_of[u]: score for u, score in robust.scores.items()})
+                           anomaly_scores={device_of[u]: score for u, score in robust.scores.items()},
+                           centre_cosines={device_of[u]: cosine for u, cosine in robust.cosines.items()})

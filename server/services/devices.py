@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from mlecs.modality import parse_modalities
+from server import metrics
 from server.domain.errors import (
     ConflictError,
     InvalidRequestError,
@@ -141,6 +142,7 @@ class DeviceService:
             log.warning("device %s revoked; other replicas refuse it when its cached credential expires (%.0f s), "
                         "the revocation feed is unavailable: %s", device.id, self._ctx.settings.credential_cache_s,
                         exc)
+        metrics.REVOCATIONS.inc()
         log.info("device %s (%s) revoked", device.id, device.name)
         return device
 

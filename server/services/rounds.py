@@ -50,6 +50,7 @@ from server.services.context import ServiceContext
 from server.services.federations import FederationService
 from server.services.leases import lease_kept
 from server.services.locks import RoundLocks
+from server.services.observations import observe_round
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,10 @@ class RoundService:
         """One scheduler tick: for every federation whose lease this replica holds (or wins), move its
         unfinished round on by one decision and open the next round when the federation wants one."""
         store = self._ctx.store
-        self._accumulators.keep_only({r.id for r in store.list_unfinished_rounds()})
+        unfinished = store.list_unfinished_rounds()
+        self._accumulators.keep_only({r.id for r in unfinished})
+        for state in (s for s in RoundState if not s.is_terminal):
+            metrics.ROUNDS_IN_STATE.labels(state.value).set(sum(r.state is state for r in unfinished))
         for federation in store.list_federations():
             try:
                 self._drive(federation)
@@ -328,6 +332,8 @@ class RoundService:
             round_.metrics["robust_excluded"] = float(len(result.excluded_devices))
             # Capped: a score is infinite when most updates coincide, and JSON columns take no infinity.
             round_.metrics["anomaly_score_max"] = min(max(result.anomaly_scores.values(), default=0.0), 1e6)
+            # The direction check's view: below 0 some update pointed away from the median (a sign flip).
+            round_.metrics["centre_cosine_min"] = min(result.centre_cosines.values(), default=1.0)
             if result.excluded_devices:
                 log.warning("round %d: left out %d outlier update(s) from %s", round_.number,
                             len(result.excluded_devices), ", ".join(result.excluded_devices))
@@ -341,6 +347,7 @@ class RoundService:
         federation.current_version_id = version.id
 
         self._observe_commit(round_, accepted, version.metrics, time.perf_counter() - started)
+        observe_round(config, accepted, staleness)
         log.info("round %d committed: accuracy %.4f from %d update(s)", round_.number,
                  version.metrics.get("accuracy", float("nan")), len(accepted))
         return round_

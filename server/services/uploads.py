@@ -268,6 +268,8 @@ class UploadService:
                 self._count_rejection("late")
                 raise
         metrics.UPDATES.labels("accepted").inc()
+        metrics.UPDATE_WIRE_BYTES.inc(update.declared_size)
+        metrics.UPDATE_RAW_BYTES.inc(sum(4 * t.size for t in tensors.values()))
         self._pre_aggregate(round_, update, tensors)
         self._on_accepted(update.round_id)
         return update

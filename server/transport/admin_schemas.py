@@ -91,6 +91,11 @@ class FederationConfigBody(JsonBody):
     exclude_above: float = Field(
         0.0, ge=0, description="With a robust rule: leave out updates farther than this many times the median "
                                "distance from the coordinate-wise median; 0: off", examples=[3.0])
+    exclude_cosine_below: float | None = Field(
+        None, ge=-1, lt=1, allow_inf_nan=False, examples=[0.0],
+        description="With a robust rule: leave out updates whose cosine with the coordinate-wise median (per "
+                    "tensor, averaged by size) is below this; 0 catches updates pointing away from it, as a sign "
+                    "flip does; null: off")
 
     def to_domain(self) -> FederationConfig:
         try:

@@ -14,7 +14,10 @@ from mlecs.aggregation.base import AggregationError
 from mlecs.aggregation.blockwise import ROBUST_RULES, SpilledUpdates, robust_aggregate
 from mlecs.aggregation.robust import (
     anomaly_scores,
+    centre_cosines,
+    check_cosine_threshold,
     clip_update,
+    size_weighted_means,
     update_norm,
     weighted_median,
     weighted_trimmed_mean,
@@ -215,6 +218,80 @@ def test_anomaly_scores_refuse_a_bad_distance_naming_the_client(distance: float)
 
 
 # ---------------------------------------------------------------------------------------------------
+# cosines with the centre, and combining per-tensor measures
+
+
+def test_centre_cosines_are_the_dot_product_over_both_norms() -> None:
+    centre = np.array([3.0, 4.0])
+    updates = {"along": np.array([6.0, 8.0]), "across": np.array([-4.0, 3.0]), "flipped": np.array([-3.0, -4.0]),
+               "between": np.array([1.0, 0.0])}
+    cosines = centre_cosines({c: float(u @ centre) for c, u in updates.items()},
+                             {c: float(u @ u) for c, u in updates.items()}, float(centre @ centre))
+    assert cosines == pytest.approx({"along": 1.0, "across": 0.0, "flipped": -1.0, "between": 0.6})
+
+
+def test_a_sign_flipped_update_has_exactly_the_negative_cosine_of_the_update_it_came_from() -> None:
+    rng = np.random.default_rng(3)
+    centre, update = rng.normal(size=50), rng.normal(size=50)
+    cosines = centre_cosines({"honest": float(update @ centre), "flipped": float(-update @ centre)},
+                             {"honest": float(update @ update), "flipped": float(update @ update)},
+                             float(centre @ centre))
+    assert cosines["flipped"] == -cosines["honest"] != 0
+
+
+def test_centre_cosines_where_a_norm_is_zero_agree_only_when_both_are() -> None:
+    at_zero = centre_cosines({"zero": 0.0, "moved": 0.0}, {"zero": 0.0, "moved": 2.0}, 0.0)
+    assert at_zero == {"zero": 1.0, "moved": 0.0}  # both zero: the client sent the centre; else no direction
+    assert centre_cosines({"zero": 0.0}, {"zero": 0.0}, 5.0) == {"zero": 0.0}
+
+
+def test_centre_cosines_are_clamped_to_minus_one_and_one() -> None:
+    # dot² slightly above the product of the squared norms, as float rounding can leave it.
+    cosines = centre_cosines({"a": 1.0 + 1e-15, "b": -1.0 - 1e-15}, {"a": 1.0, "b": 1.0}, 1.0)
+    assert cosines == {"a": 1.0, "b": -1.0}
+
+
+@pytest.mark.parametrize(("dots", "norms", "centre", "message"), [
+    ({"x": float("nan")}, {"x": 1.0}, 1.0, "client 'x': dot product nan"),
+    ({"x": 1.0}, {"x": float("inf")}, 1.0, "client 'x': dot product 1.0 and squared norm inf"),
+    ({"x": 1.0}, {"x": -1.0}, 1.0, "client 'x'"),
+    ({"x": 1.0}, {"x": 1.0}, float("inf"), "the centre's squared norm must be finite"),
+    ({"x": 1.0}, {"x": 1.0}, -1.0, "the centre's squared norm must be finite and non-negative"),
+    ({"x": 1.0}, {"y": 1.0}, 1.0, r"name different clients: \['x', 'y'\]"),
+])
+def test_centre_cosines_refuse_sums_that_are_not_finite_naming_what(dots, norms, centre, message) -> None:
+    with pytest.raises(AggregationError, match=message):
+        centre_cosines(dots, norms, centre)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.999])
+def test_a_cosine_threshold_in_minus_one_to_one_is_accepted(threshold: float) -> None:
+    assert check_cosine_threshold(threshold) == threshold
+
+
+@pytest.mark.parametrize("threshold", [1.0, -1.01, 2.0, float("nan"), float("-inf")])
+def test_a_cosine_threshold_outside_minus_one_to_one_is_refused(threshold: float) -> None:
+    with pytest.raises(AggregationError, match=r"a cosine threshold must be in \[-1, 1\)"):
+        check_cosine_threshold(threshold)
+
+
+def test_size_weighted_means_weigh_each_tensor_by_its_size_over_the_tensors_a_client_holds() -> None:
+    per_tensor = {"big": {"a": 1.0, "b": 0.0}, "small": {"a": -1.0, "c": 0.5}, "empty": {"a": 7.0, "d": 3.0}}
+    means = size_weighted_means(per_tensor, {"big": 30, "small": 10, "empty": 0})
+    assert means == pytest.approx({"a": (30 * 1.0 - 10 * 1.0) / 40, "b": 0.0, "c": 0.5, "d": 3.0})
+
+
+def test_size_weighted_means_keep_an_infinite_score_and_refuse_nan_or_a_missing_size() -> None:
+    assert size_weighted_means({"t": {"a": math.inf}, "e": {"a": math.inf}}, {"t": 4, "e": 0}) == {"a": math.inf}
+    with pytest.raises(AggregationError, match="tensor 't', client 'a': the value is nan"):
+        size_weighted_means({"t": {"a": math.nan}}, {"t": 4})
+    with pytest.raises(AggregationError, match="no size for tensor 'u'"):
+        size_weighted_means({"u": {"a": 1.0}}, {"t": 4})
+    with pytest.raises(AggregationError, match="tensor 't': size must be a non-negative integer"):
+        size_weighted_means({"t": {"a": 1.0}}, {"t": -1})
+
+
+# ---------------------------------------------------------------------------------------------------
 # SpilledUpdates: blockwise equals in memory
 
 SHAPES = {"enc.w": (5, 6), "enc.b": (6,), "head": (2, 3, 4), "scale": ()}
@@ -305,6 +382,25 @@ def test_distances_are_each_clients_norm_to_the_centre_over_the_tensors_it_holds
     for client_id, tensors, _ in fleet:
         squares = sum(float(np.sum((t.astype(np.float64) - centre[n]) ** 2)) for n, t in tensors.items())
         assert distances[client_id] == pytest.approx(math.sqrt(squares), rel=1e-12)
+
+
+@pytest.mark.parametrize("block_bytes", [8, 128, 1 << 20])
+def test_blockwise_cosines_and_distances_are_the_in_memory_ones_per_tensor(block_bytes: int) -> None:
+    fleet, held = _fleet(8)
+    rng = np.random.default_rng(81)
+    centre = {name: rng.normal(size=SHAPES[name]) for name in held}
+    with _spill(fleet, block_bytes=block_bytes) as spilled:
+        measures = spilled.measure(centre)
+        assert spilled.tensor_cosines(centre) == measures.cosines
+        assert spilled.tensor_distances(centre) == measures.distances
+    assert set(measures.cosines) == held
+    for client_id, tensors, _ in fleet:
+        for name, tensor in tensors.items():
+            u, c = tensor.astype(np.float64).ravel(), np.asarray(centre[name], np.float64).ravel()
+            expected = float(u @ c / (np.linalg.norm(u) * np.linalg.norm(c)))
+            assert measures.cosines[name][client_id] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+            assert measures.distances[name][client_id] == pytest.approx(float(np.linalg.norm(u - c)), rel=1e-12)
+        assert set(measures.cosines) - set(tensors) == {n for n in held if client_id not in spilled.holders(n)}
 
 
 def test_the_holders_and_shapes_are_recorded_in_add_order() -> None:
@@ -502,3 +598,105 @@ def test_holding_more_tensors_does_not_make_an_honest_client_an_outlier() -> Non
         result = robust_aggregate(spilled, "median", exclude_above=3)
     assert result.excluded == frozenset({"c0"})
     assert max(score for client, score in result.scores.items() if client != "c0") < 2
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# exclusion by direction
+
+
+def _flipped_round(seed: int, spread: float = 1.5) -> tuple[SpilledUpdates, dict[str, np.ndarray]]:
+    """8 honest clients around a common mean with noise ``spread`` times its scale, 2 sending a sign-flipped
+    honest update: at this spread the flipped ones are only about 1.4 times as far from the median as
+    the honest ones (the benchmark's case), while pointing the other way."""
+    rng = np.random.default_rng(seed)
+    mean = {"enc": rng.normal(size=(40, 10)), "head": rng.normal(size=100)}
+    spilled = SpilledUpdates(block_bytes=1024)
+    for index in range(CLEAN + ATTACKERS):
+        update = {name: m + rng.normal(scale=spread, size=m.shape) for name, m in mean.items()}
+        if index >= CLEAN:
+            update = {name: -t for name, t in update.items()}
+        spilled.add(f"attacker{index - CLEAN}" if index >= CLEAN else f"clean{index}", update, 1.0 + index % 3)
+    return spilled, mean
+
+
+@pytest.mark.parametrize("rule", ROBUST_RULES)
+def test_a_sign_flip_the_distance_score_lets_through_is_left_out_by_its_cosine(rule: str) -> None:
+    spilled, _ = _flipped_round(31)
+    attackers, honest = {"attacker0", "attacker1"}, {f"clean{i}" for i in range(CLEAN)}
+    with spilled:
+        by_score = robust_aggregate(spilled, rule, trim=0.2, exclude_above=2.0)
+        assert by_score.excluded == frozenset()  # the distance alone does not separate them
+        assert max(by_score.scores[c] for c in attackers) < 2.0
+        assert list(by_score.cosines) == spilled.clients
+        assert max(by_score.cosines[c] for c in attackers) < 0 < min(by_score.cosines[c] for c in honest)
+
+        by_direction = robust_aggregate(spilled, rule, trim=0.2, exclude_above=2.0, exclude_cosine_below=0.0)
+        assert by_direction.excluded == attackers
+        assert by_direction.cosines == by_score.cosines and by_direction.scores == by_score.scores
+        rule_fn = weighted_median if rule == "median" else partial(weighted_trimmed_mean, trim=0.2)
+        honest_only = spilled.reduce(rule_fn, exclude=attackers)
+        for name, tensor in honest_only.items():
+            np.testing.assert_array_equal(by_direction.tensors[name], tensor)
+
+
+def test_leaving_out_the_sign_flips_undoes_the_medians_shrinking_of_the_honest_direction() -> None:
+    spilled, mean = _flipped_round(32)
+    with spilled:
+        kept = robust_aggregate(spilled, "median")
+        screened = robust_aggregate(spilled, "median", exclude_cosine_below=0.0)
+    assert screened.excluded == {"attacker0", "attacker1"}
+    # Two flipped values on one side pull every coordinate's median toward zero: the aggregate keeps only
+    # about 70% of the honest mean's length along it (the slower learning the benchmark measures).
+    assert _along(kept.tensors, mean) < 0.8 < 0.9 < _along(screened.tensors, mean) < 1.1
+
+
+def _along(result: dict[str, np.ndarray], mean: dict[str, np.ndarray]) -> float:
+    """The length of ``result``'s projection on ``mean``, in units of ``mean``'s length."""
+    return sum(float(np.sum(result[n] * mean[n])) for n in mean) / sum(float(np.sum(mean[n] ** 2)) for n in mean)
+
+
+def test_cosines_are_size_weighted_over_the_tensors_each_client_holds() -> None:
+    rng = np.random.default_rng(9)
+    with SpilledUpdates(block_bytes=64) as spilled:
+        for k in range(5):
+            tensors = {"small": rng.normal(1.0, 0.1, 10), "large": rng.normal(1.0, 0.1, 90)}
+            if k == 0:  # agrees on the small tensor, opposes on the large one
+                tensors["large"] = -tensors["large"]
+            if k == 1:  # holds the small tensor only
+                del tensors["large"]
+            spilled.add(f"c{k}", tensors, 1.0)
+        result = robust_aggregate(spilled, "median", exclude_cosine_below=0.0)
+        per_tensor = spilled.tensor_cosines(spilled.reduce(weighted_median))  # against everyone's median
+    small, large = per_tensor["small"]["c0"], per_tensor["large"]["c0"]
+    assert small > 0 > large
+    assert result.cosines["c0"] == pytest.approx((10 * small + 90 * large) / 100)
+    assert result.cosines["c1"] == pytest.approx(per_tensor["small"]["c1"])
+    assert result.excluded == {"c0"}
+
+
+def test_a_tensor_nobody_changed_does_not_make_anyone_point_away() -> None:
+    rng = np.random.default_rng(10)
+    with SpilledUpdates() as spilled:
+        for k in range(4):
+            spilled.add(f"c{k}", {"frozen": np.zeros(50), "trained": 1.0 + rng.normal(0, 0.1, 5)}, 1.0)
+        result = robust_aggregate(spilled, "median", exclude_cosine_below=0.9)
+    assert result.excluded == frozenset()
+    assert min(result.cosines.values()) > 0.9  # the frozen tensor counts as agreement (both norms zero)
+
+
+@pytest.mark.parametrize("threshold", [1.0, -1.5, float("nan")])
+def test_a_cosine_threshold_outside_its_range_is_refused_before_any_pass(threshold: float) -> None:
+    with SpilledUpdates() as spilled:
+        spilled.add("a", {"w": np.ones(2)}, 1.0)
+        with pytest.raises(AggregationError, match=r"exclude_cosine_below: a cosine threshold must be in \[-1, 1\)"):
+            robust_aggregate(spilled, "median", exclude_cosine_below=threshold)
+
+
+def test_excluding_every_client_by_direction_is_refused_naming_both_thresholds() -> None:
+    with SpilledUpdates() as spilled:
+        spilled.add("a", {"w": np.array([1.0, 0.0])}, 1.0)
+        spilled.add("b", {"w": np.array([0.0, 1.0])}, 1.0)  # the median (0.5, 0.5) is 45° from both
+        with pytest.raises(AggregationError, match=r"exclude_above=None or has a cosine below "
+                                                   r"exclude_cosine_below=0\.9: nothing left"):
+            robust_aggregate(spilled, "median", exclude_cosine_below=0.9)

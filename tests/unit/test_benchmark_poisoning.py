@@ -104,6 +104,17 @@ def test_defence_refuses_exclusion_without_a_robust_rule_and_a_bad_trim() -> Non
         Defence(rule="mode")
 
 
+def test_defence_refuses_a_direction_check_without_a_robust_rule_or_outside_minus_one_to_one() -> None:
+    with pytest.raises(ValueError, match="exclude_cosine_below needs a robust rule"):
+        Defence(exclude_cosine_below=0.0)
+    for bad in (1.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"exclude_cosine_below: a cosine threshold must be in \[-1, 1\)"):
+            Defence(rule="median", exclude_cosine_below=bad)
+    assert Defence(rule="median", exclude_cosine_below=-1.0).excludes and not Defence(rule="median").excludes
+    assert DEFENCES["median+cosine"] == Defence(rule="median", exclude_cosine_below=0.0)
+    assert DEFENCES["median+exclude1.5+cosine"] == Defence(rule="median", exclude_above=1.5, exclude_cosine_below=0.0)
+
+
 # --- defences: the coordinator's composition of the mlecs.aggregation functions ------------------------------
 
 
@@ -194,6 +205,23 @@ def test_median_with_exclusion_leaves_the_outlier_out_and_takes_the_median_of_th
     np.testing.assert_allclose(result.delta["w"], expected, rtol=1e-6)
 
 
+FLIPPED_ROWS = [*ROWS[:5], [-1.1, -2.0, -0.1, -1.0]]  # the last one is a sign-flipped honest update
+
+
+def test_median_with_the_direction_check_leaves_a_sign_flip_out_and_takes_the_median_of_the_rest() -> None:
+    updates = _updates(FLIPPED_ROWS)
+
+    checked = aggregate_round(updates, WEIGHTS, DEFENCES["median+cosine"])
+    unchecked = aggregate_round(updates, WEIGHTS, DEFENCES["median"])
+
+    assert checked.excluded == frozenset({"5"}) and unchecked.excluded == frozenset()
+    assert checked.cosines == unchecked.cosines  # measured against the same median either way
+    assert checked.cosines["5"] < 0 < min(c for client, c in checked.cosines.items() if client != "5")
+    for name in ("w", "b"):
+        expected = weighted_median(_stack(updates[:5], name), np.array(WEIGHTS[:5]))
+        np.testing.assert_allclose(checked.delta[name], expected, rtol=1e-6)
+
+
 def test_robust_rules_work_per_tensor_over_its_holders() -> None:
     updates = _updates(ROWS)
     # Client 0 lacks a modality: it holds "w" only, as a device without that modality's extractor would.
@@ -214,6 +242,15 @@ def test_round_record_counts_exclusions_by_kind_and_caps_infinite_scores() -> No
     assert record == {"excluded_attackers": 1.0, "excluded_honest": 1.0, "score_max_honest": 2.5,
                       "score_min_attacker": 1e6, "clip_bound": 0.3}
     assert round_record(RoundAggregate(delta={}), frozenset()) == {"excluded_attackers": 0.0, "excluded_honest": 0.0}
+
+
+def test_round_record_keeps_the_lowest_honest_and_highest_attacker_cosine() -> None:
+    result = RoundAggregate(delta={}, excluded=frozenset({"1"}), cosines={"0": 0.4, "1": -0.3, "2": 0.2, "3": -0.5})
+
+    record = round_record(result, frozenset({1, 3}))
+
+    assert record == {"excluded_attackers": 1.0, "excluded_honest": 0.0, "cosine_min_honest": 0.2,
+                      "cosine_max_attacker": -0.3}
 
 
 # --- the simulation with attackers and defences ------------------------------------------------------------
@@ -260,6 +297,17 @@ def test_simulation_with_exclusion_leaves_the_scaled_attacker_out_and_records_it
     assert record["excluded_attackers"] == 1.0 and record["excluded_honest"] == 0.0
     assert record["score_min_attacker"] > 2.0 >= record["score_max_honest"]
     assert 0.0 <= result.global_accuracy <= 1.0
+
+
+def test_simulation_with_the_direction_check_records_cosines_and_leaves_out_what_points_away(tiny: AVMnist) -> None:
+    config = replace(CONFIG, poisoning=Poisoning(attack="signflip", defence="median+cosine"))
+
+    result = simulate(tiny, "mlecs", 0.0, 0, config, TEXT)
+
+    record = result.history[0]
+    assert -1.0 <= record["cosine_max_attacker"] <= 1.0 and -1.0 <= record["cosine_min_honest"] <= 1.0
+    assert record["excluded_attackers"] == float(record["cosine_max_attacker"] < 0)
+    assert record["excluded_honest"] == float(record["cosine_min_honest"] < 0)
 
 
 def test_clean_runs_keep_the_learning_benchmarks_history(tiny: AVMnist) -> None:
@@ -331,6 +379,23 @@ def test_report_shows_exclusions_for_defences_that_exclude() -> None:
 
     assert "| median+exclude | 0.0 / 1.0 | 16.0 / 1.0 | 0.0 / 1.0 |" in report
     assert "options meeting both: `median+exclude`." in report
+
+
+def test_report_shows_exclusions_and_cosine_separation_for_the_direction_check() -> None:
+    def history(attack: str, seed: int) -> list[dict[str, float]]:
+        rounds = [{"cosine_min_honest": 0.3 + 0.1 * seed}, {"cosine_min_honest": 0.25}]
+        if attack != "none":
+            rounds[0]["cosine_max_attacker"] = -0.2 - 0.1 * seed
+        return rounds
+
+    records = [*GRID, *(_record(a, "median+cosine", s, 0.9, excluded_attackers=0.0, excluded_honest=0.0,
+                                history=history(a, s)) for a in ("none", "scale10", "signflip") for s in (0, 1))]
+
+    report = markdown_report(records)
+
+    assert "| median+cosine | 0.0 / 0.0 | 0.0 / 0.0 | 0.0 / 0.0 |" in report  # it excludes, even if nobody here
+    assert "| median+cosine | +0.25 / – | +0.25 / -0.20 | +0.25 / -0.20 |" in report
+    assert "| median | " in report and report.count("+0.25 /") == 3  # no cosine row for runs without them
 
 
 def test_report_without_clean_plain_mma_has_no_target_checks() -> None:

@@ -77,6 +77,26 @@ def test_outliers_above_the_threshold_are_left_out_with_their_fused_features(tmp
     assert _distance(result.tensors, clean) < 0.2  # the clean noise alone puts ~0.1 between them
 
 
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_sign_flipped_updates_are_left_out_by_their_cosine_with_their_fused_features(rule: str, tmp_path) -> None:
+    updates, blobs, clean, base = _round(count=10, attackers=2, scale=-1.0)
+    config = FederationConfig(server_learning=False, robust_rule=rule, trim_fraction=0.1, exclude_cosine_below=0.0)
+    result = _run(config, updates, blobs, base, tmp_path)
+    assert result.excluded_devices == ["d0", "d1"]
+    assert max(result.centre_cosines[d] for d in ("d0", "d1")) < -0.9
+    assert min(cosine for device, cosine in result.centre_cosines.items() if device not in ("d0", "d1")) > 0.9
+    assert len(result.fused) == 8
+    assert _distance(result.tensors, clean) < 0.2
+
+
+def test_cosines_are_recorded_without_excluding_anyone_when_the_check_is_off(tmp_path) -> None:
+    updates, blobs, _clean, base = _round(count=10, attackers=2, scale=-1.0)
+    result = _run(FederationConfig(server_learning=False, robust_rule="median"), updates, blobs, base, tmp_path)
+    assert result.excluded_devices == [] and len(result.fused) == 10
+    assert sorted(result.centre_cosines) == sorted(u.device_id for u in updates)
+    assert min(result.centre_cosines.values()) < -0.9
+
+
 def test_clipping_bounds_every_update_before_the_mean(tmp_path) -> None:
     updates, blobs, _clean, base = _round(count=4, attackers=1, scale=100.0)
     clipped = _run(FederationConfig(server_learning=False, clip_norm=1.0), updates, blobs, base, tmp_path)
@@ -93,6 +113,11 @@ def test_clipping_bounds_every_update_before_the_mean(tmp_path) -> None:
     ({"exclude_above": 0.5, "robust_rule": "median"}, "exclude_above must be 0"),
     ({"exclude_above": 3.0}, "exclude_above needs a robust_rule"),
     ({"robust_rule": "median", "lora_mode": "exact"}, "lora_mode 'separate'"),
+    ({"exclude_cosine_below": 1.0, "robust_rule": "median"}, r"exclude_cosine_below must be null \(off\) or a cosine"),
+    ({"exclude_cosine_below": -1.5, "robust_rule": "median"}, r"in \[-1, 1\), not -1\.5"),
+    ({"exclude_cosine_below": float("nan"), "robust_rule": "median"}, "exclude_cosine_below must be null"),
+    ({"exclude_cosine_below": True, "robust_rule": "median"}, "exclude_cosine_below must be null"),
+    ({"exclude_cosine_below": 0.0}, "exclude_cosine_below needs a robust_rule"),
 ])
 def test_robust_settings_that_cannot_work_are_refused_with_the_reason(fields, problem) -> None:
     with pytest.raises(ValueError, match=problem):
