@@ -8,6 +8,12 @@ from typing import Any, Literal, get_args
 Backbone = Literal["minilm", "tiny"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 
+# A federation's model is built by the coordinator and every device from an admin request: bounded, so a
+# typo or a hostile request cannot ask for a model that exhausts memory. Far above any edge model here.
+_UPPER_BOUNDS = {"feature_dim": 4096, "fused_dim": 8192, "num_soft_tokens": 64, "lora_rank": 256,
+                 "lora_alpha": 4096}
+_MAX_CLASSES = 10_000
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -27,10 +33,10 @@ class ModelConfig:
     num_classes: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("feature_dim", "fused_dim", "num_soft_tokens", "lora_rank", "lora_alpha"):
+        for name, most in _UPPER_BOUNDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
         if self.fused_dim % self.num_soft_tokens:
             raise ValueError(
                 f"fused_dim ({self.fused_dim}) must be divisible by num_soft_tokens ({self.num_soft_tokens})"
@@ -40,8 +46,8 @@ class ModelConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         classes = self.num_classes
-        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+        if not isinstance(classes, int) or isinstance(classes, bool) or not 2 <= classes <= _MAX_CLASSES:
+            raise ValueError(f"num_classes must be an integer from 2 to {_MAX_CLASSES}, got {self.num_classes!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the fields as a JSON-ready dict (the inverse of :meth:`from_dict`)."""
