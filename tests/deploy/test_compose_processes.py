@@ -179,6 +179,8 @@ def fleet(tmp_path: Path, make_postgres_database, redis_prefix: str) -> Iterator
         yield topology
     finally:
         topology.close()
+        for name in topology.procs:  # shown by pytest only when the test failed
+            print(f"----- {name} (exit {topology.procs[name].returncode}) -----\n{topology.log(name)}")
 
 
 def _admin_token(fleet: Topology) -> str:
