@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md and the chart")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 seed, 2 rounds, every attack, the default defences (about 4 minutes here)")
+                        help="smoke run: 1 seed, 2 rounds, every attack, the default defences (about 5 minutes here)")
     parser.add_argument("--attacks", type=_names(tuple(ATTACKS)), default=list(ATTACKS),
                         help=f"comma-separated attacks of {', '.join(ATTACKS)} (default: all)")
     parser.add_argument("--defences", type=_names(tuple(DEFENCES)), default=list(DEFAULT_DEFENCES),

@@ -10,6 +10,7 @@ evaluated through the HTTP API: it must parse and return at least one series.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -27,6 +28,7 @@ from server.config import CoordinatorSettings
 from tests.integration.coordinator_harness import RunningCoordinator, free_port, running_coordinator, wait_for_round
 from tests.integration.test_grpc_loopback import _device, _federation, _request
 from tests.integration.test_scheduling_modes import CHUNK, _train, _upload
+from tools.render_dashboards import render_all
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
@@ -163,6 +165,10 @@ def test_every_dashboard_panel_query_parses_and_returns_data(coordinator, promet
     queries = panel_queries()
     assert len(queries) >= 30 and {name for name, _, _ in queries} == {
         "fleet.json", "rounds.json", "learning.json", "traffic.json", "health.json"}
+    pictures = os.environ.get("MLECS_DASHBOARD_PICTURES")  # set: also draw the README's pictures of this run
+    started = time.time()
+    if pictures:
+        time.sleep(5)  # a baseline before the federation, so counters start at zero in the pictures
     revoked_modalities = _run_federation(coordinator)
 
     # Wait until Prometheus holds the end state (the last commit scraped, the fleet gauges refreshed after the
@@ -197,6 +203,9 @@ def test_every_dashboard_panel_query_parses_and_returns_data(coordinator, promet
     assert abs(sum(float(s["value"][1]) for s in shares) - 1) < 1e-6, shares
     assert 0 < value("sum(mlecs_update_wire_bytes_total) / sum(mlecs_update_raw_bytes_total)") < 1  # fp16
     assert 0 <= value('max(mlecs_global_accuracy{modalities="cloud"})') <= 1
+    if pictures:
+        time.sleep(10)  # and an idle tail, so rates fall back
+        render_all(prometheus, Path(pictures), start=started, end=time.time(), step_s=1, rate_interval="4s")
 
 
 def _exported(c: RunningCoordinator, sample: str) -> float:
