@@ -57,3 +57,12 @@ UPDATE_RAW_BYTES = Counter(
     "fp32 bytes of the accepted updates' tensors: wire / raw is the upload compression ratio")
 DEPENDENCY_UP = Gauge("mlecs_dependency_up", "1 when the dependency answered the latest health probe, else 0",
                       ["dependency"])
+
+# Outcome counters start at 0 for every outcome they can take: a series that appears only at its first
+# increment is invisible to increase()/rate(), so the first enrolment or failed round would never show.
+for _outcome in ("accepted", "refused"):
+    ENROLMENTS.labels(_outcome)
+for _outcome in ("committed", "failed"):
+    ROUNDS.labels(_outcome)
+for _outcome in ("accepted", "rejected"):
+    UPDATES.labels(_outcome)

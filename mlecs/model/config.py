@@ -10,7 +10,7 @@ BACKBONES: tuple[str, ...] = get_args(Backbone)
 
 # A federation's model is built by the coordinator and every device from an admin request: bounded, so a
 # typo or a hostile request cannot ask for a model that exhausts memory. Far above any edge model here.
-_UPPER_BOUNDS = {"feature_dim": 4096, "fused_dim": 8192, "num_soft_tokens": 64, "lora_rank": 256,
+_UPPER_BOUNDS = {"feature_dim": 16384, "fused_dim": 65536, "num_soft_tokens": 64, "lora_rank": 256,
                  "lora_alpha": 4096}
 _MAX_CLASSES = 10_000
 

@@ -188,7 +188,7 @@ def test_model_config_round_trips_through_a_dict_and_rejects_unknown_keys() -> N
     ("kwargs", "name"),
     [({"fused_dim": 250}, "fused_dim"), ({"backbone": "gpt"}, "backbone"), ({"lora_rank": 0}, "lora_rank"),
      # bounded above too: the coordinator builds whatever an admin request asks for
-     ({"feature_dim": 10**6}, "feature_dim must be an integer from 1 to 4096"), ({"lora_rank": 257}, "lora_rank"),
+     ({"feature_dim": 10**6}, "feature_dim must be an integer from 1 to 16384"), ({"lora_rank": 257}, "lora_rank"),
      ({"num_classes": 10**9}, "num_classes must be an integer from 2 to 10000")],
 )
 def test_invalid_model_config_names_the_bad_field(kwargs: dict[str, object], name: str) -> None:
