@@ -34,3 +34,11 @@ if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [ "$(i
   if pid=$(cat /run/prometheus/prometheus.pid 2>/dev/null); then kill "$pid" 2>/dev/null || true; fi
 fi
 command -v prometheus >/dev/null || echo "prometheus is missing: tests/integration/test_dashboards.py will fail" >&2
+
+# tests/deploy/test_compose_static.py checks docker-compose.yml with a compose implementation's own config
+# check (Debian's docker-compose; no Docker engine needed). Installed when missing and apt is there.
+if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing docker-compose"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose >/dev/null || true
+fi
+command -v docker-compose >/dev/null || echo "docker-compose is missing: the compose config check is skipped" >&2
