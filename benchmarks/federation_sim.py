@@ -76,6 +76,13 @@ class SimConfig:
     """Attacking clients and the aggregation's defence; the default has neither (plain MMA/FedAvg)."""
 
 
+def benchmark_config(clients: int, rounds: int, backbone: str) -> SimConfig:
+    """The recipe every benchmark built on this simulation runs (5 public epochs, 1 private, batch 16), so
+    the learning and poisoning benchmarks measure the same federation."""
+    return SimConfig(num_clients=clients, rounds=rounds, model=ModelConfig(backbone=backbone),  # type: ignore[arg-type]
+                     recipe=replace(AmtRecipe(), public_epochs=5, private_epochs=1, batch_size=16))
+
+
 @dataclass
 class SimResult:
     global_accuracy: float

@@ -17,14 +17,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.federation_sim import DEFAULT_METHODS, METHODS, SimConfig, simulate
+from benchmarks.federation_sim import DEFAULT_METHODS, METHODS, benchmark_config, simulate
 from benchmarks.learning_report import markdown_table, plot_accuracy
-from mlecs.learning.amt import AmtRecipe
-from mlecs.model import ModelConfig
 
 SETTINGS = ("canonical", "hard")
 
@@ -92,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlecs.model.text import class_text_anchors
 
     args.out.mkdir(parents=True, exist_ok=True)
-    config = SimConfig(num_clients=args.clients, rounds=rounds, model=ModelConfig(backbone=args.backbone),
-                       recipe=replace(AmtRecipe(), public_epochs=5, private_epochs=1, batch_size=16))
+    config = benchmark_config(args.clients, rounds, args.backbone)
     text = class_text_anchors()
     runs = [(s, m, p, seed) for s in settings for p in ps for seed in range(seeds) for m in args.methods]
     records: list[dict[str, Any]] = []

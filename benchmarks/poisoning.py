@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.adversary import ATTACKS, DEFAULT_DEFENCES, DEFENCES, Poisoning
-from benchmarks.federation_sim import METHODS, SimConfig, SimResult, simulate
+from benchmarks.federation_sim import METHODS, SimResult, benchmark_config, simulate
 from benchmarks.poisoning_report import write_outputs
-from mlecs.learning.amt import AmtRecipe
-from mlecs.model import ModelConfig
 
 SETTINGS = ("canonical", "hard")
 ROBUST_METHODS = tuple(name for name, m in METHODS.items() if m.federated and not m.exact_lora)
@@ -126,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    base = SimConfig(num_clients=args.clients, rounds=rounds, model=ModelConfig(backbone=args.backbone),
-                     recipe=replace(AmtRecipe(), public_epochs=5, private_epochs=1, batch_size=16))
+    base = benchmark_config(args.clients, rounds, args.backbone)
     data = load_avmnist(args.data_dir, setting=args.setting)
     text = class_text_anchors()
     runs = [(seed, defence, attack) for seed in range(args.first_seed, args.first_seed + seeds)
