@@ -18,10 +18,12 @@ from tests.integration.test_grpc_loopback import (  # noqa: F401  (backend, coor
 from tests.integration.test_scheduling_modes import AV, CHUNK, FAST, _train
 
 
-def test_a_scaled_update_is_left_out_and_the_median_of_the_honest_ones_commits(coordinator):  # noqa: F811
-    federation = _federation(coordinator, robust_rule="median", exclude_above=3.0, min_updates=5, **FAST)
-    devices = [_device(coordinator, federation["name"], f"dev-{i}", AV) for i in range(5)]
-    started = coordinator.admin.post(f"/v1/federations/{federation['id']}/rounds")
+def _attacked_round(running, federation: dict, attack) -> dict:
+    """Five devices train a round of ``federation``; the first uploads ``attack(delta)`` instead of its own.
+    Checks the round committed base + the honest delta (as fp16 carried it), not the attack; returns the
+    round."""
+    devices = [_device(running, federation["name"], f"dev-{i}", AV) for i in range(5)]
+    started = running.admin.post(f"/v1/federations/{federation['id']}/rounds")
     assert started.status_code == 201, started.text
     round_id = started.json()["id"]
 
@@ -31,23 +33,29 @@ def test_a_scaled_update_is_left_out_and_the_median_of_the_honest_ones_commits(c
         adapter = client.download_global(device_id, task.version_id).adapter
         base, delta = decode_tensors(adapter), _delta_for(adapter, set(AV))
         honest_delta = delta
-        if index == 0:  # the attacker: the same direction, ten times as long
-            delta = {name: value * 10 for name, value in delta.items()}
+        if index == 0:
+            delta = attack(delta)
         payload = encode_tensors(delta, "fp16")
         state, _ = client.upload(_request(task, device_id, payload, AV), payload, 0, CHUNK)
         assert state == "accepted"
 
-    body = wait_for_round(coordinator.admin, round_id)
+    body = wait_for_round(running.admin, round_id)
     assert body["state"] == "committed", body
-    assert body["metrics"]["robust_excluded"] == 1.0
-    assert body["metrics"]["anomaly_score_max"] > 3
-
     client, device_id = devices[1]
     committed = decode_tensors(client.download_global(device_id, body["version_id"]).adapter)
     assert honest_delta is not None
-    for name, value in honest_delta.items():  # base + the honest delta (as fp16 carried it), not the attack
+    for name, value in honest_delta.items():
         expected = base[name] + value.astype(np.float16).astype(np.float32)
         np.testing.assert_allclose(committed[name], expected, rtol=1e-5, atol=1e-6)
+    return body
+
+
+def test_a_scaled_update_is_left_out_and_the_median_of_the_honest_ones_commits(coordinator):  # noqa: F811
+    federation = _federation(coordinator, robust_rule="median", exclude_above=3.0, min_updates=5, **FAST)
+    # the attacker: the same direction, ten times as long
+    body = _attacked_round(coordinator, federation, lambda delta: {n: v * 10 for n, v in delta.items()})
+    assert body["metrics"]["robust_excluded"] == 1.0
+    assert body["metrics"]["anomaly_score_max"] > 3
 
 
 def test_a_sign_flipped_update_is_left_out_by_its_direction_and_the_honest_median_commits(coordinator):  # noqa: F811
@@ -58,31 +66,7 @@ def test_a_sign_flipped_update_is_left_out_by_its_direction_and_the_honest_media
     federation = _federation(coordinator, robust_rule="median", exclude_cosine_below=0.0, min_updates=5, **FAST)
     stored = coordinator.admin.get(f"/v1/federations/{federation['id']}").json()
     assert stored["config"]["exclude_cosine_below"] == 0.0  # 0 is a threshold here, not "off"
-    devices = [_device(coordinator, federation["name"], f"dev-{i}", AV) for i in range(5)]
-    started = coordinator.admin.post(f"/v1/federations/{federation['id']}/rounds")
-    assert started.status_code == 201, started.text
-    round_id = started.json()["id"]
-
-    honest_delta = None
-    for index, (client, device_id) in enumerate(devices):
-        task, _ = _train(client, device_id, AV)
-        adapter = client.download_global(device_id, task.version_id).adapter
-        base, delta = decode_tensors(adapter), _delta_for(adapter, set(AV))
-        honest_delta = delta
-        if index == 0:  # the attacker: an honest norm, the opposite direction
-            delta = {name: -value for name, value in delta.items()}
-        payload = encode_tensors(delta, "fp16")
-        state, _ = client.upload(_request(task, device_id, payload, AV), payload, 0, CHUNK)
-        assert state == "accepted"
-
-    body = wait_for_round(coordinator.admin, round_id)
-    assert body["state"] == "committed", body
+    # the attacker: an honest norm, the opposite direction
+    body = _attacked_round(coordinator, federation, lambda delta: {n: -v for n, v in delta.items()})
     assert body["metrics"]["robust_excluded"] == 1.0
     assert body["metrics"]["centre_cosine_min"] < -0.999  # the flipped update is the honest one reversed
-
-    client, device_id = devices[1]
-    committed = decode_tensors(client.download_global(device_id, body["version_id"]).adapter)
-    assert honest_delta is not None
-    for name, value in honest_delta.items():
-        expected = base[name] + value.astype(np.float16).astype(np.float32)
-        np.testing.assert_allclose(committed[name], expected, rtol=1e-5, atol=1e-6)
