@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--robust-rule", choices=("none", "median", "trimmed_mean"), default="none",
                         help="aggregate with this robust rule (every update spilled to disk and reduced in coordinate "
                              "blocks) instead of the streamed weighted mean (default none)")
+    parser.add_argument("--no-heartbeat-process", dest="heartbeat_process", action="store_false",
+                        help="serve heartbeats on the device port, as without MLECS_HEARTBEAT_PORT (default: in the "
+                             "coordinator's heartbeat process, when Redis is used)")
     parser.add_argument("--shared-channel", action="store_true",
                         help="one connection per device process instead of one per device (as real devices "
                              "have); heartbeats then wait behind other devices' transfers on that connection")
@@ -222,7 +225,8 @@ def run_load(devices: int, model: dict[str, Any], params: int, args: argparse.Na
     with tempfile.TemporaryDirectory(prefix="mlecs-load-") as tmp, \
             backing_stores(args.database_url, args.redis_url, args.embedded, progress) as stores:
         coordinator = CoordinatorProcess(Path(tmp) / "coordinator", stores, args.heartbeat_s,
-                                         presence_ttl_s=4.0 * args.heartbeat_s)
+                                         presence_ttl_s=4.0 * args.heartbeat_s,
+                                         heartbeat_process=args.heartbeat_process)
         progress(f"{label} starting the coordinator (database {stores.database}, presence {stores.presence})")
         admin: AdminClient | None = None
         try:
@@ -234,7 +238,8 @@ def run_load(devices: int, model: dict[str, Any], params: int, args: argparse.Na
                 admin.close()
             code = coordinator.stop()
             progress(f"{label} coordinator stopped (exit code {code})")
-        record.update(database=stores.database, presence=stores.presence)
+        record.update(database=stores.database, presence=stores.presence,
+                      heartbeat_process=coordinator.heartbeat_process)
     return record
 
 
@@ -253,18 +258,20 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
         admin.wait_online(federation, devices, timeout_s=60 + 0.1 * devices)
         progress(f"{label} all {devices} devices online; running {args.rounds} round(s)")
         rss_before, scraped = coordinator.rss_mib(), admin.metrics()
-        cpu = CpuAccount(coordinator.pid, fleet.pids, coordinator.stores.database_name)
+        cpu = CpuAccount(coordinator.pids, fleet.pids, coordinator.stores.database_name)
         window_start = time.time()
-        with RssSampler(coordinator.pid) as sampler:
+        with RssSampler(coordinator.pids) as sampler:
             rounds = _run_rounds(admin, federation, devices, args, label)
         window_end, used = time.time(), cpu.used()
         breakdown = coordinator_breakdown(scraped, admin.metrics())
-        peak_rss = coordinator.peak_rss_mib()
+        peaks = coordinator.peak_rss_by_process_mib()
+        peak_rss, children_peak_rss = sum(peaks.values()), sum(v for pid, v in peaks.items() if pid != coordinator.pid)
         stats = fleet.stop()
     return build_record(RunMeasurements(
         devices=devices, model=model, payload_params=params, rounds=rounds, stats=stats,
         window=(window_start, window_end), coordinator_cpu_s=used.coordinator_s,
-        peak_rss_mib=peak_rss, rss_before_rounds_mib=rss_before, rss_sampled_peak_mib=sampler.peak_mib,
+        peak_rss_mib=peak_rss, heartbeat_process_peak_rss_mib=children_peak_rss,
+        rss_before_rounds_mib=rss_before, rss_sampled_peak_mib=sampler.peak_mib,
         coordinator_breakdown=breakdown, poll_s=poll_s, device_procs=fleet.process_count,
         device_cpu_s=used.devices_s, stores_cpu_s=used.stores_s, other_cpu_s=used.other_s), args)
 
@@ -285,6 +292,7 @@ class RunMeasurements:
     coordinator_cpu_s: float
     """Coordinator CPU seconds (user + system) over the rounds phase."""
     peak_rss_mib: float
+    """Of the coordinator and its heartbeat process together (the sum of their high-water marks)."""
     rss_before_rounds_mib: float
     rss_sampled_peak_mib: float
     coordinator_breakdown: dict[str, Any]
@@ -297,6 +305,8 @@ class RunMeasurements:
     """CPU seconds of the PostgreSQL backends serving the run and of Redis over the rounds phase."""
     other_cpu_s: float = math.nan
     """CPU seconds the rest of the machine used over the rounds phase: other work skews every number."""
+    heartbeat_process_peak_rss_mib: float = 0.0
+    """The heartbeat process's part of ``peak_rss_mib`` (0 without one)."""
 
 
 def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]:
@@ -330,6 +340,7 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "upload_p50_ms": 1000 * percentile(uploads, 50),
         "accepted_updates": accepted,
         "coordinator_cpu_s": cpu_s,
+        "heartbeat_process_peak_rss_mib": m.heartbeat_process_peak_rss_mib,
         "rss_before_rounds_mib": m.rss_before_rounds_mib,
         "rss_rounds_sampled_peak_mib": m.rss_sampled_peak_mib,
         "payload_bytes": stats.payload_bytes / stats.payloads if stats.payloads else math.nan,

@@ -163,10 +163,11 @@ def free_port() -> int:
 
 
 class RssSampler:
-    """Samples a process's resident set size in a background thread and keeps the largest value seen."""
+    """Samples the resident set size of some processes (summed) in a background thread and keeps the largest
+    value seen."""
 
-    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
-        self._process = psutil.Process(pid)
+    def __init__(self, pids: list[int], interval_s: float = 0.1) -> None:
+        self._processes = [psutil.Process(pid) for pid in pids]
         self._interval = interval_s
         self._peak = 0
         self._stop = threading.Event()
@@ -187,7 +188,7 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._peak = max(self._peak, self._process.memory_info().rss)
+                self._peak = max(self._peak, sum(p.memory_info().rss for p in self._processes))
             except psutil.Error:
                 return
             self._stop.wait(self._interval)
@@ -218,8 +219,8 @@ def _cpu_seconds(process: psutil.Process) -> float:
 class CpuAccount:
     """CPU seconds used since construction by the coordinator, its stores, the device processes and the rest."""
 
-    def __init__(self, coordinator_pid: int, device_pids: list[int], database_name: str | None) -> None:
-        self._coordinator = psutil.Process(coordinator_pid)
+    def __init__(self, coordinator_pids: list[int], device_pids: list[int], database_name: str | None) -> None:
+        self._coordinator = [psutil.Process(pid) for pid in coordinator_pids]
         self._devices = [psutil.Process(pid) for pid in device_pids]
         self._me = psutil.Process()
         self._database_name = database_name
@@ -243,7 +244,7 @@ class CpuAccount:
         machine = psutil.cpu_times()
         # Guest time is already inside user time, and steal is the hypervisor's: neither is counted.
         busy = sum(float(getattr(machine, name, 0.0)) for name in ("user", "nice", "system", "irq", "softirq"))
-        return (_cpu_seconds(self._coordinator), sum(_cpu_seconds(p) for p in self._devices),
+        return (sum(_cpu_seconds(p) for p in self._coordinator), sum(_cpu_seconds(p) for p in self._devices),
                 _cpu_seconds(self._me), busy)
 
     def used(self) -> CpuUse:
@@ -257,8 +258,11 @@ class CpuAccount:
 class CoordinatorProcess:
     """``python -m server serve`` in a subprocess on free ports, its log kept in its state directory."""
 
-    def __init__(self, state_dir: Path, stores: BackingStores, heartbeat_s: int, presence_ttl_s: float) -> None:
+    def __init__(self, state_dir: Path, stores: BackingStores, heartbeat_s: int, presence_ttl_s: float,
+                 heartbeat_process: bool = True) -> None:
         self.state_dir = state_dir
+        # The heartbeat process shares presence with the coordinator through Redis: none without it.
+        self.heartbeat_process = heartbeat_process and bool(stores.redis_url)
         self.stores = stores
         self.grpc_port = free_port()
         self.admin_port = free_port()
@@ -279,7 +283,8 @@ class CoordinatorProcess:
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
         }
-        for key, value in (("MLECS_DATABASE_URL", stores.database_url), ("MLECS_REDIS_URL", stores.redis_url)):
+        for key, value in (("MLECS_DATABASE_URL", stores.database_url), ("MLECS_REDIS_URL", stores.redis_url),
+                           ("MLECS_HEARTBEAT_PORT", "0" if self.heartbeat_process else None)):
             if value:
                 self._env[key] = value
             else:  # an unset URL selects the embedded store; one inherited from our environment must not leak in
@@ -323,7 +328,7 @@ class CoordinatorProcess:
                     raise LoadBenchmarkError(f"the coordinator exited with code {self._process.returncode} while "
                                              f"starting:\n{self.log_tail()}")
                 try:
-                    if client.get("/healthz").status_code == 200:
+                    if client.get("/healthz").status_code == 200 and self._heartbeats_ready(client):
                         return
                 except httpx.TransportError:
                     pass
@@ -332,15 +337,41 @@ class CoordinatorProcess:
                                              f"{self.log_tail()}")
                 time.sleep(0.2)
 
+    def _heartbeats_ready(self, client: httpx.Client) -> bool:
+        """Whether devices would be told a heartbeat port now (always true without a heartbeat process):
+        devices enrolled before it serves would heartbeat on the device port until their next reply."""
+        if not self.heartbeat_process:
+            return True
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("mlecs_heartbeat_port "):
+                return float(line.split()[1]) > 0
+        return False
+
+    @property
+    def pids(self) -> list[int]:
+        """The coordinator and its child processes (the heartbeat process)."""
+        return [self.pid, *(child.pid for child in psutil.Process(self.pid).children(recursive=True))]
+
     def rss_mib(self) -> float:
-        return float(psutil.Process(self.pid).memory_info().rss) / MIB
+        """Resident memory of the coordinator and its children, summed."""
+        return sum(float(psutil.Process(pid).memory_info().rss) for pid in self.pids) / MIB
 
     def peak_rss_mib(self) -> float:
-        """The process's high-water mark of resident memory (VmHWM) since it started."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # reported in kB
-        raise LoadBenchmarkError("/proc/<pid>/status has no VmHWM line")
+        """The high-water marks of resident memory (VmHWM) of the coordinator and its children, summed: an
+        upper bound of their peak together."""
+        return sum(self.peak_rss_by_process_mib().values())
+
+    def peak_rss_by_process_mib(self) -> dict[int, float]:
+        """pid -> high-water mark of resident memory (VmHWM) since it started."""
+        peaks = {}
+        for pid in self.pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[pid] = int(line.split()[1]) / 1024  # reported in kB
+                    break
+            else:
+                raise LoadBenchmarkError(f"/proc/{pid}/status has no VmHWM line")
+        return peaks
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (graceful stop), then SIGKILL if it lingers; returns the exit code."""

@@ -26,7 +26,7 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 
 from mlecs.codec import encode_tensors, iter_chunks, peek_header, sha256_hex
+from mlecs.endpoints import with_port
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 
@@ -184,9 +185,14 @@ class SimDevice:
     """One simulated device on a shared stub: enrol, then ``heartbeats()`` and ``tasks()`` until cancelled."""
 
     def __init__(self, stub: fleet_pb2_grpc.FleetStub, spec: DeviceSpec, options: FleetOptions,
-                 stats: FleetStats) -> None:
+                 stats: FleetStats, open_stub: Callable[[str], fleet_pb2_grpc.FleetStub] | None = None) -> None:
         self.spec = spec
         self._stub = stub
+        # Heartbeats go to the coordinator's heartbeat port when it names one (``open_stub`` makes a
+        # connection there), else to ``stub``.
+        self._heartbeat_stub = stub
+        self._heartbeat_port = 0
+        self._open_stub = open_stub
         self._options = options
         self._stats = stats
         self._rng = random.Random(spec.seed)
@@ -215,6 +221,15 @@ class SimDevice:
         self._device_id = reply.device_id
         self._metadata = (("authorization", f"Device {reply.device_id}:{reply.device_secret}"),)
         self._heartbeat_s = float(self._options.heartbeat_s or reply.heartbeat_interval_s or 5)
+        self._follow_heartbeat_port(reply.heartbeat_port)
+
+    def _follow_heartbeat_port(self, port: int) -> None:
+        """Sends later heartbeats to ``port`` on the coordinator's host (0: to the coordinator's address)."""
+        if port == self._heartbeat_port or self._open_stub is None:
+            return
+        self._heartbeat_port = port
+        target = with_port(self._options.address, port) if port else None
+        self._heartbeat_stub = self._stub if target is None else self._open_stub(target)
 
     async def fetch_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the current global adapter's tensors (one download, left out of the stats)."""
@@ -234,11 +249,12 @@ class SimDevice:
         due = loop.time()
         while True:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await self._timed("Heartbeat", self._stub.Heartbeat(
+                reply = await self._timed("Heartbeat", self._heartbeat_stub.Heartbeat(
                     pb.HeartbeatRequest(device_id=self._device_id), metadata=self._metadata,
                     timeout=self._options.rpc_timeout_s))
                 if self._options.heartbeat_s is None and reply.next_heartbeat_s > 0:
                     self._heartbeat_s = float(reply.next_heartbeat_s)
+                self._follow_heartbeat_port(reply.heartbeat_port)
             due = max(due + self._heartbeat_s, loop.time())
             await asyncio.sleep(due - loop.time())
 
@@ -344,14 +360,17 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
     gate = asyncio.Semaphore(options.enrol_concurrency)
     channels: list[grpc.aio.Channel] = []
 
-    def stub() -> fleet_pb2_grpc.FleetStub:
-        if options.shared_channel and channels:
-            return fleet_pb2_grpc.FleetStub(channels[0])
+    shared: dict[str, grpc.aio.Channel] = {}
+
+    def stub(target: str = options.address) -> fleet_pb2_grpc.FleetStub:
+        if options.shared_channel and target in shared:
+            return fleet_pb2_grpc.FleetStub(shared[target])
         # A local subchannel pool gives each channel a connection of its own (gRPC otherwise shares one
         # connection among channels to the same address with the same options). Benchmark mode: plaintext,
         # enrolment without tokens (the coordinator runs with MLECS_ALLOW_PLAINTEXT and MLECS_OPEN_ENROLMENT).
         channels.append(grpc.aio.insecure_channel(
-            options.address, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]))
+            target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]))
+        shared.setdefault(target, channels[-1])
         return fleet_pb2_grpc.FleetStub(channels[-1])
 
     try:
@@ -360,7 +379,7 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
                 await device.enrol()
                 running.append(asyncio.create_task(device.heartbeats()))
 
-        devices = [SimDevice(stub(), spec, options, stats) for spec in specs]
+        devices = [SimDevice(stub(), spec, options, stats, open_stub=stub) for spec in specs]
         outcomes = await asyncio.gather(*(start(d) for d in devices), return_exceptions=True)
         problems = [f"{d.spec.name}: {o!r}" for d, o in zip(devices, outcomes, strict=True) if o is not None]
         enrolled = [d for d, o in zip(devices, outcomes, strict=True) if o is None]

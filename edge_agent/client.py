@@ -11,6 +11,7 @@ from edge_agent.config import TlsMaterial
 from edge_agent.errors import AgentError, CoordinatorUnavailable, CredentialRejected, RequestRefused
 from edge_agent.tasks import GlobalVersion, Stop, TrainTask, UploadRequest, Wait
 from mlecs.codec import iter_chunks
+from mlecs.endpoints import with_port
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 
@@ -19,6 +20,8 @@ _CODEC = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.COD
 _CODEC_NAME = {v: k for k, v in _CODEC.items()}
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.ABORTED}
+_HEARTBEAT_FALLBACK = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED}
+"""Failures of the heartbeat port after which the beat is sent to the coordinator's address instead."""
 TASK_WAIT_S = 10
 """How long a task poll may be held by the coordinator (also bounds how long SIGTERM waits for it)."""
 _UPLOAD_STATE = {pb.UPLOAD_STATE_PARTIAL: "partial", pb.UPLOAD_STATE_ACCEPTED: "accepted",
@@ -63,20 +66,45 @@ class CoordinatorClient:
             # With several replica addresses, spread calls and skip a replica that is down.
             ("grpc.lb_policy_name", "round_robin"),
         ]
-        if tls is None:
-            self._channel = grpc.insecure_channel(address, options=options)
-        else:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            credentials = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+        if tls is not None and tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        self._address = address
+        self._options = options
+        self._credentials = None if tls is None else grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem,
+                                                                                 tls.cert_pem)
+        self._channel = self._open(address)
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
+        # Heartbeats go where the coordinator says (a port of their own, apart from transfers), on a
+        # connection of their own: a heartbeat must not queue behind this device's upload either.
+        self._heartbeat_port = 0
+        self._heartbeat_channel: grpc.Channel | None = None
+        self._heartbeat_stub: fleet_pb2_grpc.FleetStub | None = None
         self._timeout = timeout_s
         self._task_wait_s = max(0, min(task_wait_s, int(timeout_s) - 5))
         self._metadata: tuple[tuple[str, str], ...] = ()
 
+    def _open(self, target: str) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(target, options=self._options)
+        return grpc.secure_channel(target, self._credentials, options=self._options)
+
     def close(self) -> None:
         self._channel.close()
+        if self._heartbeat_channel is not None:
+            self._heartbeat_channel.close()
+
+    def _use_heartbeat_port(self, port: int) -> None:
+        """Sends later heartbeats to ``port`` on the coordinator's host(s) (0: the coordinator's address)."""
+        if port == self._heartbeat_port:
+            return
+        if self._heartbeat_channel is not None:
+            self._heartbeat_channel.close()
+        self._heartbeat_channel = self._heartbeat_stub = None
+        self._heartbeat_port = port
+        target = with_port(self._address, port) if port else None
+        if target is not None:
+            self._heartbeat_channel = self._open(target)
+            self._heartbeat_stub = fleet_pb2_grpc.FleetStub(self._heartbeat_channel)
 
     def authenticate(self, device_id: str, secret: str) -> None:
         self._metadata = (("authorization", f"Device {device_id}:{secret}"),)
@@ -90,14 +118,26 @@ class CoordinatorClient:
                 modalities=[_MODALITY[m] for m in modalities], agent_version="0.1.0"), timeout=self._timeout)
         except grpc.RpcError as exc:
             raise translate(exc) from exc
+        self._use_heartbeat_port(reply.heartbeat_port)
         return reply.device_id, reply.device_secret, reply.heartbeat_interval_s
 
     def heartbeat(self, device_id: str) -> int:
-        try:
-            reply = self._stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id), timeout=self._timeout,
-                                         metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise translate(exc) from exc
+        """One heartbeat; returns the interval to the next. Sent to the heartbeat port the coordinator named,
+        or to its address when it named none or that port does not answer (its reply names the port again)."""
+        request = pb.HeartbeatRequest(device_id=device_id)
+        reply = None
+        if self._heartbeat_stub is not None:
+            try:
+                reply = self._heartbeat_stub.Heartbeat(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() not in _HEARTBEAT_FALLBACK:
+                    raise translate(exc) from exc
+        if reply is None:
+            try:
+                reply = self._stub.Heartbeat(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise translate(exc) from exc
+        self._use_heartbeat_port(reply.heartbeat_port)
         return reply.next_heartbeat_s
 
     def get_task(self, device_id: str) -> TrainTask | Wait | Stop:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import logging
 import os
 import socket
@@ -65,6 +66,41 @@ def serve() -> None:
     sys.setswitchinterval(settings.gil_switch_interval_s)
     try:
         asyncio.run(Coordinator(settings).run())
+    except ConfigurationError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
+@cli.command("serve-heartbeats", hidden=True)
+def serve_heartbeats_command(
+    settings_stdin: bool = typer.Option(False, "--settings-stdin",
+                                        help="Read the settings as JSON from stdin instead of MLECS_* variables."),
+) -> None:
+    """Serve Heartbeat alone on MLECS_HEARTBEAT_PORT (started and supervised by `serve`; not run by hand).
+
+    Prints "listening PORT" on stdout once serving and stops when its parent process goes away.
+    """
+    if settings_stdin:
+        try:
+            settings = CoordinatorSettings(**json.loads(sys.stdin.read()))
+        except (ValueError, ValidationError) as exc:
+            typer.echo(f"configuration error: settings on stdin: {exc}", err=True)
+            raise typer.Exit(EXIT_CONFIG) from exc
+    else:
+        settings = _settings()
+    _logging(settings.log_level)
+    from server.config import ConfigurationError
+    from server.heartbeat_process import READY_PREFIX, serve_heartbeats
+
+    if settings.heartbeat_port is None:
+        typer.echo("configuration error: MLECS_HEARTBEAT_PORT is not set", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+
+    def announce(port: int) -> None:
+        print(f"{READY_PREFIX}{port}", flush=True)
+
+    try:
+        asyncio.run(serve_heartbeats(settings, announce))
     except ConfigurationError as exc:
         typer.echo(f"configuration error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc

@@ -17,6 +17,7 @@ from mlecs.proto.v1 import fleet_pb2_grpc
 from server import metrics
 from server.config import CoordinatorSettings
 from server.domain.errors import UnavailableError
+from server.heartbeat_process import HeartbeatProcess
 from server.learning.anchors import CloudTuner
 from server.learning.global_model import GlobalEvaluator
 from server.persistence.blobs import FileBlobStore
@@ -39,13 +40,13 @@ from server.services.rounds import RoundService
 from server.services.uploads import UploadService
 from server.services.versions import VersionService
 from server.transport.admin_api import AdminServices, create_admin_app
+from server.transport.grpc_heartbeat import FLEET_SERVICE
 from server.transport.grpc_servicer import FleetServicer
 from server.transport.long_poll import ChangeSignal
 from server.transport.tls import device_port_credentials
 
 log = logging.getLogger("mlecs.coordinator")
 
-FLEET_SERVICE = "mlecs.v1.Fleet"
 OBSERVE_INTERVAL_S = 5.0
 """How often the fleet and dependency gauges are refreshed (Prometheus scrapes every 15 s by default)."""
 
@@ -82,11 +83,13 @@ class Services:
 
 
 def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = None,
-                   loop: asyncio.AbstractEventLoop | None = None) -> Services:
-    """Migrates the database and wires every service. ``wake`` is set when an update is accepted."""
+                   loop: asyncio.AbstractEventLoop | None = None, *, migrate_database: bool = True) -> Services:
+    """Migrates the database (unless told not to) and wires every service. ``wake`` is set when an update
+    is accepted."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
-    migrate(url)
+    if migrate_database:
+        migrate(url)
     ctx = ServiceContext(
         settings=settings,
         store=SqlStore(create_engine_for(url)),
@@ -128,6 +131,7 @@ class Coordinator:
         self._ticked = asyncio.Event()
         self.grpc_port = 0
         self.services: Services | None = None
+        self.heartbeat_process: HeartbeatProcess | None = None
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -164,6 +168,10 @@ class Coordinator:
                               refusals=services.refusals,
                               mtls=device_credentials is not None)
         fleet_pb2_grpc.add_FleetServicer_to_server(fleet, server)
+
+        def advertise_heartbeat_port(port: int) -> None:
+            fleet.heartbeat_port = port
+            metrics.HEARTBEAT_PORT.set(port)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
@@ -180,8 +188,12 @@ class Coordinator:
         scheduler = asyncio.create_task(self._schedule(services))
         watcher = asyncio.create_task(self._watch(services, changes))
         lag = asyncio.create_task(_measure_loop_lag())
-        revocations = asyncio.create_task(self._follow_revocations(services))
+        revocations = asyncio.create_task(follow_revocations(services, self.settings))
         observer = asyncio.create_task(_observe(services))
+        tasks = [scheduler, watcher, lag, revocations, observer]
+        if self.settings.heartbeat_port is not None:
+            self.heartbeat_process = HeartbeatProcess(self.settings, advertise_heartbeat_port)
+            tasks.append(asyncio.create_task(self.heartbeat_process.run()))
         log.info("coordinator serving gRPC on %s:%d and the admin API on http://%s:%d",
                  self.settings.grpc_host, self.grpc_port, self.settings.admin_host, self.settings.admin_port)
         try:
@@ -189,14 +201,11 @@ class Coordinator:
         finally:
             log.info("coordinator stopping")
             await health_servicer.enter_graceful_shutdown()
-            scheduler.cancel()
-            watcher.cancel()
-            lag.cancel()
-            revocations.cancel()
-            observer.cancel()
+            for task in tasks:
+                task.cancel()
             http.should_exit = True
             await server.stop(grace=5)
-            await asyncio.gather(http_task, scheduler, watcher, lag, revocations, observer, return_exceptions=True)
+            await asyncio.gather(http_task, *tasks, return_exceptions=True)
             await asyncio.to_thread(services.rounds.release_leases)
             await asyncio.to_thread(services.ctx.presence.close)
             await asyncio.to_thread(services.refusals.close)
@@ -232,21 +241,22 @@ class Coordinator:
                 seen = marker
                 changes.notify()
 
-    async def _follow_revocations(self, services: Services) -> None:
-        """Forgets the remembered credentials of devices other replicas revoked (see
-        ``server.persistence.revocations``), every ``revocation_poll_interval_s``."""
-        failing = False
-        while True:
-            await asyncio.sleep(self.settings.revocation_poll_interval_s)
-            try:
-                await asyncio.to_thread(services.devices.follow_revocations)
-            except UnavailableError as exc:
-                if not failing:
-                    log.warning("revocations by other replicas take effect here when cached credentials "
-                                "expire (%.0f s) until Redis answers: %s", self.settings.credential_cache_s, exc)
-                failing = True
-            else:
-                failing = False
+
+async def follow_revocations(services: Services, settings: CoordinatorSettings) -> None:
+    """Forgets the remembered credentials of devices other replicas revoked (see
+    ``server.persistence.revocations``), every ``revocation_poll_interval_s``."""
+    failing = False
+    while True:
+        await asyncio.sleep(settings.revocation_poll_interval_s)
+        try:
+            await asyncio.to_thread(services.devices.follow_revocations)
+        except UnavailableError as exc:
+            if not failing:
+                log.warning("revocations by other replicas take effect here when cached credentials "
+                            "expire (%.0f s) until Redis answers: %s", settings.credential_cache_s, exc)
+            failing = True
+        else:
+            failing = False
 
 
 async def _measure_loop_lag(interval_s: float = 0.1) -> None:

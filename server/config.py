@@ -29,6 +29,14 @@ class CoordinatorSettings(BaseSettings):
     """Prefix of every Redis key this coordinator writes (several deployments can share one Redis)."""
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
+    heartbeat_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Heartbeat in a process of its own on this port of grpc_host (0: any free port), and tell devices
+    to send heartbeats there: liveness then never waits behind a round's transfers on the device port, which
+    at a thousand devices delayed heartbeats past the presence TTL. Same TLS as the device port. Needs
+    ``redis_url`` (the two processes share presence through Redis). Unset: heartbeats go to the device port."""
+    heartbeat_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Prometheus metrics of the heartbeat process (its Heartbeat latencies and refusals) on this port of
+    admin_host. Unset: not exposed (the coordinator's own /metrics stays on the admin port)."""
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8080, ge=0, le=65535)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
@@ -119,6 +127,14 @@ class CoordinatorSettings(BaseSettings):
         missing = [name for name, value in tls.items() if value is None]
         if 0 < len(missing) < len(tls):
             raise ValueError(f"mutual TLS needs all of {', '.join(tls)}; missing {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_process_needs_redis(self) -> CoordinatorSettings:
+        if self.heartbeat_port is not None and not self.redis_url:
+            raise ValueError("MLECS_HEARTBEAT_PORT needs MLECS_REDIS_URL: the heartbeat process and the coordinator "
+                             "share device presence through Redis (unset MLECS_HEARTBEAT_PORT to serve heartbeats "
+                             "on the device port)")
         return self
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RPC_DURATION = Histogram(
     "mlecs_rpc_duration_seconds", "Device RPC handling time", ["method", "code"],
@@ -37,6 +37,12 @@ AGGREGATION_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
 DEVICES_ONLINE = Gauge("mlecs_devices_online", "Devices with a live heartbeat", ["modalities"])
+HEARTBEAT_PROCESS_RESTARTS = Counter(
+    "mlecs_heartbeat_process_restarts_total",
+    "Times the heartbeat process (MLECS_HEARTBEAT_PORT) exited and was started again")
+HEARTBEAT_PORT = Gauge(
+    "mlecs_heartbeat_port", "Port devices are told to send heartbeats to; 0: the device port (no heartbeat process "
+    "serving)")
 LEASES_HELD = Gauge("mlecs_leases_held", "Federations whose rounds this replica drives (lease held)")
 
 # ---- for the Grafana dashboards (deploy/grafana/dashboards) ----------------------------------------------------
@@ -57,6 +63,13 @@ UPDATE_RAW_BYTES = Counter(
     "fp32 bytes of the accepted updates' tensors: wire / raw is the upload compression ratio")
 DEPENDENCY_UP = Gauge("mlecs_dependency_up", "1 when the dependency answered the latest health probe, else 0",
                       ["dependency"])
+
+
+
+def serve_http(host: str, port: int) -> None:
+    """Exposes this process's metrics on ``http://host:port/metrics`` (processes without the admin API)."""
+    start_http_server(port, addr=host)
+
 
 # Outcome counters start at 0 for every outcome they can take: a series that appears only at its first
 # increment is invisible to increase()/rate(), so the first enrolment or failed round would never show.

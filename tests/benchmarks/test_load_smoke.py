@@ -36,3 +36,9 @@ def test_three_devices_commit_two_rounds_and_every_metric_is_reported(tmp_path: 
     assert record["rpc_latency_ms"]["UploadUpdate"]["count"] == 6
     assert "| devices |" in result.stdout and (out / "results.md").read_text() in result.stdout
     assert not (out / "load.png").exists()  # one N: nothing to plot
+    # Redis answers here, so heartbeats went to the coordinator's heartbeat process: the devices timed them,
+    # and the coordinator's own /metrics (the main process) saw none.
+    assert record["presence"] == "redis" and record["heartbeat_process"] is True
+    assert record["rpc_latency_ms"]["Heartbeat"]["count"] > 0
+    assert record["coordinator_breakdown"]["rpc_handling_s"].get("Heartbeat", 0.0) == 0.0
+    assert 0 < record["heartbeat_process_peak_rss_mib"] < record["peak_rss_mib"]

@@ -147,20 +147,26 @@ class EnrolResponse(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_SECRET_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_PORT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_secret: _builtins.str
     """shown once; the coordinator keeps only a hash"""
     heartbeat_interval_s: _builtins.int
+    heartbeat_port: _builtins.int
+    """A port on the coordinator's host that serves Heartbeat apart from transfers, so that liveness is not
+    delayed by a busy round; send heartbeats there (same host, same credentials). 0: use this endpoint.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         device_secret: _builtins.str = ...,
         heartbeat_interval_s: _builtins.int = ...,
+        heartbeat_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_secret", b"device_secret", "heartbeat_interval_s", b"heartbeat_interval_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_secret", b"device_secret", "heartbeat_interval_s", b"heartbeat_interval_s", "heartbeat_port", b"heartbeat_port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,15 +196,19 @@ class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NEXT_HEARTBEAT_S_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_PORT_FIELD_NUMBER: _builtins.int
     next_heartbeat_s: _builtins.int
+    heartbeat_port: _builtins.int
+    """As in EnrolResponse: where to send the next heartbeats (0: this endpoint)."""
     def __init__(
         self,
         *,
         next_heartbeat_s: _builtins.int = ...,
+        heartbeat_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_heartbeat_s", b"next_heartbeat_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_port", b"heartbeat_port", "next_heartbeat_s", b"next_heartbeat_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
