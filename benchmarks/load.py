@@ -38,7 +38,14 @@ from benchmarks.load_coordinator import (
     RssSampler,
     backing_stores,
 )
-from benchmarks.load_report import coordinator_breakdown, latency_summary, percentile, plot_load, report_text
+from benchmarks.load_report import (
+    coordinator_breakdown,
+    heartbeat_process_breakdown,
+    latency_summary,
+    percentile,
+    plot_load,
+    report_text,
+)
 from benchmarks.simdevice import Fleet, FleetError, FleetOptions, FleetStats, make_specs
 
 FEATURE_DIMS = (32, 64, 128, 192, 256, 384, 512, 768, 1024)
@@ -142,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="devices invited per round (default 0: every device)")
     parser.add_argument("--device-procs", type=_at_least(1), default=None,
                         help="processes running the devices (default min(4, N))")
+    parser.add_argument("--heartbeat-procs", type=_at_least(0), default=1,
+                        help="processes sending the devices' heartbeats, apart from the device processes' tasks "
+                             "and transfers (default 1; 0: each device heartbeats from its device process, "
+                             "where its heartbeats also time that process's turns)")
     parser.add_argument("--heartbeat-s", type=_at_least(1), default=5,
                         help="heartbeat interval the coordinator hands out, in whole seconds (default 5); "
                              "presence expires after 4 intervals")
@@ -250,7 +261,7 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
     admin.create_federation(federation, federation_config(model, invited, args.clients_per_round, args.robust_rule))
     poll_s = args.poll_s or default_poll_s(devices)
     options = FleetOptions(address=coordinator.grpc_address, federation=federation, poll_s=poll_s,
-                           shared_channel=args.shared_channel)
+                           shared_channel=args.shared_channel, heartbeat_procs=args.heartbeat_procs)
     fleet = Fleet(make_specs(devices, args.seed), options, processes=args.device_procs)
     with fleet:
         progress(f"{label} enrolling {devices} devices in {fleet.process_count} process(es), preparing their updates")
@@ -258,12 +269,18 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
         admin.wait_online(federation, devices, timeout_s=60 + 0.1 * devices)
         progress(f"{label} all {devices} devices online; running {args.rounds} round(s)")
         rss_before, scraped = coordinator.rss_mib(), admin.metrics()
+        scraped_heartbeats = coordinator.heartbeat_metrics()
+        heartbeat_cpu = CpuAccount(coordinator.heartbeat_process_pids(), [], None)
         cpu = CpuAccount(coordinator.pids, fleet.pids, coordinator.stores.database_name)
         window_start = time.time()
         with RssSampler(coordinator.pids) as sampler:
             rounds = _run_rounds(admin, federation, devices, args, label)
         window_end, used = time.time(), cpu.used()
         breakdown = coordinator_breakdown(scraped, admin.metrics())
+        if coordinator.heartbeat_process:
+            breakdown["heartbeat_process"] = {
+                **heartbeat_process_breakdown(scraped_heartbeats, coordinator.heartbeat_metrics()),
+                "cpu_s": heartbeat_cpu.used().coordinator_s}
         peaks = coordinator.peak_rss_by_process_mib()
         peak_rss, children_peak_rss = sum(peaks.values()), sum(v for pid, v in peaks.items() if pid != coordinator.pid)
         stats = fleet.stop()
@@ -353,6 +370,7 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "poll_s": m.poll_s,
         "heartbeat_s": args.heartbeat_s,
         "device_procs": m.device_procs,
+        "heartbeat_procs": args.heartbeat_procs,
         "connections": "one per process" if args.shared_channel else "one per device",
         "robust_rule": args.robust_rule,
         "clients_per_round": args.clients_per_round,

@@ -265,6 +265,7 @@ class CoordinatorProcess:
         self.heartbeat_process = heartbeat_process and bool(stores.redis_url)
         self.stores = stores
         self.grpc_port = free_port()
+        self.heartbeat_metrics_port = free_port()
         self.admin_port = free_port()
         self.log_path = state_dir / "coordinator.log"
         self._env = {
@@ -284,7 +285,9 @@ class CoordinatorProcess:
             "OMP_NUM_THREADS": "1",
         }
         for key, value in (("MLECS_DATABASE_URL", stores.database_url), ("MLECS_REDIS_URL", stores.redis_url),
-                           ("MLECS_HEARTBEAT_PORT", "0" if self.heartbeat_process else None)):
+                           ("MLECS_HEARTBEAT_PORT", "0" if self.heartbeat_process else None),
+                           ("MLECS_HEARTBEAT_METRICS_PORT",
+                            str(self.heartbeat_metrics_port) if self.heartbeat_process else None)):
             if value:
                 self._env[key] = value
             else:  # an unset URL selects the embedded store; one inherited from our environment must not leak in
@@ -346,6 +349,19 @@ class CoordinatorProcess:
             if line.startswith("mlecs_heartbeat_port "):
                 return float(line.split()[1]) > 0
         return False
+
+    def heartbeat_metrics(self) -> Samples:
+        """The heartbeat process's Prometheus samples (empty without one, or if it does not answer)."""
+        if not self.heartbeat_process:
+            return {}
+        try:
+            reply = httpx.get(f"http://127.0.0.1:{self.heartbeat_metrics_port}/metrics", timeout=10)
+        except httpx.TransportError:
+            return {}
+        return parse_prometheus(reply.text) if reply.status_code == 200 else {}
+
+    def heartbeat_process_pids(self) -> list[int]:
+        return [pid for pid in self.pids if pid != self.pid]
 
     @property
     def pids(self) -> list[int]:

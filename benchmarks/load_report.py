@@ -100,6 +100,25 @@ def coordinator_breakdown(before: Samples, after: Samples) -> dict[str, Any]:
     }
 
 
+def heartbeat_process_breakdown(before: Samples, after: Samples) -> dict[str, Any]:
+    """What the heartbeat process measured of itself between two scrapes of its /metrics: heartbeats it
+    answered, the time it spent handling them (mean and p99, as histogram bucket bounds), and how late its
+    event loop ran (the wait before a heartbeat's handler starts)."""
+    def only_heartbeats(samples: Samples) -> Samples:
+        return {key: value for key, value in samples.items() if ("method", "Heartbeat") in key[1]}
+
+    b, a = only_heartbeats(before), only_heartbeats(after)
+    count = sum(growth_by_label(b, a, "mlecs_rpc_duration_seconds_count", "").values())
+    seconds = sum(growth_by_label(b, a, "mlecs_rpc_duration_seconds_sum", "").values())
+    lag = growth_by_label(before, after, "mlecs_event_loop_lag_seconds_bucket", "le")
+    return {
+        "heartbeats": int(count),
+        "handling_s_mean": seconds / count if count else math.nan,
+        "handling_p99_s": bucket_quantile(growth_by_label(b, a, "mlecs_rpc_duration_seconds_bucket", "le"), 0.99),
+        "event_loop_lag_p99_s": bucket_quantile(lag, 0.99),
+    }
+
+
 def bucket_quantile(buckets: Mapping[str, float], q: float) -> float:
     """Upper bound of the histogram bucket holding quantile ``q``, from cumulative counts by ``le``
     (NaN: no observations; inf: above the largest finite bucket)."""

@@ -19,7 +19,6 @@ Errors: ``FleetError`` (a device process failed or did not report in time; not r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import queue
 import random
@@ -109,6 +108,10 @@ class FleetOptions:
     """Deadline of one download or upload; uploads queue up behind each other when many devices train."""
     enrol_concurrency: int = 16
     """Enrolments in flight at once per process."""
+    heartbeat_procs: int = 0
+    """Processes that send the devices' heartbeats (each device's on a connection of its own), apart from the
+    processes that run the devices' tasks and transfers; 0: each device heartbeats from its own process. A real
+    device's heartbeat does not wait for 250 other devices' transfers to give its process a turn."""
     shared_channel: bool = False
     """One connection per device process instead of one per device. Real devices each have their own
     connection; sharing one puts every device's heartbeat behind the others' transfers (HTTP/2 flow
@@ -181,6 +184,69 @@ class _Payload:
     codec: str
 
 
+@dataclass(frozen=True)
+class HeartbeatPlan:
+    """What one device's heartbeats need, picklable so that another process can send them."""
+
+    device_id: str
+    metadata: tuple[tuple[str, str], ...]
+    interval_s: float
+    heartbeat_port: int
+    """The port the coordinator named for heartbeats (0: its device port)."""
+    seed: int
+
+
+class Heartbeater:
+    """One device's heartbeat loop: at a random phase, then every interval; each reply may change the
+    interval and the port. ``open_stub(target)`` makes a connection; ``device_stub`` is the device's own
+    connection to the device port, used when no heartbeat port is named (else one is opened)."""
+
+    def __init__(self, plan: HeartbeatPlan, options: FleetOptions, stats: FleetStats,
+                 open_stub: Callable[[str], fleet_pb2_grpc.FleetStub],
+                 device_stub: fleet_pb2_grpc.FleetStub | None = None) -> None:
+        self._plan = plan
+        self._options = options
+        self._stats = stats
+        self._open_stub = open_stub
+        self._device_stub = device_stub
+        self._interval_s = plan.interval_s
+        self._port = -1
+        self._stub = device_stub
+        self._follow(plan.heartbeat_port)
+
+    def _follow(self, port: int) -> None:
+        if port == self._port:
+            return
+        self._port = port
+        target = with_port(self._options.address, port) if port else None
+        if target is not None:
+            self._stub = self._open_stub(target)
+        else:
+            self._stub = self._device_stub or self._open_stub(self._options.address)
+
+    async def run(self) -> None:
+        # A random phase keeps N devices from heartbeating in lockstep.
+        await asyncio.sleep(random.Random(self._plan.seed).uniform(0, self._interval_s))
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        request = pb.HeartbeatRequest(device_id=self._plan.device_id)
+        while True:
+            assert self._stub is not None
+            started, clock = time.time(), time.perf_counter()
+            try:
+                reply = await self._stub.Heartbeat(request, metadata=self._plan.metadata,
+                                                   timeout=self._options.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                self._stats.count_error("Heartbeat", exc)
+            else:
+                self._stats.record("Heartbeat", started, time.perf_counter() - clock)
+                if self._options.heartbeat_s is None and reply.next_heartbeat_s > 0:
+                    self._interval_s = float(reply.next_heartbeat_s)
+                self._follow(reply.heartbeat_port)
+            due = max(due + self._interval_s, loop.time())
+            await asyncio.sleep(due - loop.time())
+
+
 class SimDevice:
     """One simulated device on a shared stub: enrol, then ``heartbeats()`` and ``tasks()`` until cancelled."""
 
@@ -190,7 +256,6 @@ class SimDevice:
         self._stub = stub
         # Heartbeats go to the coordinator's heartbeat port when it names one (``open_stub`` makes a
         # connection there), else to ``stub``.
-        self._heartbeat_stub = stub
         self._heartbeat_port = 0
         self._open_stub = open_stub
         self._options = options
@@ -221,15 +286,12 @@ class SimDevice:
         self._device_id = reply.device_id
         self._metadata = (("authorization", f"Device {reply.device_id}:{reply.device_secret}"),)
         self._heartbeat_s = float(self._options.heartbeat_s or reply.heartbeat_interval_s or 5)
-        self._follow_heartbeat_port(reply.heartbeat_port)
+        self._heartbeat_port = reply.heartbeat_port
 
-    def _follow_heartbeat_port(self, port: int) -> None:
-        """Sends later heartbeats to ``port`` on the coordinator's host (0: to the coordinator's address)."""
-        if port == self._heartbeat_port or self._open_stub is None:
-            return
-        self._heartbeat_port = port
-        target = with_port(self._options.address, port) if port else None
-        self._heartbeat_stub = self._stub if target is None else self._open_stub(target)
+    def heartbeat_plan(self) -> HeartbeatPlan:
+        """What another process needs to send this (enrolled) device's heartbeats."""
+        return HeartbeatPlan(device_id=self._device_id, metadata=self._metadata, interval_s=self._heartbeat_s,
+                             heartbeat_port=self._heartbeat_port, seed=self.spec.seed)
 
     async def fetch_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the current global adapter's tensors (one download, left out of the stats)."""
@@ -243,20 +305,9 @@ class SimDevice:
         self._stats.payloads += 1
 
     async def heartbeats(self) -> None:
-        # A random phase keeps N devices from heartbeating in lockstep.
-        await asyncio.sleep(self._rng.uniform(0, self._heartbeat_s))
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await self._timed("Heartbeat", self._heartbeat_stub.Heartbeat(
-                    pb.HeartbeatRequest(device_id=self._device_id), metadata=self._metadata,
-                    timeout=self._options.rpc_timeout_s))
-                if self._options.heartbeat_s is None and reply.next_heartbeat_s > 0:
-                    self._heartbeat_s = float(reply.next_heartbeat_s)
-                self._follow_heartbeat_port(reply.heartbeat_port)
-            due = max(due + self._heartbeat_s, loop.time())
-            await asyncio.sleep(due - loop.time())
+        """Sends this device's heartbeats from this process until cancelled."""
+        open_stub = self._open_stub or (lambda _target: self._stub)
+        await Heartbeater(self.heartbeat_plan(), self._options, self._stats, open_stub, self._stub).run()
 
     async def tasks(self) -> None:
         """Polls for tasks and trains (download, upload) when invited, until told to stop or cancelled."""
@@ -347,22 +398,20 @@ def _upload_messages(header: Any, data: bytes, chunk_bytes: int) -> Iterator[Any
 
 
 def _device_process(index: int, specs: Sequence[DeviceSpec], options: FleetOptions, stop: Any,
-                    outbox: Any) -> None:
-    """Entry point of a device process: runs its devices until ``stop`` is set, then reports."""
-    stats = asyncio.run(_run_devices(index, specs, options, stop, outbox))
+                    outbox: Any, beats: Any) -> None:
+    """Entry point of a device process: runs its devices until ``stop`` is set, then reports. With ``beats``
+    (a queue to a heartbeat process) it hands its devices' heartbeats over instead of sending them."""
+    stats = asyncio.run(_run_devices(index, specs, options, stop, outbox, beats))
     outbox.put(("stats", index, stats.plain()))
 
 
-async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOptions, stop: Any,
-                       outbox: Any) -> FleetStats:
-    stats = FleetStats()
-    running: list[asyncio.Task[None]] = []
-    gate = asyncio.Semaphore(options.enrol_concurrency)
-    channels: list[grpc.aio.Channel] = []
-
+def _channel_factory(options: FleetOptions, channels: list[grpc.aio.Channel]
+                     ) -> Callable[[str], fleet_pb2_grpc.FleetStub]:
+    """Makes stubs on new connections (one per call, or one per target with ``options.shared_channel``),
+    remembering each channel in ``channels`` so that the caller closes them."""
     shared: dict[str, grpc.aio.Channel] = {}
 
-    def stub(target: str = options.address) -> fleet_pb2_grpc.FleetStub:
+    def stub(target: str) -> fleet_pb2_grpc.FleetStub:
         if options.shared_channel and target in shared:
             return fleet_pb2_grpc.FleetStub(shared[target])
         # A local subchannel pool gives each channel a connection of its own (gRPC otherwise shares one
@@ -372,14 +421,27 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
             target, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]))
         shared.setdefault(target, channels[-1])
         return fleet_pb2_grpc.FleetStub(channels[-1])
+    return stub
+
+
+async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOptions, stop: Any,
+                       outbox: Any, beats: Any) -> FleetStats:
+    stats = FleetStats()
+    running: list[asyncio.Task[None]] = []
+    gate = asyncio.Semaphore(options.enrol_concurrency)
+    channels: list[grpc.aio.Channel] = []
+    stub = _channel_factory(options, channels)
 
     try:
         async def start(device: SimDevice) -> None:
             async with gate:
                 await device.enrol()
-                running.append(asyncio.create_task(device.heartbeats()))
+                if beats is not None:
+                    beats.put([device.heartbeat_plan()])
+                else:
+                    running.append(asyncio.create_task(device.heartbeats()))
 
-        devices = [SimDevice(stub(), spec, options, stats, open_stub=stub) for spec in specs]
+        devices = [SimDevice(stub(options.address), spec, options, stats, open_stub=stub) for spec in specs]
         outcomes = await asyncio.gather(*(start(d) for d in devices), return_exceptions=True)
         problems = [f"{d.spec.name}: {o!r}" for d, o in zip(devices, outcomes, strict=True) if o is not None]
         enrolled = [d for d, o in zip(devices, outcomes, strict=True) if o is None]
@@ -405,6 +467,38 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
     return stats
 
 
+# ---- one heartbeat process -----------------------------------------------------------------
+
+
+def _heartbeat_process(index: int, options: FleetOptions, inbox: Any, stop: Any, outbox: Any) -> None:
+    """Entry point of a heartbeat process: sends the heartbeats of the devices whose plans arrive in ``inbox``
+    until ``stop`` is set, then reports its statistics."""
+    stats = asyncio.run(_run_heartbeats(options, inbox, stop))
+    outbox.put(("stats", f"heartbeats-{index}", stats.plain()))
+
+
+async def _run_heartbeats(options: FleetOptions, inbox: Any, stop: Any) -> FleetStats:
+    stats = FleetStats()
+    running: list[asyncio.Task[None]] = []
+    channels: list[grpc.aio.Channel] = []
+    stub = _channel_factory(options, channels)
+    try:
+        while not stop.is_set():
+            try:
+                plans = inbox.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(0.05)
+                continue
+            running += [asyncio.create_task(Heartbeater(plan, options, stats, stub).run()) for plan in plans]
+        stats.stopping = True
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
+    return stats
+
+
 # ---- the fleet, seen from the parent --------------------------------------------------------
 
 
@@ -421,7 +515,9 @@ class Fleet:
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Event()
         self._outbox: Any = self._context.Queue()
+        self._beats: list[Any] = [self._context.Queue() for _ in range(options.heartbeat_procs)]
         self._processes: list[Any] = []
+        self._heartbeat_processes: list[Any] = []
 
     @property
     def process_count(self) -> int:
@@ -429,18 +525,24 @@ class Fleet:
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the device processes started so far."""
-        return [p.pid for p in self._processes if p.pid is not None]
+        """Process ids of the device and heartbeat processes started so far."""
+        return [p.pid for p in self._processes + self._heartbeat_processes if p.pid is not None]
 
     def start(self, timeout_s: float) -> int:
         """Spawns the processes; returns how many devices enrolled and prepared their update."""
+        for index, inbox in enumerate(self._beats):
+            process = self._context.Process(target=_heartbeat_process, name=f"simheartbeats-{index}", daemon=True,
+                                            args=(index, self._options, inbox, self._stop, self._outbox))
+            process.start()
+            self._heartbeat_processes.append(process)
         for index, group in enumerate(self._groups):
+            beats = self._beats[index % len(self._beats)] if self._beats else None
             process = self._context.Process(target=_device_process, name=f"simdevices-{index}", daemon=True,
-                                            args=(index, group, self._options, self._stop, self._outbox))
+                                            args=(index, group, self._options, self._stop, self._outbox, beats))
             process.start()
             self._processes.append(process)
         ready, problems = 0, []
-        for _, _, enrolled, found in self._receive("ready", timeout_s):
+        for _, _, enrolled, found in self._receive("ready", timeout_s, len(self._processes)):
             ready += enrolled
             problems += found
         if problems:
@@ -452,24 +554,27 @@ class Fleet:
         self._stop.set()
         merged = FleetStats()
         try:
-            for _, _, stats in self._receive("stats", timeout_s):
+            for _, _, stats in self._receive("stats", timeout_s,
+                                             len(self._processes) + len(self._heartbeat_processes)):
                 merged.merge(stats)
         finally:
             self._reap()
         return merged
 
-    def _receive(self, kind: str, timeout_s: float) -> list[tuple[Any, ...]]:
+    def _receive(self, kind: str, timeout_s: float, expected: int) -> list[tuple[Any, ...]]:
+        """The next ``expected`` messages of ``kind`` from the processes (FleetError if one died first)."""
         deadline = time.monotonic() + timeout_s
         messages: list[tuple[Any, ...]] = []
-        while len(messages) < len(self._processes):
+        processes = self._processes + self._heartbeat_processes
+        while len(messages) < expected:
             try:
                 message = self._outbox.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
             except queue.Empty:
-                dead = [p.name for p in self._processes if p.exitcode not in (None, 0)]
+                dead = [p.name for p in processes if p.exitcode not in (None, 0)]
                 if dead:
                     raise FleetError(f"device process(es) {', '.join(dead)} died before reporting {kind!r}") from None
                 if time.monotonic() > deadline:
-                    raise FleetError(f"{len(self._processes) - len(messages)} device process(es) did not report "
+                    raise FleetError(f"{expected - len(messages)} process(es) did not report "
                                      f"{kind!r} within {timeout_s:.0f} s") from None
                 continue
             if message[0] == kind:
@@ -477,7 +582,7 @@ class Fleet:
         return messages
 
     def _reap(self) -> None:
-        for process in self._processes:
+        for process in self._processes + self._heartbeat_processes:
             process.join(timeout=10)
             if process.is_alive():
                 process.terminate()
@@ -487,6 +592,6 @@ class Fleet:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if any(p.is_alive() for p in self._processes):
+        if any(p.is_alive() for p in self._processes + self._heartbeat_processes):
             self._stop.set()
             self._reap()

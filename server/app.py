@@ -132,6 +132,8 @@ class Coordinator:
         self.grpc_port = 0
         self.services: Services | None = None
         self.heartbeat_process: HeartbeatProcess | None = None
+        self.heartbeat_port = 0
+        """The port devices are told to send heartbeats to (0: the device port)."""
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -170,7 +172,7 @@ class Coordinator:
         fleet_pb2_grpc.add_FleetServicer_to_server(fleet, server)
 
         def advertise_heartbeat_port(port: int) -> None:
-            fleet.heartbeat_port = port
+            fleet.heartbeat_port = self.heartbeat_port = port
             metrics.HEARTBEAT_PORT.set(port)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -187,7 +189,7 @@ class Coordinator:
         http_task = asyncio.create_task(http.serve())
         scheduler = asyncio.create_task(self._schedule(services))
         watcher = asyncio.create_task(self._watch(services, changes))
-        lag = asyncio.create_task(_measure_loop_lag())
+        lag = asyncio.create_task(measure_loop_lag())
         revocations = asyncio.create_task(follow_revocations(services, self.settings))
         observer = asyncio.create_task(_observe(services))
         tasks = [scheduler, watcher, lag, revocations, observer]
@@ -259,7 +261,7 @@ async def follow_revocations(services: Services, settings: CoordinatorSettings) 
             failing = False
 
 
-async def _measure_loop_lag(interval_s: float = 0.1) -> None:
+async def measure_loop_lag(interval_s: float = 0.1) -> None:
     """Records how late a timer fires: the time any gRPC or HTTP call waits before the loop runs it."""
     loop = asyncio.get_running_loop()
     while True:

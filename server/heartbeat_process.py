@@ -52,7 +52,7 @@ PARENT_CHECK_S = 1.0
 async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[int], None]) -> None:
     """Serves Heartbeat on ``settings.heartbeat_port`` until SIGTERM or the parent process goes away;
     ``announce(port)`` is called once the port serves."""
-    from server.app import build_services, follow_revocations  # the composition root; imported late
+    from server.app import build_services, follow_revocations, measure_loop_lag  # imported late: app imports us
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -82,6 +82,7 @@ async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[in
     announce(port)
     log.info("heartbeat process serving Heartbeat on %s:%d", settings.grpc_host, port)
     background = [asyncio.create_task(follow_revocations(services, settings)),
+                  asyncio.create_task(measure_loop_lag()),
                   asyncio.create_task(_stop_when_orphaned(stop))]
     try:
         await stop.wait()

@@ -22,6 +22,6 @@ RUN pip install ".[server]" && groupadd --system --gid 10001 mlecs \
 USER mlecs
 ENV MLECS_STATE_DIR=/var/lib/mlecs MLECS_GRPC_HOST=0.0.0.0 MLECS_ADMIN_HOST=0.0.0.0 \
     MLECS_MIGRATIONS_DIR=/opt/mlecs/migrations
-EXPOSE 50051 8080
+EXPOSE 50051 50052 8080
 ENTRYPOINT ["mlecs-coordinator"]
 CMD ["serve"]

@@ -65,7 +65,8 @@ class Topology:
         self.volumes = {name: tmp / "volumes" / name for name in self.compose["volumes"]}
         for directory in self.volumes.values():
             directory.mkdir(parents=True)
-        self.ports = {("coordinator", 50051): _free_port(), ("coordinator", 8080): _free_port()}
+        self.ports = {("coordinator", 50051): _free_port(), ("coordinator", 50052): _free_port(),
+                      ("coordinator", 8080): _free_port()}
         self.database_url, self.redis_prefix = database_url, redis_prefix
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = tmp / "logs"
@@ -102,6 +103,7 @@ class Topology:
         if name == "coordinator":  # loopback ports instead of the container's
             env.update(MLECS_GRPC_HOST="127.0.0.1", MLECS_ADMIN_HOST="127.0.0.1",
                        MLECS_GRPC_PORT=str(self.ports[("coordinator", 50051)]),
+                       MLECS_HEARTBEAT_PORT=str(self.ports[("coordinator", 50052)]),
                        MLECS_ADMIN_PORT=str(self.ports[("coordinator", 8080)]))
         return {**topo.os_environ_without_mlecs(), **env, "MLECS_REDIS_PREFIX": self.redis_prefix,
                 "MLECS_TLS_OWNER": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

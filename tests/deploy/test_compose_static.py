@@ -108,7 +108,10 @@ def test_ports_are_unique_and_match_the_settings_and_the_agents_targets():
     settings = _settings({**image_env, **env})
     assert settings.grpc_host == settings.admin_host == "0.0.0.0", "the coordinator must listen beyond loopback"
     container_ports = {int(p.split(":")[1]) for p in coordinator["ports"]}
-    assert container_ports == {settings.grpc_port, settings.admin_port}
+    assert settings.heartbeat_port is not None
+    assert container_ports == {settings.grpc_port, settings.heartbeat_port, settings.admin_port}
+    # Published on the same host port: agents send heartbeats to their coordinator address with this port.
+    assert f"{settings.heartbeat_port}:{settings.heartbeat_port}" in coordinator["ports"]
     expose = re.search(r"^EXPOSE (.+)$", topo.dockerfile(coordinator, compose).read_text(), re.M)
     assert expose and {int(p) for p in expose.group(1).split()} == container_ports
     for name, (_, agent) in _agents(compose).items():

@@ -118,7 +118,11 @@ def test_the_coordinator_runs_as_replicas_behind_services_that_select_them():
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, f"{service['metadata']['name']}: no container port {port['targetPort']}"
             served.add(port["targetPort"])
-    assert served == set(ports) == {"grpc", "admin"}
+    assert served == set(ports) == {"grpc", "heartbeat", "admin"}
+    devices = _one(objects, "Service", "mlecs-devices")
+    # Devices reach the heartbeat port on the address they reach the device port at.
+    assert {p["targetPort"] for p in devices["spec"]["ports"]} == {"grpc", "heartbeat"}
+    assert {p["port"] for p in devices["spec"]["ports"]} == {ports["grpc"], ports["heartbeat"]}
     pdb = _one(objects, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"], "a drain must be able to proceed"
@@ -141,6 +145,7 @@ def test_probes_hit_the_coordinators_health_endpoints_on_its_admin_port():
         assert get["path"] in routes and ports[get["port"]] == ports["admin"], probe
     config = _one(objects, "ConfigMap")["data"]
     assert int(config["MLECS_ADMIN_PORT"]) == ports["admin"] and int(config["MLECS_GRPC_PORT"]) == ports["grpc"]
+    assert int(config["MLECS_HEARTBEAT_PORT"]) == ports["heartbeat"] and config["MLECS_REDIS_URL"]
     assert config["MLECS_ADMIN_HOST"] == config["MLECS_GRPC_HOST"] == "0.0.0.0"
 
 
