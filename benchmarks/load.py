@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from benchmarks.load_report import (
     coordinator_breakdown,
     heartbeat_process_breakdown,
     latency_summary,
+    latency_timeline,
     percentile,
     plot_load,
     report_text,
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes sending the devices' heartbeats, apart from the device processes' tasks "
                              "and transfers (default 1; 0: each device heartbeats from its device process, "
                              "where its heartbeats also time that process's turns)")
+    parser.add_argument("--device-heartbeat-nice", type=int, default=-10,
+                        help="nice value of the processes sending the devices' heartbeats (default -10; needs "
+                             "root or CAP_SYS_NICE, else they run at the inherited priority, as the record shows): "
+                             "real devices send heartbeats from their own CPUs, not from the coordinator's")
     parser.add_argument("--heartbeat-s", type=_at_least(1), default=5,
                         help="heartbeat interval the coordinator hands out, in whole seconds (default 5); "
                              "presence expires after 4 intervals")
@@ -261,13 +266,17 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
     admin.create_federation(federation, federation_config(model, invited, args.clients_per_round, args.robust_rule))
     poll_s = args.poll_s or default_poll_s(devices)
     options = FleetOptions(address=coordinator.grpc_address, federation=federation, poll_s=poll_s,
-                           shared_channel=args.shared_channel, heartbeat_procs=args.heartbeat_procs)
+                           shared_channel=args.shared_channel, heartbeat_procs=args.heartbeat_procs,
+                           heartbeat_nice=args.device_heartbeat_nice)
     fleet = Fleet(make_specs(devices, args.seed), options, processes=args.device_procs)
     with fleet:
         progress(f"{label} enrolling {devices} devices in {fleet.process_count} process(es), preparing their updates")
         fleet.start(timeout_s=120 + 0.5 * devices)
         admin.wait_online(federation, devices, timeout_s=60 + 0.1 * devices)
         progress(f"{label} all {devices} devices online; running {args.rounds} round(s)")
+        priorities = {"heartbeat_process": [os.getpriority(os.PRIO_PROCESS, pid)
+                                            for pid in coordinator.heartbeat_process_pids()],
+                      "device_heartbeat_procs": fleet.heartbeat_nice()}
         rss_before, scraped = coordinator.rss_mib(), admin.metrics()
         scraped_heartbeats = coordinator.heartbeat_metrics()
         heartbeat_cpu = CpuAccount(coordinator.heartbeat_process_pids(), [], None)
@@ -290,7 +299,8 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
         peak_rss_mib=peak_rss, heartbeat_process_peak_rss_mib=children_peak_rss,
         rss_before_rounds_mib=rss_before, rss_sampled_peak_mib=sampler.peak_mib,
         coordinator_breakdown=breakdown, poll_s=poll_s, device_procs=fleet.process_count,
-        device_cpu_s=used.devices_s, stores_cpu_s=used.stores_s, other_cpu_s=used.other_s), args)
+        device_cpu_s=used.devices_s, stores_cpu_s=used.stores_s, other_cpu_s=used.other_s,
+        priorities=priorities), args)
 
 
 @dataclass
@@ -324,6 +334,8 @@ class RunMeasurements:
     """CPU seconds the rest of the machine used over the rounds phase: other work skews every number."""
     heartbeat_process_peak_rss_mib: float = 0.0
     """The heartbeat process's part of ``peak_rss_mib`` (0 without one)."""
+    priorities: dict[str, list[int]] = field(default_factory=dict)
+    """Nice values the coordinator's heartbeat process and the devices' heartbeat processes ran at."""
 
 
 def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]:
@@ -354,6 +366,7 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "round_failures": [r["failure_reason"] for r in rounds if r["failure_reason"]],
         "rpc_latency_ms": latency_summary(latencies),
         "heartbeat_p50_ms": 1000 * percentile(heartbeats, 50),
+        "heartbeat_timeline": latency_timeline(stats.calls.get("Heartbeat", []), *m.window),
         "upload_p50_ms": 1000 * percentile(uploads, 50),
         "accepted_updates": accepted,
         "coordinator_cpu_s": cpu_s,
@@ -371,6 +384,7 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "heartbeat_s": args.heartbeat_s,
         "device_procs": m.device_procs,
         "heartbeat_procs": args.heartbeat_procs,
+        "nice": m.priorities,
         "connections": "one per process" if args.shared_channel else "one per device",
         "robust_rule": args.robust_rule,
         "clients_per_round": args.clients_per_round,

@@ -40,6 +40,20 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def latency_timeline(samples: Sequence[tuple[float, float]], since: float, until: float,
+                     bucket_s: float = 5.0) -> list[dict[str, float]]:
+    """Calls (start time, seconds) started within [since, until], by ``bucket_s`` windows of their start:
+    {t_s (window start, from ``since``), count, p50_ms, p99_ms, max_ms}; windows without calls left out.
+    Shows when in a round slow calls happen."""
+    windows: dict[int, list[float]] = defaultdict(list)
+    for started, seconds in samples:
+        if since <= started <= until:
+            windows[int((started - since) // bucket_s)].append(seconds)
+    return [{"t_s": index * bucket_s, "count": len(values), "p50_ms": round(1000 * percentile(values, 50), 1),
+             "p99_ms": round(1000 * percentile(values, 99), 1), "max_ms": round(1000 * max(values), 1)}
+            for index, values in sorted(windows.items())]
+
+
 def latency_summary(samples: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
     """Method -> {p50, p99 (milliseconds), count} for methods with at least one sample."""
     return {method: {"p50": round(1000 * percentile(values, 50), 3), "p99": round(1000 * percentile(values, 99), 3),

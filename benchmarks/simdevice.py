@@ -19,7 +19,9 @@ Errors: ``FleetError`` (a device process failed or did not report in time; not r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import os
 import queue
 import random
 import time
@@ -112,6 +114,10 @@ class FleetOptions:
     """Processes that send the devices' heartbeats (each device's on a connection of its own), apart from the
     processes that run the devices' tasks and transfers; 0: each device heartbeats from its own process. A real
     device's heartbeat does not wait for 250 other devices' transfers to give its process a turn."""
+    heartbeat_nice: int | None = None
+    """Nice value of the heartbeat processes (None: inherited). Simulated devices share the coordinator's
+    CPUs, where real ones have their own: raised, their heartbeats are not timed by the coordinator's load on
+    the sender. Raising priority needs CAP_SYS_NICE; without it the processes run at the inherited one."""
     shared_channel: bool = False
     """One connection per device process instead of one per device. Real devices each have their own
     connection; sharing one puts every device's heartbeat behind the others' transfers (HTTP/2 flow
@@ -473,6 +479,9 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
 def _heartbeat_process(index: int, options: FleetOptions, inbox: Any, stop: Any, outbox: Any) -> None:
     """Entry point of a heartbeat process: sends the heartbeats of the devices whose plans arrive in ``inbox``
     until ``stop`` is set, then reports its statistics."""
+    if options.heartbeat_nice is not None:
+        with contextlib.suppress(PermissionError):  # reported by the parent, which reads the value back
+            os.setpriority(os.PRIO_PROCESS, 0, options.heartbeat_nice)
     stats = asyncio.run(_run_heartbeats(options, inbox, stop))
     outbox.put(("stats", f"heartbeats-{index}", stats.plain()))
 
@@ -518,6 +527,10 @@ class Fleet:
         self._beats: list[Any] = [self._context.Queue() for _ in range(options.heartbeat_procs)]
         self._processes: list[Any] = []
         self._heartbeat_processes: list[Any] = []
+
+    def heartbeat_nice(self) -> list[int]:
+        """The nice value each heartbeat process runs at."""
+        return [os.getpriority(os.PRIO_PROCESS, p.pid) for p in self._heartbeat_processes if p.pid is not None]
 
     @property
     def process_count(self) -> int:

@@ -96,8 +96,6 @@ def serve_heartbeats_command(
         typer.echo("configuration error: MLECS_HEARTBEAT_PORT is not set", err=True)
         raise typer.Exit(EXIT_CONFIG)
 
-    sys.setswitchinterval(settings.gil_switch_interval_s)
-
     def announce(port: int) -> None:
         print(f"{READY_PREFIX}{port}", flush=True)
 

@@ -7,6 +7,7 @@ import hmac
 import logging
 import math
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -201,21 +202,20 @@ class DeviceService:
         return grant
 
     def credential_due_for_refresh(self, device_id: str) -> bool:
-        """Whether the caller should call ``refresh_credential`` (in the background), once per cache entry."""
+        """Whether the caller should have ``refresh_credentials`` called for it (in the background, batched
+        with others), once per cache entry."""
         return self._credentials.claim_refresh(device_id)
 
-    def refresh_credential(self, device_id: str) -> None:
-        """Re-reads a remembered device, so its cache entry is renewed before it expires (or dropped if the
-        device was revoked or re-enrolled meanwhile)."""
-        try:
-            device = self._ctx.store.get_device(device_id)
-        except NotFoundError:
-            self._credentials.forget(device_id)
-            return
-        if device.revoked:
-            self._credentials.forget(device_id)
-        else:
-            self._credentials.put(device)
+    def refresh_credentials(self, device_ids: Collection[str]) -> None:
+        """Re-reads remembered devices in one database read, so their cache entries are renewed before they
+        expire (or dropped if a device was revoked, re-enrolled or deleted meanwhile)."""
+        found = {device.id: device for device in self._ctx.store.get_devices(device_ids)}
+        for device_id in device_ids:
+            device = found.get(device_id)
+            if device is None or device.revoked:
+                self._credentials.forget(device_id)
+            else:
+                self._credentials.put(device)
 
     def heartbeat_interval(self) -> int:
         return self._ctx.settings.heartbeat_interval_s

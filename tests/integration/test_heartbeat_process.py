@@ -49,13 +49,14 @@ def _heartbeats_on_device_port() -> float:
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
     certs.init_directory(tmp_path / "pki")
-    certs.issue_device_files(tmp_path / "pki", "cam-1")
+    for name in ("cam-1", "cam-2"):
+        certs.issue_device_files(tmp_path / "pki", name)
     return tmp_path / "pki"
 
 
-def _tls(pki: Path) -> TlsMaterial:
+def _tls(pki: Path, name: str = "cam-1") -> TlsMaterial:
     layout = certs.CaLayout(pki)
-    files = layout.device("cam-1")
+    files = layout.device(name)
     return TlsMaterial(layout.ca.cert.read_bytes(), files.cert.read_bytes(), files.key.read_bytes())
 
 
@@ -128,6 +129,11 @@ def test_the_heartbeat_port_serves_heartbeats_only_and_refuses_what_the_device_p
         with pytest.raises(grpc.RpcError) as as_another:
             stub.Heartbeat(pb.HeartbeatRequest(device_id="someone-else"), metadata=metadata, timeout=10)
         assert as_another.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    with _secure_channel(port, pki, _tls(pki, "cam-2")) as other_certificate:  # cam-1's secret, cam-2's certificate
+        with pytest.raises(grpc.RpcError) as stolen:
+            fleet_pb2_grpc.FleetStub(other_certificate).Heartbeat(pb.HeartbeatRequest(device_id=device_id),
+                                                                  metadata=metadata, timeout=10)
+        assert stolen.value.code() is grpc.StatusCode.PERMISSION_DENIED
     with grpc.insecure_channel(f"127.0.0.1:{port}") as plaintext:  # same mutual TLS as the device port
         with pytest.raises(grpc.RpcError) as handshake:
             fleet_pb2_grpc.FleetStub(plaintext).Heartbeat(pb.HeartbeatRequest(device_id=device_id),

@@ -85,3 +85,14 @@ def test_touching_a_device_never_moves_its_last_seen_time_back(store: SqlStore, 
 
 def test_touching_no_devices_does_nothing(store: SqlStore) -> None:
     store.touch_devices({})
+
+
+def test_devices_are_read_by_ids_in_batches_and_unknown_ids_are_left_out(store: SqlStore, seed) -> None:
+    federation = seed.federation()
+    devices = [seed.device(federation, f"pi-{i}") for i in range(3)]
+    wanted = [devices[2].id, "no-such-device", devices[0].id, devices[0].id]
+    assert sorted(store.get_devices(wanted), key=lambda d: d.name) == [devices[0], devices[2]]
+    assert store.get_devices([]) == []
+    # More ids than one IN list holds: the store splits them.
+    many = [f"missing-{i}" for i in range(1200)] + [devices[1].id]
+    assert store.get_devices(many) == [devices[1]]
