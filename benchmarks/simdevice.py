@@ -464,13 +464,18 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
         running += [asyncio.create_task(d.tasks()) for d in enrolled]
         while not stop.is_set():
             await asyncio.sleep(0.05)
-        stats.stopping = True
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await _wind_down(stats, running)
     finally:
         await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
     return stats
+
+
+async def _wind_down(stats: FleetStats, running: list[asyncio.Task[None]]) -> None:
+    """Cancels the devices' tasks; what that cancels is not counted as failures."""
+    stats.stopping = True
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
 
 
 # ---- one heartbeat process -----------------------------------------------------------------
@@ -499,10 +504,7 @@ async def _run_heartbeats(options: FleetOptions, inbox: Any, stop: Any) -> Fleet
                 await asyncio.sleep(0.05)
                 continue
             running += [asyncio.create_task(Heartbeater(plan, options, stats, stub).run()) for plan in plans]
-        stats.stopping = True
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        await _wind_down(stats, running)
     finally:
         await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
     return stats

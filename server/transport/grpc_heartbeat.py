@@ -195,15 +195,21 @@ class HeartbeatServicer:
         self._admit(device, caller)
         return device
 
+    def _claimed(self, context: grpc.aio.ServicerContext, named_device_id: str,
+                 caller: Caller) -> tuple[str, str, str | None]:
+        """(device id, secret) of the credential the call carries, checked against the device the request
+        names, and the device name its client certificate proves (None without mutual TLS)."""
+        device_id, secret = device_credential(context)
+        caller.claimed_device_id = device_id
+        check_claim(named_device_id, device_id)
+        return device_id, secret, self._certificate_name(context)
+
     async def Heartbeat(self, request: pb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         caller = Caller()
 
         async def body() -> pb.HeartbeatResponse:
-            device_id, secret = device_credential(context)
-            caller.claimed_device_id = device_id
-            check_claim(request.device_id, device_id)
-            certificate = self._certificate_name(context)
+            device_id, secret, certificate = self._claimed(context, request.device_id, caller)
             # The common case does no I/O (a remembered credential, buffered presence): answered on the
             # event loop, it never queues behind task polls and transfers for a thread.
             device = self._devices.authenticate_cached(device_id, secret, certificate)

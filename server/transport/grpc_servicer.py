@@ -32,7 +32,6 @@ from server.transport.grpc_heartbeat import (
     Caller,
     HeartbeatServicer,
     check_claim,
-    device_credential,
     status_for,
 )
 from server.transport.long_poll import ChangeSignal, wait_for_change
@@ -87,10 +86,7 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
         caller = Caller()
 
         async def body() -> pb.GetTaskResponse:
-            device_id, secret = device_credential(context)
-            caller.claimed_device_id = device_id
-            check_claim(request.device_id, device_id)
-            certificate = self._certificate_name(context)
+            device_id, secret, certificate = self._claimed(context, request.device_id, caller)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(request.wait_s, MAX_TASK_WAIT_S)
             admit: Caller | None = caller  # one poll is one request, however often a held one looks again
