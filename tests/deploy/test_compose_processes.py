@@ -66,7 +66,7 @@ class Topology:
         for directory in self.volumes.values():
             directory.mkdir(parents=True)
         self.ports = {("coordinator", 50051): _free_port(), ("coordinator", 50052): _free_port(),
-                      ("coordinator", 8080): _free_port()}
+                      ("coordinator", 9102): _free_port(), ("coordinator", 8080): _free_port()}
         self.database_url, self.redis_prefix = database_url, redis_prefix
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = tmp / "logs"
@@ -104,6 +104,7 @@ class Topology:
             env.update(MLECS_GRPC_HOST="127.0.0.1", MLECS_ADMIN_HOST="127.0.0.1",
                        MLECS_GRPC_PORT=str(self.ports[("coordinator", 50051)]),
                        MLECS_HEARTBEAT_PORT=str(self.ports[("coordinator", 50052)]),
+                       MLECS_HEARTBEAT_METRICS_PORT=str(self.ports[("coordinator", 9102)]),
                        MLECS_ADMIN_PORT=str(self.ports[("coordinator", 8080)]))
         return {**topo.os_environ_without_mlecs(), **env, "MLECS_REDIS_PREFIX": self.redis_prefix,
                 "MLECS_TLS_OWNER": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

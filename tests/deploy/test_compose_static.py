@@ -146,6 +146,8 @@ def test_prometheus_scrapes_the_coordinator_and_grafana_reads_the_mounted_dashbo
     config = yaml.safe_load(config_path.read_text())
     targets = {t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
     assert "coordinator:8080" in targets, f"Prometheus scrapes {targets}, not the coordinator"
+    heartbeat_metrics = topo.environment(compose["services"]["coordinator"]).get("MLECS_HEARTBEAT_METRICS_PORT")
+    assert heartbeat_metrics and f"coordinator:{heartbeat_metrics}" in targets, "the heartbeat process is not scraped"
     grafana = compose["services"]["grafana"]
     providers = topo.host_path(grafana, "/etc/grafana/provisioning/dashboards/mlecs.yml", {})
     assert providers is not None and providers.is_file()

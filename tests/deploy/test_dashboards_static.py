@@ -127,6 +127,7 @@ def test_prometheus_scrapes_the_coordinators_admin_port():
     coordinator = jobs["mlecs-coordinator"]
     assert coordinator.get("metrics_path", "/metrics") == "/metrics"
     assert coordinator["static_configs"] == [{"targets": ["coordinator:8080"]}]
+    assert jobs["mlecs-heartbeats"]["static_configs"] == [{"targets": ["coordinator:9102"]}]
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool (Debian's prometheus package) is not installed: syntax not checked")
