@@ -97,7 +97,8 @@ def coordinator_breakdown(before: Samples, after: Samples) -> dict[str, Any]:
 
     ``rpc_handling_s``: seconds spent handling each device RPC (summed over concurrent calls, so it can exceed
     wall time); ``aggregation_s_mean``: seconds per aggregation (NaN: none ran); ``upload_bytes`` and
-    ``download_bytes``: update and global-version bytes the coordinator counted.
+    ``download_bytes``: update and global-version bytes the coordinator counted; ``refusals``: requests the
+    coordinator refused on purpose, by reason.
     """
     handled = growth_by_label(before, after, "mlecs_rpc_duration_seconds_sum", "method")
     aggregated = growth_by_label(before, after, "mlecs_aggregation_seconds_sum", "")
@@ -111,6 +112,10 @@ def coordinator_breakdown(before: Samples, after: Samples) -> dict[str, Any]:
         "aggregation_s_mean": seconds / count if count else math.nan,
         "upload_bytes": sum(growth_by_label(before, after, "mlecs_upload_bytes_total", "").values()),
         "download_bytes": sum(growth_by_label(before, after, "mlecs_download_bytes_total", "").values()),
+        # Refused on purpose, by reason (a refused upload stream can reach the device as INTERNAL when the
+        # coordinator answers before the device finished sending: gRPC's, not the coordinator's, status).
+        "refusals": {reason: int(count) for reason, count in sorted(
+            growth_by_label(before, after, "mlecs_refusals_total", "reason").items()) if count},
     }
 
 

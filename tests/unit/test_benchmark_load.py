@@ -23,7 +23,9 @@ from benchmarks.load import (
 from benchmarks.load_report import (
     REQUIRED_KEYS,
     coordinator_breakdown,
+    heartbeat_process_breakdown,
     latency_summary,
+    latency_timeline,
     markdown_table,
     noise_lines,
     parse_prometheus,
@@ -109,6 +111,38 @@ def test_the_breakdown_is_what_the_coordinator_spent_between_two_scrapes() -> No
     assert breakdown["rpc_handling_s"] == {"Heartbeat": 0.5, "UploadUpdate": 31.0}
     assert breakdown["aggregations"] == 2 and breakdown["aggregation_s_mean"] == 1.5
     assert breakdown["upload_bytes"] == 1000.0 and breakdown["download_bytes"] == 0.0
+
+
+def test_the_breakdown_counts_refusals_by_reason_between_the_scrapes() -> None:
+    before = parse_prometheus('mlecs_refusals_total{method="UploadUpdate",reason="late"} 2.0\n')
+    after = parse_prometheus('mlecs_refusals_total{method="UploadUpdate",reason="late"} 5.0\n'
+                             'mlecs_refusals_total{method="Heartbeat",reason="late"} 1.0\n'
+                             'mlecs_refusals_total{method="Heartbeat",reason="rate_limited"} 0.0\n')
+    assert coordinator_breakdown(before, after)["refusals"] == {"late": 4}
+
+
+def test_the_heartbeat_process_breakdown_reads_only_heartbeats_and_its_loop_lag() -> None:
+    before = parse_prometheus("")
+    after = parse_prometheus(
+        'mlecs_rpc_duration_seconds_count{method="Heartbeat",code="OK"} 4.0\n'
+        'mlecs_rpc_duration_seconds_sum{method="Heartbeat",code="OK"} 0.02\n'
+        'mlecs_rpc_duration_seconds_bucket{method="Heartbeat",code="OK",le="0.001"} 1.0\n'
+        'mlecs_rpc_duration_seconds_bucket{method="Heartbeat",code="OK",le="0.01"} 4.0\n'
+        'mlecs_rpc_duration_seconds_bucket{method="Heartbeat",code="OK",le="+Inf"} 4.0\n'
+        'mlecs_rpc_duration_seconds_count{method="Enrol",code="OK"} 9.0\n'
+        'mlecs_event_loop_lag_seconds_bucket{le="0.005"} 99.0\n'
+        'mlecs_event_loop_lag_seconds_bucket{le="1.0"} 100.0\n'
+        'mlecs_event_loop_lag_seconds_bucket{le="+Inf"} 100.0\n')
+    breakdown = heartbeat_process_breakdown(before, after)
+    assert breakdown["heartbeats"] == 4 and breakdown["handling_s_mean"] == 0.005
+    assert breakdown["handling_p99_s"] == 0.01 and breakdown["event_loop_lag_p99_s"] == 0.005
+
+
+def test_the_latency_timeline_groups_calls_by_the_window_they_started_in() -> None:
+    calls = [(100.0, 0.010), (101.0, 0.030), (106.0, 1.0), (99.0, 5.0), (130.0, 7.0)]
+    timeline = latency_timeline(calls, since=100.0, until=120.0, bucket_s=5.0)
+    assert [(w["t_s"], w["count"], w["max_ms"]) for w in timeline] == [(0.0, 2, 30.0), (5.0, 1, 1000.0)]
+    assert timeline[0]["p50_ms"] == 20.0
 
 
 def test_no_aggregation_between_the_scrapes_leaves_its_mean_unmeasured() -> None:
