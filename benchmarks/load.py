@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -254,6 +255,11 @@ def run_load(devices: int, model: dict[str, Any], params: int, args: argparse.Na
                 admin.close()
             code = coordinator.stop()
             progress(f"{label} coordinator stopped (exit code {code})")
+            # Its warnings and errors (it logs at WARNING), kept beside the results: the devices see only
+            # statuses, the reasons are here.
+            if coordinator.log_path.exists():
+                args.out.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(coordinator.log_path, args.out / f"coordinator-{devices}.log")
         record.update(database=stores.database, presence=stores.presence,
                       heartbeat_process=coordinator.heartbeat_process)
     return record
