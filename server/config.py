@@ -37,8 +37,8 @@ class CoordinatorSettings(BaseSettings):
     heartbeat_nice: int = Field(default=-10, ge=-20, le=19)
     """Scheduling priority (nice value) of the heartbeat process: negative runs it ahead of transfers, Postgres
     and anything else on the host when CPUs are busy, which is what keeps heartbeat latency low under load.
-    Raising priority needs CAP_SYS_NICE (root, or ``cap_add: [SYS_NICE]``); without it the process logs a
-    warning and runs at the coordinator's priority."""
+    Raising priority needs root, CAP_SYS_NICE, or an RLIMIT_NICE of at least 20 - this value (compose sets
+    ``ulimits: nice: 30``); without it the process logs a warning and runs at the coordinator's priority."""
     heartbeat_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Prometheus metrics of the heartbeat process (its Heartbeat latencies and refusals) on this port of
     admin_host. Unset: not exposed (the coordinator's own /metrics stays on the admin port)."""

@@ -55,7 +55,7 @@ async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[in
     ``announce(port)`` is called once the port serves."""
     from server.app import build_services, follow_revocations, measure_loop_lag  # imported late: app imports us
 
-    nice = run_at_priority(settings.heartbeat_nice)  # first: every thread started from now on inherits it
+    nice = run_at_priority(settings.heartbeat_nice)  # first: threads started from now on inherit it
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,20 +102,32 @@ async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[in
 
 
 def run_at_priority(nice: int) -> int:
-    """Sets this thread's nice value (threads it starts later inherit it); returns the value in effect. A
-    priority this process may not take (raising it needs CAP_SYS_NICE) is logged, not fatal: heartbeats are
-    still answered, only without precedence over the host's other work."""
+    """Sets the nice value of this process's threads (on Linux each thread has its own, and threads inherit
+    it from the thread that starts them); returns the value in effect. A
+    priority this process may not take (raising it needs root, CAP_SYS_NICE or RLIMIT_NICE) is logged, not
+    fatal: heartbeats are still answered, only without precedence over the host's other work."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if nice == current:
         return current
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)  # on Linux: the calling thread, inherited by its new threads
+        for thread_id in _thread_ids():
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.setpriority(os.PRIO_PROCESS, thread_id, nice)
     except PermissionError:
-        log.warning("the heartbeat process may not run at nice %d (raising priority needs CAP_SYS_NICE: run as "
-                    "root or add the capability, e.g. `cap_add: [SYS_NICE]`); it runs at nice %d, and heartbeats "
-                    "may wait for busy CPUs (set MLECS_HEARTBEAT_NICE=%d to silence this)", nice, current, current)
+        log.warning("the heartbeat process may not run at nice %d (raising priority needs root, CAP_SYS_NICE, or "
+                    "an RLIMIT_NICE of at least %d, e.g. compose's `ulimits: nice: %d`); it runs at nice %d, and "
+                    "heartbeats may wait for busy CPUs (set MLECS_HEARTBEAT_NICE=%d to silence this)",
+                    nice, 20 - nice, 20 - nice, current, current)
         return current
     return nice
+
+
+def _thread_ids() -> list[int]:
+    """This process's threads (Linux), else 0: the calling thread, or the process elsewhere."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/task")]
+    except (FileNotFoundError, ValueError):
+        return [0]
 
 
 GC_THRESHOLDS = (20_000, 20, 20)

@@ -108,6 +108,16 @@ def test_devices_heartbeat_on_the_heartbeat_port_and_show_online(coordinator, pk
     client.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a priority needs root (or CAP_SYS_NICE / RLIMIT_NICE)")
+def test_every_thread_of_the_heartbeat_process_runs_at_its_raised_priority(coordinator):
+    process = coordinator.coordinator.heartbeat_process
+    assert process is not None and process.pid is not None
+    threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task")]
+    assert len(threads) > 3  # gRPC's and the control threads, not only the main one
+    nice = coordinator.coordinator.settings.heartbeat_nice
+    assert nice < 0 and {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {nice}
+
+
 def test_the_heartbeat_port_serves_heartbeats_only_and_refuses_what_the_device_port_refuses(coordinator, pki):
     port = coordinator.coordinator.heartbeat_port
     _, device_id, secret, _ = _enrolled(coordinator, pki)
