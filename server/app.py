@@ -174,6 +174,7 @@ class Coordinator:
         def advertise_heartbeat_port(port: int) -> None:
             fleet.heartbeat_port = self.heartbeat_port = port
             metrics.HEARTBEAT_PORT.set(port)
+
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"

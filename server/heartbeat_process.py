@@ -59,7 +59,7 @@ async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[in
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers on this platform/thread
             loop.add_signal_handler(sig, stop.set)
     credentials = device_port_credentials(settings)
     # The coordinator migrated the database before starting this process.
@@ -136,11 +136,12 @@ the older ones after 20 younger collections each."""
 
 
 def quiet_garbage_collector() -> None:
-    """Keeps CPython's cyclic garbage collector from eating the process: with the default thresholds it
+    """Keeps CPython's cyclic garbage collector out of the heartbeats' way: with the default thresholds it
     collected every few hundred allocations, each time walking the objects kept since start-up (SQLAlchemy,
-    gRPC, the settings), and took about half of this process's CPU at 200 heartbeats/s. Objects alive now
-    are frozen (never scanned again), and collections are rarer. Reference counting still frees everything
-    without cycles at once."""
+    gRPC, the settings), and was in about half of the event loop's sampled stacks at 200 heartbeats/s.
+    Objects alive now are frozen (never scanned again) and collections are rarer, which cut the collector's
+    samples by two thirds (CPU per heartbeat did not move beyond run-to-run noise: the gain is fewer pauses,
+    not less work). Reference counting still frees everything without cycles at once."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -173,9 +174,9 @@ class HeartbeatProcess:
         self.pid: int | None = None
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
         while True:
-            loop = asyncio.get_running_loop()
             started = loop.time()
             code = await self._run_once()
             self._on_port(0)
