@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import uvicorn
@@ -83,9 +84,11 @@ class Services:
 
 
 def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = None,
-                   loop: asyncio.AbstractEventLoop | None = None, *, migrate_database: bool = True) -> Services:
-    """Migrates the database (unless told not to) and wires every service. ``wake`` is set when an update
-    is accepted."""
+                   loop: asyncio.AbstractEventLoop | None = None, *, changed: asyncio.Event | None = None,
+                   migrate_database: bool = True) -> Services:
+    """Migrates the database (unless told not to) and wires every service. On ``loop``: ``wake`` is set when
+    an update is accepted, ``changed`` when an admin action changed what devices are told (a round
+    launched, a federation paused, resumed or stopped)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     if migrate_database:
@@ -106,12 +109,16 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         if wake is not None and loop is not None:
             loop.call_soon_threadsafe(wake.set)
 
-    federations = FederationService(ctx)
+    def on_change() -> None:
+        if changed is not None and loop is not None:
+            loop.call_soon_threadsafe(changed.set)
+
+    federations = FederationService(ctx, on_change)
     return Services(
         ctx=ctx,
         federations=federations,
         devices=DeviceService(ctx, federations),
-        rounds=RoundService(ctx, federations, locks, accumulators),
+        rounds=RoundService(ctx, federations, locks, accumulators, on_change),
         uploads=UploadService(ctx, locks, on_accepted, accumulators),
         versions=VersionService(ctx, federations),
         refusals=RefusalRecorder(ctx.store, record_interval_s=settings.refusal_record_interval_s),
@@ -128,7 +135,7 @@ class Coordinator:
         self.settings = settings
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._ticked = asyncio.Event()
+        self._changed = asyncio.Event()
         self.grpc_port = 0
         self.services: Services | None = None
         self.heartbeat_process: HeartbeatProcess | None = None
@@ -149,7 +156,8 @@ class Coordinator:
             log.warning("!!! OPEN ENROLMENT (MLECS_OPEN_ENROLMENT=true): any caller that reaches the device port "
                         "can enrol in any active federation without an enrolment token. For local development "
                         "and benchmarks only !!!")
-        services = await asyncio.to_thread(build_services, self.settings, self._wake, loop)
+        services = await asyncio.to_thread(partial(build_services, self.settings, self._wake, loop,
+                                                  changed=self._changed))
         self.services = services
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(options=[
@@ -223,19 +231,19 @@ class Coordinator:
             self._wake.clear()
             try:
                 await asyncio.to_thread(services.rounds.advance_all)
-                self._ticked.set()  # this replica may have opened or closed a round: look now
+                self._changed.set()  # this replica may have opened or closed a round: look now
                 await asyncio.to_thread(services.devices.flush_presence)
             except UnavailableError as exc:
                 log.warning("scheduler paused: %s", exc)
 
     async def _watch(self, services: Services, changes: ChangeSignal) -> None:
-        """Wakes held task long polls when rounds change, after each local scheduler tick or every
-        ``task_watch_interval_s`` (changes made by other replicas)."""
+        """Wakes held task long polls when rounds change: after each local scheduler tick and admin action
+        that changed the work (at once), or every ``task_watch_interval_s`` (changes made by other replicas)."""
         seen = None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ticked.wait(), timeout=self.settings.task_watch_interval_s)
-            self._ticked.clear()
+                await asyncio.wait_for(self._changed.wait(), timeout=self.settings.task_watch_interval_s)
+            self._changed.clear()
             try:
                 marker = await asyncio.to_thread(services.rounds.activity_marker)
             except UnavailableError:

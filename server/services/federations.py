@@ -7,7 +7,7 @@ Every federation starts with global version 0. The current version is what the n
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -25,8 +25,9 @@ GLOBAL_CODEC = CodecKind.FP32
 
 
 class FederationService:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, on_change: Callable[[], None] = lambda: None) -> None:
         self._ctx = ctx
+        self._on_change = on_change  # told when devices must hear something new: paused, resumed, stopped
 
     def create(self, name: str, config: FederationConfig) -> Federation:
         """Creates a federation and its initial global version (round 0), evaluated on the test split."""
@@ -90,7 +91,9 @@ class FederationService:
         federation = self.get(federation_id_or_name)
         if federation.state is FederationState.STOPPED:
             return federation
-        return self._ctx.store.set_federation_state(federation.id, FederationState.STOPPED)
+        stopped = self._ctx.store.set_federation_state(federation.id, FederationState.STOPPED)
+        self._on_change()
+        return stopped
 
     def pause(self, federation_id_or_name: str) -> Federation:
         """No new rounds open (launched or scheduled) and devices are told to wait; a round already open
@@ -108,7 +111,9 @@ class FederationService:
         if federation.state is state:
             return federation
         # The state column alone: a round committing meanwhile keeps the current version it sets.
-        return self._ctx.store.set_federation_state(federation.id, state)
+        changed = self._ctx.store.set_federation_state(federation.id, state)
+        self._on_change()
+        return changed
 
     def promote(self, federation_id_or_name: str, version_id: str) -> tuple[Federation, str | None]:
         """Makes one of the federation's versions the current one (newer: promote, older: roll back); the

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import numpy as np
@@ -69,8 +70,9 @@ def federation_lease(federation_id: str) -> str:
 
 class RoundService:
     def __init__(self, ctx: ServiceContext, federations: FederationService, locks: RoundLocks,
-                 accumulators: RoundAccumulators | None = None) -> None:
+                 accumulators: RoundAccumulators | None = None, on_change: Callable[[], None] = lambda: None) -> None:
         self._ctx = ctx
+        self._on_change = on_change  # told after an admin launch, so that held task polls hear of it at once
         self._federations = federations
         self._locks = locks
         self._accumulators = accumulators or RoundAccumulators()
@@ -80,7 +82,9 @@ class RoundService:
 
     def start(self, federation_ref: str) -> Round:
         """Opens the next round now (admin launch); ConflictError says why it cannot."""
-        return self._open_next(self._federations.get(federation_ref))
+        round_ = self._open_next(self._federations.get(federation_ref))
+        self._on_change()
+        return round_
 
     def get(self, round_id: str) -> Round:
         return self._ctx.store.get_round(round_id)

@@ -318,6 +318,31 @@ def test_a_held_task_poll_is_answered_as_soon_as_a_round_opens(coordinator):
     assert held_s > 1.5 and time.monotonic() - opened < 3  # answered when the round opened, not after 20 s
 
 
+def test_admin_actions_wake_held_task_polls_without_waiting_for_a_scheduler_tick(backend):
+    # Ticks and the watcher's own look every 30 s: only the admin action itself can wake the polls in time.
+    settings = CoordinatorSettings(**backend, scheduler_interval_s=30, task_watch_interval_s=30)
+    with running_coordinator(settings) as coordinator:
+
+        def held_poll_answer(action: str) -> tuple[object, float]:
+            federation = _federation(coordinator, server_learning=False)
+            client, device_id = _device(coordinator, federation["name"], "cam-1", ["image"], task_wait_s=20)
+            answered: list = []
+            thread = threading.Thread(target=lambda: answered.append(client.get_task(device_id)))
+            thread.start()
+            time.sleep(1.0)
+            assert not answered  # held: there is no round yet
+            acted = time.monotonic()
+            response = coordinator.admin.post(f"/v1/federations/{federation['id']}/{action}")
+            assert response.status_code in (200, 201), response.text
+            thread.join(timeout=25)
+            return answered[0], time.monotonic() - acted
+
+        task, after_s = held_poll_answer("rounds")
+        assert isinstance(task, TrainTask) and after_s < 5
+        task, after_s = held_poll_answer("stop")
+        assert isinstance(task, Stop) and after_s < 5
+
+
 def test_a_held_task_poll_with_nothing_to_do_says_ask_again_now(coordinator):
     federation = _federation(coordinator, server_learning=False)
     client, device_id = _device(coordinator, federation["name"], "cam-1", ["image"], task_wait_s=2)
