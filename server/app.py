@@ -237,8 +237,9 @@ class Coordinator:
                 log.warning("scheduler paused: %s", exc)
 
     async def _watch(self, services: Services, changes: ChangeSignal) -> None:
-        """Wakes held task long polls when rounds change: after each local scheduler tick and admin action
-        that changed the work (at once), or every ``task_watch_interval_s`` (changes made by other replicas)."""
+        """Wakes held task long polls when there is news for them (a round opened, a federation paused,
+        resumed or stopped): looks after each local scheduler tick and admin action that changed the work,
+        and every ``task_watch_interval_s`` (changes made by other replicas)."""
         seen = None
         while True:
             with contextlib.suppress(TimeoutError):
@@ -248,9 +249,9 @@ class Coordinator:
                 marker = await asyncio.to_thread(services.rounds.activity_marker)
             except UnavailableError:
                 continue  # held polls time out and devices ask again; the scheduler logs the outage
-            if marker != seen:
-                seen = marker
+            if marker.has_news_since(seen):
                 changes.notify()
+            seen = marker
 
 
 async def follow_revocations(services: Services, settings: CoordinatorSettings) -> None:

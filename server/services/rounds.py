@@ -24,7 +24,7 @@ import numpy as np
 
 from mlecs.codec import decode_tensors
 from server import metrics
-from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
+from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment, WorkMarker
 from server.domain.errors import (
     ConflictError,
     InvalidRequestError,
@@ -186,15 +186,14 @@ class RoundService:
             except Exception:  # one broken federation must not stall the others
                 log.exception("could not advance the rounds of %s", federation.name)
 
-    def activity_marker(self) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-        """A value that changes whenever there may be new work for a device: a round opened, moved on or
-        closed, or a federation paused, resumed or stopped (whichever replica did it). Held long polls wake
-        when it does."""
+    def activity_marker(self) -> WorkMarker:
+        """The rounds taking uploads and the federations paused or stopped, whichever replica changed them;
+        held long polls wake when it has news (``WorkMarker.has_news_since``)."""
         store = self._ctx.store
-        rounds = tuple(sorted((r.id, r.state.value) for r in store.list_unfinished_rounds()))
-        halted = tuple(sorted(f"{f.id}:{f.state.value}" for f in store.list_federations()
-                              if f.state is not FederationState.ACTIVE))
-        return rounds, halted
+        open_rounds = frozenset(r.id for r in store.list_unfinished_rounds() if r.state.accepts_uploads)
+        halted = frozenset(f"{f.id}:{f.state.value}" for f in store.list_federations()
+                           if f.state is not FederationState.ACTIVE)
+        return WorkMarker(open_rounds, halted)
 
     def release_leases(self) -> None:
         """Hands this replica's leases back (at shutdown) so another replica takes over at once."""
