@@ -36,6 +36,7 @@ from server.domain.models import (
     Device,
     DeviceReport,
     Federation,
+    FederationConfig,
     FederationState,
     Fence,
     Round,
@@ -139,19 +140,19 @@ class RoundService:
             return WaitAssignment(WAIT_S, f"federation {federation.name} paused")
         if latest is None or not latest.state.accepts_uploads:
             return WaitAssignment(WAIT_S, "no open round")
-        if not self.may_contribute(federation, latest, device):
+        if not self.may_contribute(federation.config, latest, device):
             return WaitAssignment(WAIT_S, f"not a participant of round {latest.number}")
         if view.accepted:
             return WaitAssignment(WAIT_S, f"update for round {latest.number} already accepted")
         return TrainAssignment(round=latest, config=federation.config)
 
     @staticmethod
-    def may_contribute(federation: Federation, round_: Round, device: Device) -> bool:
+    def may_contribute(config: FederationConfig, round_: Round, device: Device) -> bool:
         """Sync rounds take updates from their invited devices; async buffers from any eligible device."""
         if round_.federation_id != device.federation_id:
             return False
-        if federation.config.mode == "async":
-            return not device.revoked and federation.config.eligible(frozenset(device.modalities))
+        if config.mode == "async":
+            return not device.revoked and config.eligible(frozenset(device.modalities))
         return device.id in round_.participants
 
     def record_report(self, device: Device, round_id: str, values: dict[str, float]) -> None:

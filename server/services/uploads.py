@@ -36,7 +36,7 @@ from server.domain.errors import (
     PermissionDeniedError,
     UpdateRejectedError,
 )
-from server.domain.models import Device, Federation, Round, Update, UpdateState, utcnow
+from server.domain.models import Device, FederationConfig, Round, Update, UpdateState, utcnow
 from server.learning.global_model import FUSED_TENSOR, adapter_schema, client_agreements, fused_dim, owning_modality
 from server.services.aggregation import RoundAccumulators, version_staleness
 from server.services.context import ServiceContext
@@ -72,6 +72,8 @@ class UploadHeader:
 class UploadSession:
     update: Update
     offset: int
+    federation_id: str | None = None
+    """Known when the upload was opened in this stream; a resumed one looks it up when it completes."""
 
 
 @lru_cache(maxsize=16)
@@ -89,6 +91,8 @@ class UploadService:
         self._on_accepted = on_accepted
         self._anchor_guard = threading.Lock()
         self._anchor_cache: dict[str, dict[str, np.ndarray]] = {}
+        # A federation's config never changes once stored: remembering it spares every upload three reads.
+        self._configs: dict[str, FederationConfig] = {}
 
     def open(self, device: Device, header: UploadHeader) -> UploadSession:
         """Starts or resumes an upload; returns the session and the offset the bytes must continue from."""
@@ -101,11 +105,12 @@ class UploadService:
         existing = store.find_update_by_upload(device.id, header.upload_id)
         if existing is not None:
             return self._resume(existing, header)
-        round_, federation = self._target_round(device, header.round_id)
+        round_ = self._target_round(device, header.round_id)
+        config = self._config(round_.federation_id)
         self._check_header(header)
-        self._check_codec(federation, header.codec)
-        self._check_base(federation, round_, header.base_version_id)
-        limit = federation.config.fused_upload_samples
+        self._check_codec(config, header.codec)
+        self._check_base(config, round_, header.base_version_id)
+        limit = config.fused_upload_samples
         if len(header.fused_sample_ids) > limit or len(set(header.fused_sample_ids)) != len(header.fused_sample_ids):
             raise InvalidRequestError(f"fused_sample_ids must be at most {limit} distinct public sample ids")
         if store.accepted_devices(round_.id, device.id):
@@ -120,9 +125,9 @@ class UploadService:
             fused_sample_ids=list(header.fused_sample_ids),
         )
         store.add_update(update)
-        return UploadSession(update=update, offset=0)
+        return UploadSession(update=update, offset=0, federation_id=round_.federation_id)
 
-    def _target_round(self, device: Device, round_id: str) -> tuple[Round, Federation]:
+    def _target_round(self, device: Device, round_id: str) -> Round:
         """The round an update for ``round_id`` goes to: that round, or in async mode the open buffer."""
         store = self._ctx.store
         try:
@@ -131,36 +136,43 @@ class UploadService:
             raise NotFoundError(f"round {round_id!r} not found") from None
         if round_.federation_id != device.federation_id:
             raise PermissionDeniedError(f"device was not invited to round {round_.number}")
-        federation = store.get_federation(round_.federation_id)
-        if not round_.state.accepts_uploads and federation.config.mode == "async":
-            latest = store.latest_round(federation.id)
+        federation_id = round_.federation_id
+        config = self._config(federation_id)
+        if not round_.state.accepts_uploads and config.mode == "async":
+            latest = store.latest_round(federation_id)
             if latest is not None and latest.state.accepts_uploads:
                 round_ = latest  # the buffer the device trained for closed: the open one takes the update
-        if not RoundService.may_contribute(federation, round_, device):
+        if not RoundService.may_contribute(config, round_, device):
             raise PermissionDeniedError(f"device was not invited to round {round_.number}")
         if not round_.state.accepts_uploads:
             self._count_rejection("late")
             raise LateUpdateError(f"round {round_.number} is {round_.state}: the update arrived too late and "
                                   "was not counted; take the next task")
-        return round_, federation
+        return round_
 
-    def _check_base(self, federation: Federation, round_: Round, base_version_id: str) -> None:
+    def _config(self, federation_id: str) -> FederationConfig:
+        config = self._configs.get(federation_id)
+        if config is None:
+            config = self._configs[federation_id] = self._ctx.store.get_federation(federation_id).config
+        return config
+
+    def _check_base(self, config: FederationConfig, round_: Round, base_version_id: str) -> None:
         """Sync: the update must start from the round's version. Async: at most max_staleness versions old."""
-        if federation.config.mode == "sync":
+        if config.mode == "sync":
             if base_version_id != round_.base_version_id:
                 self._count_rejection("stale_base")
                 raise UpdateRejectedError("stale_base", "the update was trained from another global version")
             return
-        order = [v.id for v in self._ctx.store.list_versions(federation.id)]
+        order = [v.id for v in self._ctx.store.list_versions(round_.federation_id)]
         if base_version_id not in order:
             self._count_rejection("stale_base")
             raise UpdateRejectedError("stale_base", f"base version {base_version_id!r} is not of this federation")
         staleness = order.index(round_.base_version_id or order[-1]) - order.index(base_version_id)
-        if staleness > federation.config.max_staleness:
+        if staleness > config.max_staleness:
             self._count_rejection("too_stale")
             raise UpdateRejectedError(
                 "too_stale", f"the update is {staleness} versions old; this federation accepts at most "
-                f"{federation.config.max_staleness}: download the current version and train again")
+                f"{config.max_staleness}: download the current version and train again")
 
     def _resume(self, update: Update, header: UploadHeader) -> UploadSession:
         if (update.sha256, update.declared_size, update.codec) != (header.sha256, header.total_size, header.codec):
@@ -197,9 +209,9 @@ class UploadService:
         if problems:
             raise InvalidRequestError("invalid upload header: " + "; ".join(problems))
 
-    def _check_codec(self, federation: Federation, codec: str) -> None:
+    def _check_codec(self, config: FederationConfig, codec: str) -> None:
         """The federation's upload codec or a more precise one: a device may not lower the precision asked for."""
-        wanted = federation.config.upload_codec
+        wanted = config.upload_codec
         if _PRECISION[codec] < _PRECISION[wanted]:
             self._count_rejection("codec")
             raise UpdateRejectedError("codec", f"codec {codec} is less precise than this federation's upload "
@@ -240,8 +252,10 @@ class UploadService:
             self._ctx.store.save_update(update)
             return update
         data = self._ctx.blobs.read_staged(update.id)
+        if session.federation_id is None:
+            session.federation_id = self._ctx.store.get_round(update.round_id).federation_id
         try:
-            tensors = self._validate(update, data)
+            tensors = self._validate(update, data, self._config(session.federation_id))
         except UpdateRejectedError as exc:
             update.state = UpdateState.REJECTED
             update.rejection_reason = exc.reason
@@ -277,7 +291,7 @@ class UploadService:
     def _pre_aggregate(self, round_: Round, update: Update, tensors: dict[str, np.ndarray]) -> None:
         """Adds the accepted update to its round's running sums while it is still decoded."""
         store, blobs = self._ctx.store, self._ctx.blobs
-        config = store.get_federation(round_.federation_id).config
+        config = self._config(round_.federation_id)
         if config.robust_rule != "none":
             return  # robust rules need every update at once: the commit spills and reduces them
         staleness = 0
@@ -291,7 +305,7 @@ class UploadService:
 
         self._accumulators.add(round_.id, config, base, update, tensors, staleness)
 
-    def _validate(self, update: Update, data: bytes) -> dict[str, np.ndarray]:
+    def _validate(self, update: Update, data: bytes, config: FederationConfig) -> dict[str, np.ndarray]:
         """Checks an upload's bytes against its header and the federation's schema; returns its tensors."""
         if len(data) != update.declared_size:
             raise UpdateRejectedError("size", f"received {len(data)} bytes, declared {update.declared_size}")
@@ -304,13 +318,11 @@ class UploadService:
         if header.codec.value != update.codec:
             raise UpdateRejectedError("codec", "payload codec differs from the header")
         # Names and shapes are checked from the header, before the payload is inflated.
-        round_ = self._ctx.store.get_round(update.round_id)
-        federation = self._ctx.store.get_federation(round_.federation_id)
-        schema = _schema(json.dumps(federation.config.model, sort_keys=True))
+        schema = _schema(json.dumps(config.model, sort_keys=True))
         if not header.tensors:
             raise UpdateRejectedError("schema", "the update holds no tensors")
         self._check_payload_bytes(header)
-        fused_shape = (len(update.fused_sample_ids), fused_dim(federation.config.model))
+        fused_shape = (len(update.fused_sample_ids), fused_dim(config.model))
         if update.fused_sample_ids and FUSED_TENSOR not in {entry.name for entry in header.tensors}:
             raise UpdateRejectedError("schema", f"fused_sample_ids were declared but {FUSED_TENSOR!r} is missing")
         for entry in header.tensors:
@@ -337,7 +349,7 @@ class UploadService:
             raise UpdateRejectedError("non_finite", str(exc)) from exc
         except CodecError as exc:
             raise UpdateRejectedError("codec", str(exc)) from exc
-        self._check_norm(federation.config.max_update_norm, tensors)
+        self._check_norm(config.max_update_norm, tensors)
         if FUSED_TENSOR in tensors:
             # Scored now, while the payload is decoded anyway, so aggregation can weigh without decoding twice.
             ids = np.asarray(update.fused_sample_ids, dtype=np.int64)
