@@ -14,7 +14,6 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mlecs.proto.v1 import fleet_pb2_grpc
 from server import metrics
 from server.config import CoordinatorSettings
 from server.domain.errors import UnavailableError
@@ -42,7 +41,7 @@ from server.services.uploads import UploadService
 from server.services.versions import VersionService
 from server.transport.admin_api import AdminServices, create_admin_app
 from server.transport.grpc_heartbeat import FLEET_SERVICE
-from server.transport.grpc_servicer import FleetServicer
+from server.transport.grpc_servicer import FleetServicer, add_fleet_service
 from server.transport.long_poll import ChangeSignal
 from server.transport.tls import device_port_credentials
 
@@ -177,7 +176,7 @@ class Coordinator:
                               limiter=TokenBucketLimiter(self.settings.device_rate_per_s, self.settings.device_burst),
                               refusals=services.refusals,
                               mtls=device_credentials is not None)
-        fleet_pb2_grpc.add_FleetServicer_to_server(fleet, server)
+        add_fleet_service(fleet, server)
 
         def advertise_heartbeat_port(port: int) -> None:
             fleet.heartbeat_port = self.heartbeat_port = port

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 
 from mlecs.codec import iter_chunks
 from mlecs.proto.v1 import fleet_pb2 as pb
@@ -29,6 +32,7 @@ from server.transport.grpc_convert import (
     upload_header_from_proto,
 )
 from server.transport.grpc_heartbeat import (
+    FLEET_SERVICE,
     Caller,
     HeartbeatServicer,
     check_claim,
@@ -39,6 +43,8 @@ from server.transport.long_poll import ChangeSignal, wait_for_change
 log = logging.getLogger(__name__)
 MAX_TASK_WAIT_S = 30
 """The longest a GetTask long poll is held, whatever the device asks for."""
+ENCODED_VERSIONS = 4
+"""Global versions whose download streams are kept encoded: the current one and the few before it."""
 _UPLOAD_STATE = {UpdateState.PARTIAL: pb.UPLOAD_STATE_PARTIAL, UpdateState.ACCEPTED: pb.UPLOAD_STATE_ACCEPTED,
                  UpdateState.REJECTED: pb.UPLOAD_STATE_REJECTED}
 
@@ -62,6 +68,10 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
         self._upload_slots = asyncio.Semaphore(max_uploads)
         self._download_slots = asyncio.Semaphore(max_downloads)
         self._changes = changes or ChangeSignal()
+        # A whole fleet downloads the same version at the start of a round, and its stream is the same for
+        # every device: encoded once, it is sent as bytes, without a protobuf copy per device and chunk.
+        self._encoded: OrderedDict[str, tuple[int, list[bytes]]] = OrderedDict()
+        self._encoded_guard = threading.Lock()
 
     async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolResponse:
         async def body() -> pb.EnrolResponse:
@@ -113,7 +123,7 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
         return self._rounds.assignment_for(device)
 
     async def DownloadGlobal(self, request: pb.DownloadGlobalRequest,
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadChunk]:
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         acquired = False
@@ -123,16 +133,11 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
             check_claim(request.device_id, device.id)
             await self._download_slots.acquire()
             acquired = True
-            version, adapter, anchors = await asyncio.to_thread(
-                self._blob_reader, request.version_id or None, device.federation_id)
-            yield pb.DownloadChunk(header=pb.DownloadHeader(
-                version_id=version.id, round_number=version.round_number, codec=codec_to_proto(version.codec),
-                adapter_size=len(adapter), adapter_sha256=version.adapter_sha256,
-                anchors_size=len(anchors), anchors_sha256=version.anchors_sha256 or ""))
-            for kind, data in ((pb.BLOB_KIND_ADAPTER, adapter), (pb.BLOB_KIND_ANCHORS, anchors)):
-                for offset, piece in iter_chunks(data, self._chunk_bytes) if data else ():
-                    yield pb.DownloadChunk(chunk=pb.BlobChunk(kind=kind, offset=offset, data=piece))
-            metrics.DOWNLOAD_BYTES.inc(len(adapter) + len(anchors))
+            size, messages = await asyncio.to_thread(self._download_stream, request.version_id or None,
+                                                     device.federation_id)
+            for message in messages:
+                yield message
+            metrics.DOWNLOAD_BYTES.inc(size)
         except CoordinatorError as exc:
             code = status_for(exc)
             await context.abort(code, str(exc), self._refused("DownloadGlobal", exc, context, caller))
@@ -140,6 +145,28 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
             if acquired:
                 self._download_slots.release()
             metrics.RPC_DURATION.labels("DownloadGlobal", code.name).observe(time.perf_counter() - started)
+
+    def _download_stream(self, version_id: str | None, federation_id: str) -> tuple[int, list[bytes]]:
+        """The encoded DownloadChunk messages of a version (header, adapter, anchors) and its blob bytes."""
+        version, adapter, anchors = self._blob_reader(version_id, federation_id)  # checks it is the device's
+        with self._encoded_guard:
+            if version.id in self._encoded:
+                self._encoded.move_to_end(version.id)
+                return self._encoded[version.id]
+        messages = [pb.DownloadChunk(header=pb.DownloadHeader(
+            version_id=version.id, round_number=version.round_number, codec=codec_to_proto(version.codec),
+            adapter_size=len(adapter), adapter_sha256=version.adapter_sha256,
+            anchors_size=len(anchors), anchors_sha256=version.anchors_sha256 or "")).SerializeToString()]
+        for kind, data in ((pb.BLOB_KIND_ADAPTER, adapter), (pb.BLOB_KIND_ANCHORS, anchors)):
+            for offset, piece in iter_chunks(data, self._chunk_bytes) if data else ():
+                messages.append(pb.DownloadChunk(chunk=pb.BlobChunk(kind=kind, offset=offset, data=piece))
+                                .SerializeToString())
+        stream = (len(adapter) + len(anchors), messages)
+        with self._encoded_guard:
+            self._encoded[version.id] = stream
+            while len(self._encoded) > ENCODED_VERSIONS:
+                self._encoded.popitem(last=False)
+        return stream
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
                            context: grpc.aio.ServicerContext) -> pb.UploadResponse:
@@ -198,3 +225,30 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
             await self._light(self._rounds.record_report, device, request.round_id, dict(request.metrics))
             return pb.ReportMetricsResponse()
         return await self._call("ReportMetrics", context, body, caller)
+
+
+_HANDLERS = {  # (client streams, server streams) -> the grpc handler kind
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _serialize(message: Any) -> bytes:
+    """A response message's wire bytes; a response already encoded (a cached download chunk) goes as it is."""
+    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+
+def add_fleet_service(servicer: FleetServicer, server: grpc.aio.Server) -> None:
+    """Serves every method of ``mlecs.v1.Fleet`` on ``server``, as the generated ``add_FleetServicer_to_server``
+    does, except that responses may also be already encoded messages (``bytes``). The handler table is built
+    from the proto's descriptor, so it cannot drift from the contract."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Fleet"].methods:
+        kind = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        request = message_factory.GetMessageClass(method.input_type)
+        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=request.FromString,
+                                     response_serializer=_serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(FLEET_SERVICE, handlers),))
+    server.add_registered_method_handlers(FLEET_SERVICE, handlers)

@@ -132,6 +132,12 @@ def test_a_device_enrols_trains_uploads_with_resume_and_the_round_commits(coordi
     np.testing.assert_allclose(after[name], before[name] + delta[name], atol=1e-4)
     untouched = next(n for n in after if n.startswith("extractors.audio"))
     np.testing.assert_array_equal(after[untouched], before[untouched])
+    # Devices get the new version by gRPC too (its stream is encoded once, then served from memory), and an
+    # older version they ask for by id is still the one they had.
+    for _ in range(2):
+        current = client.download_global(device_id)
+        assert current.version_id == round_["version_id"] and current.adapter == downloaded.content
+        assert client.download_global(device_id, version.version_id).adapter == version.adapter
 
     # A late upload for the committed round is refused with a clear reason.
     late = _request(task, device_id, payload, ["image"])
@@ -186,6 +192,22 @@ def test_calls_without_a_valid_credential_are_refused(coordinator):
     stranger.authenticate(device_id, "not-the-secret")
     with pytest.raises(CredentialRejected, match="UNAUTHENTICATED"):
         stranger.heartbeat(device_id)
+
+
+def test_every_method_of_the_fleet_contract_is_served(coordinator):
+    # The handler table is built from the proto's descriptor; an unknown caller is refused by each method
+    # (or, for Enrol, told what is wrong with its request), never answered UNIMPLEMENTED.
+    channel = grpc.insecure_channel(coordinator.grpc_address)
+    for method in pb.DESCRIPTOR.services_by_name["Fleet"].methods:
+        path = f"/mlecs.v1.Fleet/{method.name}"
+        kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary}[(method.client_streaming, method.server_streaming)]
+        call = kind(path, request_serializer=lambda m: m, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as refused:
+            result = call(iter([b""]) if method.client_streaming else b"", timeout=10)
+            list(result) if method.server_streaming else result
+        assert refused.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
+                                        grpc.StatusCode.NOT_FOUND), (method.name, refused.value)
 
 
 def test_a_remembered_credential_still_refuses_a_wrong_or_replaced_secret(coordinator):
