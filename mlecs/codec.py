@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -475,11 +476,25 @@ def _decode_entry(payload: memoryview, entry: TensorEntry) -> np.ndarray:
         flat *= scales.astype(np.float32)[:, None]
         values = flat.reshape(entry.shape)
     else:
-        values = stored.astype(np.float32).reshape(entry.shape)
+        values = (_widen_half(stored) if entry.dtype == "float16" else stored.astype(np.float32)).reshape(entry.shape)
         # fp32/fp16 bytes can spell nan or inf; the encoder never writes them, so they mean tampering.
         if not np.all(np.isfinite(values)):
             raise NonFiniteValuesError(f"corrupt tensor set: tensor {entry.name!r} has non-finite values")
     return values
+
+
+def _widen_half(stored: np.ndarray) -> np.ndarray:
+    """float16 values as a new float32 array (exact either way).
+
+    numpy widens half floats one element at a time (about 4 ns each here, 5 ms for a 1.3 M-value update);
+    torch uses the CPU's conversion instructions, eight times faster. The coordinator and the agents
+    already have torch loaded, so it is used where it is; this module itself never imports it.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return stored.astype(np.float32)
+    # A copy first: ``stored`` views the read-only decompressed bytes, which torch will not wrap.
+    return torch.from_numpy(stored.copy()).to(torch.float32).numpy()
 
 
 # --------------------------------------------------------------------------------------------------

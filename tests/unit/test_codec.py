@@ -90,6 +90,26 @@ def test_fp16_error_within_half_an_ulp() -> None:
     np.testing.assert_array_equal(max_abs_error_bound(values, CodecKind.FP16), explicit_bound)
 
 
+def test_fp16_decodes_to_the_same_floats_with_or_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half floats are widened by torch where it is loaded and by numpy otherwise: bit for bit the same,
+    subnormals and signed zeros included."""
+    import sys
+
+    import torch  # noqa: F401  (loaded, so the decoder may use it)
+
+    every_half = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    finite = every_half[np.isfinite(every_half)].astype(np.float32).reshape(-1, 32)
+    data = encode_tensors({"all": finite, "empty": np.zeros((0, 3), np.float32)}, CodecKind.FP16)
+    with_torch = decode_tensors(data)
+    monkeypatch.delitem(sys.modules, "torch")
+    without_torch = decode_tensors(data)
+    for name, values in with_torch.items():
+        assert values.dtype == without_torch[name].dtype == np.float32
+        assert values.flags.writeable
+        np.testing.assert_array_equal(values.view(np.uint32), without_torch[name].view(np.uint32))
+    np.testing.assert_array_equal(with_torch["all"], finite)
+
+
 def test_int8_error_within_half_a_step_per_row() -> None:
     rng = np.random.default_rng(2)
     values = rng.normal(size=(64, 33)) * rng.uniform(1e-6, 1e3, size=(64, 1))
