@@ -1,7 +1,8 @@
 """Converts between domain records and table rows, so domain objects never hold ORM instances.
 
 ``*_values`` give the column values of a record (for INSERT and UPDATE); ``to_*`` build a fresh
-record from a row.
+record from a row: an ORM instance, or for the tables the hot paths read with SQLAlchemy Core, a
+``Row`` of the whole table (its attributes are the column names, which the ORM attributes share).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
+
+from sqlalchemy import Row
 
 from server.domain.models import (
     AdminScope,
@@ -86,7 +89,7 @@ def federation_values(federation: Federation) -> dict[str, Any]:
     }
 
 
-def to_federation(row: FederationRow) -> Federation:
+def to_federation(row: FederationRow | Row[Any]) -> Federation:
     return Federation(
         id=row.id,
         name=row.name,
@@ -110,7 +113,7 @@ def device_values(device: Device) -> dict[str, Any]:
     }
 
 
-def to_device(row: DeviceRow) -> Device:
+def to_device(row: DeviceRow | Row[Any]) -> Device:
     return Device(
         id=row.id,
         federation_id=row.federation_id,
@@ -170,7 +173,7 @@ def round_values(round_: Round) -> dict[str, Any]:
     }
 
 
-def to_round(row: RoundRow) -> Round:
+def to_round(row: RoundRow | Row[Any]) -> Round:
     return Round(
         id=row.id,
         federation_id=row.federation_id,
@@ -214,7 +217,7 @@ def update_values(update: Update) -> dict[str, Any]:
     }
 
 
-def to_update(row: UpdateRow) -> Update:
+def to_update(row: UpdateRow | Row[Any]) -> Update:
     return Update(
         id=row.id,
         round_id=row.round_id,
@@ -256,7 +259,7 @@ def version_values(version: ModelVersion) -> dict[str, Any]:
     }
 
 
-def to_version(row: ModelVersionRow) -> ModelVersion:
+def to_version(row: ModelVersionRow | Row[Any]) -> ModelVersion:
     return ModelVersion(
         id=row.id,
         federation_id=row.federation_id,
