@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -146,6 +147,9 @@ class Coordinator:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # Every asyncio.to_thread of this process (uploads, downloads, the scheduler) runs on these threads.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=self.settings.worker_threads,
+                                                     thread_name_prefix="mlecs-worker"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.shutdown)

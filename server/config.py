@@ -10,6 +10,13 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class ConfigurationError(Exception):
     """Settings that cannot work together; the message says what to set. Not retryable (exit code 2)."""
 
@@ -106,6 +113,11 @@ class CoordinatorSettings(BaseSettings):
     robust_block_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     """Memory for one coordinate block when a robust rule reduces a round's updates (spilled to disk under
     state_dir/spill): the block holds this much whatever the number of updates."""
+    worker_threads: int = Field(default_factory=lambda: _usable_cpus() + 2, ge=1, le=256)
+    """Threads that run uploads, downloads and the scheduler's work (decoding, summing, database writes).
+    The work is mostly CPU, so more threads than CPUs only make them take turns: on a 2-CPU host, 6 threads
+    (asyncio's default) made a 32-device round take 2.4-2.7 s and 3-4 threads 2.1 s. Default: usable CPUs + 2.
+    Under a CPU quota that is smaller than the host (a container limit), set it from the quota."""
     gil_switch_interval_s: float = Field(default=0.001, gt=0, le=0.1)
     """CPython's thread switch interval in the coordinator process. Every gRPC call passes the GIL between
     gRPC's poller thread and the event loop while worker threads decode and sum uploads; the default 5 ms
