@@ -254,6 +254,11 @@ class Round:
     version_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def update_target(self) -> int:
+        """How many accepted updates close the round at once."""
+        return self.target_updates or len(self.participants)
+
 
 @dataclass
 class Update:
@@ -304,6 +309,15 @@ class Fence:
     lease: str
     holder: str
     token: int
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """An update just accepted: its round as stored, and how many updates the round has accepted (this one
+    included), counted in the transaction that accepted it."""
+
+    round: Round
+    accepted: int
 
 
 @dataclass(frozen=True)

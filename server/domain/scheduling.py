@@ -77,6 +77,13 @@ def decide(*, accepted: int, target: int, min_updates: int, past_deadline: bool,
     return Decision(Action.WAIT, f"{accepted} of {target} updates so far")
 
 
+def could_close(*, accepted: int, target: int, min_updates: int) -> bool:
+    """Whether ``decide`` could aggregate with this many updates, whatever the deadline and presence say:
+    the target or the quorum is met. Below both only the deadline can end the round, so an update that
+    arrives then need not wake the scheduler (its periodic tick watches deadlines)."""
+    return accepted >= min(max(target, 1), min_updates)
+
+
 def staleness_weight(staleness: int, exponent: float) -> float:
     """FedBuff-style discount of an update trained ``staleness`` versions ago: (1 + s) ** -exponent."""
     if staleness < 0:

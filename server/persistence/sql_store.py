@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Row, Table, and_, bindparam, insert, or_, select
+from sqlalchemy import Connection, Engine, Row, Table, and_, bindparam, func, insert, or_, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import CursorResult, Result
@@ -53,6 +53,7 @@ from server.domain.errors import (
     UnavailableError,
 )
 from server.domain.models import (
+    Acceptance,
     AdminToken,
     AuditEntry,
     Device,
@@ -403,9 +404,10 @@ class SqlStore:
                                                             _UPDATES.c.upload_id == upload_id)).first()
             return None if row is None else mapping.to_update(row)
 
-    def accept_update(self, update: Update) -> Round:
+    def accept_update(self, update: Update) -> Acceptance:
         """Saves ``update`` (state ACCEPTED) only while its round takes uploads and holds no other accepted
-        update from the device; moves an open round to collecting. Returns the round as stored.
+        update from the device; moves an open round to collecting. Returns the round as stored and its count
+        of accepted updates (exact: the round's row stays locked until the transaction ends).
 
         Raises LateUpdateError when the round closed, ConflictError for a second update from the device.
         """
@@ -427,7 +429,9 @@ class SqlStore:
                 round_.state = RoundState.COLLECTING
                 connection.execute(sql_update(_ROUNDS).where(_ROUNDS.c.id == round_.id)
                                    .values(state=round_.state.value))
-            return round_
+            accepted = connection.execute(select(func.count()).select_from(_UPDATES).where(
+                _UPDATES.c.round_id == round_.id, _UPDATES.c.state == UpdateState.ACCEPTED.value)).scalar_one()
+            return Acceptance(round_, accepted)
 
     def find_update(self, round_id: str, device_id: str, upload_id: str) -> Update | None:
         with self._transaction() as session:

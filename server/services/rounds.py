@@ -288,7 +288,7 @@ class RoundService:
                 pending_online = len(self._ctx.presence.online(missing))
             except UnavailableError:
                 pending_online = None  # without presence we cannot tell who is gone: keep waiting
-        target = round_.target_updates or len(round_.participants)
+        target = round_.update_target
         return decide(accepted=len(accepted), target=target, min_updates=config.min_updates,
                       past_deadline=past_deadline, pending_online=pending_online)
 

@@ -365,6 +365,29 @@ def test_admin_actions_wake_held_task_polls_without_waiting_for_a_scheduler_tick
         assert isinstance(task, Stop) and after_s < 5
 
 
+def test_the_update_that_completes_a_round_commits_it_without_waiting_for_a_scheduler_tick(backend):
+    # Ticks every 30 s: only the arrival of the last update can start the aggregation in time. The first of
+    # the two updates cannot close the round (quorum 2) and leaves it collecting.
+    settings = CoordinatorSettings(**backend, scheduler_interval_s=30)
+    with running_coordinator(settings) as coordinator:
+        federation = _federation(coordinator, server_learning=False, min_updates=2)
+        devices = [_device(coordinator, federation["name"], name, ["image"]) for name in ("cam-1", "cam-2")]
+        started = coordinator.admin.post(f"/v1/federations/{federation['id']}/rounds")
+        assert started.status_code == 201, started.text
+        for number, (client, device_id) in enumerate(devices, start=1):
+            task = client.get_task(device_id)
+            assert isinstance(task, TrainTask)
+            payload = encode_tensors(_delta_for(client.download_global(device_id).adapter, {"image"}), "fp16")
+            assert client.upload(_request(task, device_id, payload, ["image"]), payload, 0, 65536)[0] == "accepted"
+            if number == 1:
+                time.sleep(0.5)
+                assert coordinator.admin.get(f"/v1/rounds/{task.round_id}").json()["state"] == "collecting"
+        uploaded = time.monotonic()
+        round_ = wait_for_round(coordinator.admin, task.round_id)
+        assert round_["state"] == "committed", round_
+        assert time.monotonic() - uploaded < 10
+
+
 def test_a_held_task_poll_with_nothing_to_do_says_ask_again_now(coordinator):
     federation = _federation(coordinator, server_learning=False)
     client, device_id = _device(coordinator, federation["name"], "cam-1", ["image"], task_wait_s=2)

@@ -176,7 +176,7 @@ def test_accepting_an_update_in_an_open_round_stores_it_and_moves_the_round_to_c
 
     returned = store.accept_update(update)
 
-    assert (returned.id, returned.state) == (round_.id, RoundState.COLLECTING)
+    assert (returned.round.id, returned.round.state, returned.accepted) == (round_.id, RoundState.COLLECTING, 1)
     assert store.get_round(round_.id).state is RoundState.COLLECTING
     assert store.list_updates(round_.id) == [update]
 
@@ -187,8 +187,9 @@ def test_accepting_an_update_in_a_collecting_round_keeps_it_collecting(store: Sq
     first = _arrived(store, round_.id, seed.device(federation, "d1").id)
     second = _arrived(store, round_.id, seed.device(federation, "d2").id)
 
-    store.accept_update(first)
-    assert store.accept_update(second).state is RoundState.COLLECTING
+    assert store.accept_update(first).accepted == 1
+    acceptance = store.accept_update(second)
+    assert (acceptance.round.state, acceptance.accepted) == (RoundState.COLLECTING, 2)
     assert [u.state for u in store.list_updates(round_.id)] == [UpdateState.ACCEPTED, UpdateState.ACCEPTED]
 
 
@@ -197,7 +198,8 @@ def test_accepting_the_same_update_again_is_harmless(store: SqlStore, seed) -> N
     round_ = seed.round(federation, state=RoundState.OPEN)
     update = _arrived(store, round_.id, seed.device(federation).id)
     store.accept_update(update)
-    assert store.accept_update(update).state is RoundState.COLLECTING
+    again = store.accept_update(update)
+    assert (again.round.state, again.accepted) == (RoundState.COLLECTING, 1)  # counted once
     assert store.list_updates(round_.id) == [update]
 
 

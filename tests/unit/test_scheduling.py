@@ -8,6 +8,7 @@ import pytest
 
 from server.domain.scheduling import (
     Action,
+    could_close,
     decide,
     invitation_count,
     select_participants,
@@ -193,3 +194,19 @@ def test_weights_shrink_as_updates_get_staler() -> None:
 def test_a_negative_staleness_is_refused() -> None:
     with pytest.raises(ValueError, match="staleness must be >= 0, got -1"):
         staleness_weight(-1, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# could_close: an arrival wakes the scheduler only when decide could aggregate
+
+
+@pytest.mark.parametrize("target", [0, 1, 3, 8])
+@pytest.mark.parametrize("min_updates", [1, 2, 5, 8])
+def test_could_close_is_true_exactly_when_some_presence_lets_decide_aggregate_before_the_deadline(
+        target: int, min_updates: int) -> None:
+    for accepted in range(10):
+        aggregates_somehow = any(
+            decide(accepted=accepted, target=target, min_updates=min_updates, past_deadline=False,
+                   pending_online=pending).action is Action.AGGREGATE for pending in (None, 0, 1, 5))
+        assert could_close(accepted=accepted, target=target, min_updates=min_updates) is aggregates_somehow, (
+            accepted, target, min_updates)
