@@ -42,6 +42,10 @@ class LateUpdateError(ConflictError):
     """An update arrived after its round closed: the round committed or failed without it."""
 
 
+class AlreadyAcceptedError(ConflictError):
+    """The device already has an update accepted in the round: a round counts one update per device."""
+
+
 class LeaseLostError(ConflictError):
     """The fencing token presented is no longer current: another replica took over the work."""
 

@@ -321,6 +321,15 @@ class Acceptance:
 
 
 @dataclass(frozen=True)
+class UploadView:
+    """What opening an upload needs, read together: the device's update with this upload id (in whichever
+    round it landed; None for a new upload) and the round the device names (None if there is no such round)."""
+
+    existing: Update | None
+    round: Round | None
+
+
+@dataclass(frozen=True)
 class TaskView:
     """What deciding one device's task needs, read together: its federation, the federation's latest
     round, and whether the device already has an update accepted in that round."""

@@ -43,6 +43,7 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.domain.errors import (
+    AlreadyAcceptedError,
     ConflictError,
     InvalidRequestError,
     InvalidTransitionError,
@@ -68,6 +69,7 @@ from server.domain.models import (
     TaskView,
     Update,
     UpdateState,
+    UploadView,
     utcnow,
 )
 from server.domain.ports import Store
@@ -322,9 +324,7 @@ class SqlStore:
             row = connection.execute(_latest_round(federation_id)).first()
             if row is None:
                 return TaskView(federation, None, accepted=False)
-            accepted = connection.execute(select(_UPDATES.c.device_id).where(
-                _UPDATES.c.round_id == row.id, _UPDATES.c.device_id == device_id,
-                _UPDATES.c.state == UpdateState.ACCEPTED.value).limit(1)).first() is not None
+            accepted = connection.execute(_accepted_update(row.id, device_id)).first() is not None
             return TaskView(federation, mapping.to_round(row), accepted)
 
     def list_unfinished_rounds(self) -> list[Round]:
@@ -390,12 +390,26 @@ class SqlStore:
     # ---- updates ----------------------------------------------------------------------------
 
     def add_update(self, update: Update) -> None:
+        """Adds the update; ConflictError if the device already has an update accepted in that round (its
+        next one could never be accepted) or the upload id is taken."""
         with self._connection(
             clash=f"upload {update.upload_id!r} (or update id {update.id}) already exists for device "
                   f"{update.device_id} in round {update.round_id}",
             missing=f"round {update.round_id} or device {update.device_id} not found",
         ) as connection:
+            if connection.execute(_accepted_update(update.round_id, update.device_id)).first() is not None:
+                raise AlreadyAcceptedError("an update from this device for this round was already accepted")
             connection.execute(insert(_UPDATES).values(**mapping.update_values(update)))
+
+    def upload_view(self, device_id: str, upload_id: str, round_id: str) -> UploadView:
+        """The device's update with this upload id, and the round ``round_id``, in one transaction: every
+        upload stream starts with this."""
+        with self._connection() as connection:
+            existing = connection.execute(select(_UPDATES).where(_UPDATES.c.device_id == device_id,
+                                                                 _UPDATES.c.upload_id == upload_id)).first()
+            round_row = connection.execute(select(_ROUNDS).where(_ROUNDS.c.id == round_id)).first()
+            return UploadView(None if existing is None else mapping.to_update(existing),
+                              None if round_row is None else mapping.to_round(round_row))
 
     def find_update_by_upload(self, device_id: str, upload_id: str) -> Update | None:
         """The device's update with this upload id, in whichever round it landed."""
@@ -423,7 +437,8 @@ class SqlStore:
                 _UPDATES.c.round_id == update.round_id, _UPDATES.c.device_id == update.device_id,
                 _UPDATES.c.state == UpdateState.ACCEPTED.value, _UPDATES.c.id != update.id).limit(1)).first()
             if other is not None:
-                raise ConflictError(f"an update from this device for round {round_.number} was already accepted")
+                raise AlreadyAcceptedError(f"an update from this device for round {round_.number} was already "
+                                           "accepted")
             _save(connection, _UPDATES, mapping.update_values(update), "update")
             if round_.state is RoundState.OPEN:
                 round_.state = RoundState.COLLECTING
@@ -647,6 +662,11 @@ def _fetch(connection: Connection, table: Table, key: str, what: str) -> Row[Any
     if row is None:
         raise NotFoundError(f"{what} {key} not found")
     return row
+
+
+def _accepted_update(round_id: str, device_id: str) -> Any:
+    return select(_UPDATES.c.id).where(_UPDATES.c.round_id == round_id, _UPDATES.c.device_id == device_id,
+                                       _UPDATES.c.state == UpdateState.ACCEPTED.value).limit(1)
 
 
 def _latest_round(federation_id: str) -> Any:

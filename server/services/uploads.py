@@ -29,6 +29,7 @@ from mlecs.codec import (
 )
 from server import metrics
 from server.domain.errors import (
+    AlreadyAcceptedError,
     ConflictError,
     InvalidRequestError,
     LateUpdateError,
@@ -103,10 +104,10 @@ class UploadService:
         if not _UPLOAD_ID.match(header.upload_id):
             raise InvalidRequestError("upload_id must be 8-64 characters of letters, digits, '-' or '_'")
         # The upload id is the idempotency key: a retry finds its update in whichever round it landed.
-        existing = store.find_update_by_upload(device.id, header.upload_id)
-        if existing is not None:
-            return self._resume(existing, header)
-        round_ = self._target_round(device, header.round_id)
+        view = store.upload_view(device.id, header.upload_id, header.round_id)
+        if view.existing is not None:
+            return self._resume(view.existing, header)
+        round_ = self._target_round(device, header.round_id, view.round)
         config = self._config(round_.federation_id)
         self._check_header(header)
         self._check_codec(config, header.codec)
@@ -114,8 +115,6 @@ class UploadService:
         limit = config.fused_upload_samples
         if len(header.fused_sample_ids) > limit or len(set(header.fused_sample_ids)) != len(header.fused_sample_ids):
             raise InvalidRequestError(f"fused_sample_ids must be at most {limit} distinct public sample ids")
-        if store.accepted_devices(round_.id, device.id):
-            raise ConflictError(f"an update from this device for round {round_.number} was already accepted")
         if header.resume_offset != 0:
             raise InvalidRequestError("a new upload must start at offset 0")
         update = Update(
@@ -125,16 +124,20 @@ class UploadService:
             base_version_id=header.base_version_id, metrics=dict(header.metrics),
             fused_sample_ids=list(header.fused_sample_ids),
         )
-        store.add_update(update)
+        try:
+            store.add_update(update)
+        except AlreadyAcceptedError:
+            raise AlreadyAcceptedError(f"an update from this device for round {round_.number} was already "
+                                       "accepted") from None
         return UploadSession(update=update, offset=0, federation_id=round_.federation_id)
 
-    def _target_round(self, device: Device, round_id: str) -> Round:
-        """The round an update for ``round_id`` goes to: that round, or in async mode the open buffer."""
+    def _target_round(self, device: Device, round_id: str, named: Round | None) -> Round:
+        """The round an update for ``round_id`` (``named``, as read) goes to: that round, or in async mode
+        the open buffer."""
         store = self._ctx.store
-        try:
-            round_ = store.get_round(round_id)
-        except NotFoundError:
-            raise NotFoundError(f"round {round_id!r} not found") from None
+        if named is None:
+            raise NotFoundError(f"round {round_id!r} not found")
+        round_ = named
         if round_.federation_id != device.federation_id:
             raise PermissionDeniedError(f"device was not invited to round {round_.number}")
         federation_id = round_.federation_id

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from server.domain.errors import ConflictError, LateUpdateError, LeaseLostError
+from server.domain.errors import AlreadyAcceptedError, ConflictError, LateUpdateError, LeaseLostError
 from server.domain.models import Fence, ModelVersion, Round, Update, UpdateState
 from server.domain.rounds import RoundState
 from server.persistence.sql_store import SqlStore
@@ -243,6 +243,32 @@ def test_an_update_is_found_by_device_and_upload_id_whatever_its_round(store: Sq
     assert store.find_update_by_upload(device.id, "upload-7") == update
     assert store.find_update_by_upload(device.id, "upload-8") is None
     assert store.find_update_by_upload(other.id, "upload-7") is None
+
+
+def test_the_upload_view_reads_the_upload_and_the_named_round_together(store: SqlStore, seed) -> None:
+    federation = seed.federation()
+    device = seed.device(federation)
+    first, second = seed.round(federation, 1), seed.round(federation, 2)
+    update = _update(first.id, device.id, "upload-7")
+    store.add_update(update)
+
+    view = store.upload_view(device.id, "upload-7", second.id)  # a retry names a later round: still found
+    assert view.existing == update and view.round == store.get_round(second.id)
+    view = store.upload_view(device.id, "upload-8", "no-such-round")
+    assert view.existing is None and view.round is None
+
+
+def test_no_new_update_is_added_for_a_device_whose_update_the_round_accepted(store: SqlStore, seed) -> None:
+    federation = seed.federation()
+    round_, later = seed.round(federation, 1, state=RoundState.OPEN), seed.round(federation, 2)
+    device, other = seed.device(federation, "d1"), seed.device(federation, "d2")
+    store.accept_update(_arrived(store, round_.id, device.id, "upload-1"))
+
+    with pytest.raises(AlreadyAcceptedError, match="already accepted"):
+        store.add_update(_update(round_.id, device.id, "upload-2"))
+    store.add_update(_update(later.id, device.id, "upload-3"))  # another round: fine
+    store.add_update(_update(round_.id, other.id, "upload-4"))  # another device: fine
+    assert {u.upload_id for u in store.list_updates(round_.id)} == {"upload-1", "upload-4"}
 
 
 def test_one_upload_id_of_one_device_in_two_rounds_conflicts(store: SqlStore, seed) -> None:
