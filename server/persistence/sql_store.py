@@ -321,11 +321,14 @@ class SqlStore:
         transaction: every task poll asks this, and at round start a thousand of them arrive at once."""
         with self._connection() as connection:
             federation = mapping.to_federation(_fetch(connection, _FEDERATIONS, federation_id, "federation"))
-            row = connection.execute(_latest_round(federation_id)).first()
+            accepted = (select(_UPDATES.c.id).where(_UPDATES.c.round_id == _ROUNDS.c.id,
+                                                   _UPDATES.c.device_id == device_id,
+                                                   _UPDATES.c.state == UpdateState.ACCEPTED.value)
+                        .exists().label("device_accepted"))
+            row = connection.execute(_latest_round(federation_id).add_columns(accepted)).first()
             if row is None:
                 return TaskView(federation, None, accepted=False)
-            accepted = connection.execute(_accepted_update(row.id, device_id)).first() is not None
-            return TaskView(federation, mapping.to_round(row), accepted)
+            return TaskView(federation, mapping.to_round(row), bool(row.device_accepted))
 
     def list_unfinished_rounds(self) -> list[Round]:
         with self._connection() as connection:

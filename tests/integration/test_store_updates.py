@@ -138,8 +138,10 @@ def test_the_task_view_reads_the_federation_its_latest_round_and_the_devices_acc
     empty = store.task_view(federation.id, device.id)
     assert (empty.federation, empty.latest_round, empty.accepted) == (federation, None, False)
 
-    seed.round(federation, number=1)
+    earlier = seed.round(federation, number=1)
     latest = seed.round(federation, number=2)
+    in_earlier = _update(earlier.id, device.id, upload_id="upload-0003", state=UpdateState.ACCEPTED)
+    store.add_update(in_earlier)  # accepted in an earlier round: says nothing about the latest one
     pending, accepted = _update(latest.id, device.id), _update(latest.id, other.id, upload_id="upload-0002")
     store.add_update(pending)
     store.add_update(accepted)
