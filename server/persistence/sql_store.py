@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Row, Table, and_, bindparam, func, insert, or_, select
+from sqlalchemy import Connection, Engine, Row, Table, and_, bindparam, or_, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import CursorResult, Result
@@ -68,13 +68,12 @@ from server.domain.models import (
     Round,
     TaskView,
     Update,
-    UpdateState,
     UploadView,
     utcnow,
 )
 from server.domain.ports import Store
 from server.domain.rounds import RoundState, check_transition
-from server.persistence import mapping
+from server.persistence import mapping, statements
 from server.persistence.database import create_engine_for
 from server.persistence.tables import (
     AdminTokenRow,
@@ -94,12 +93,8 @@ MAX_REFUSALS_LISTED = 1000
 _IDS_PER_QUERY = 500
 """Ids per IN (...) list: well under SQLite's limit on bound parameters."""
 """The most refusals one ``list_refusals`` call returns."""
-_UNFINISHED = [state.value for state in RoundState if not state.is_terminal]
-_DEVICES = cast(Table, DeviceRow.__table__)
-_FEDERATIONS = cast(Table, FederationRow.__table__)
-_ROUNDS = cast(Table, RoundRow.__table__)
-_UPDATES = cast(Table, UpdateRow.__table__)
-_VERSIONS = cast(Table, ModelVersionRow.__table__)
+_DEVICES, _FEDERATIONS, _ROUNDS = statements.DEVICES, statements.FEDERATIONS, statements.ROUNDS
+_UPDATES, _VERSIONS = statements.UPDATES, statements.VERSIONS
 
 RowT = TypeVar("RowT", FederationRow, DeviceRow, RoundRow, UpdateRow, ModelVersionRow, AdminTokenRow)
 
@@ -140,7 +135,7 @@ class SqlStore:
 
     def list_federations(self) -> list[Federation]:
         with self._connection() as connection:
-            rows = connection.execute(select(_FEDERATIONS).order_by(_FEDERATIONS.c.created_at, _FEDERATIONS.c.id))
+            rows = connection.execute(statements.ALL_FEDERATIONS)
             return [mapping.to_federation(row) for row in rows]
 
     def save_federation(self, federation: Federation) -> None:
@@ -313,7 +308,7 @@ class SqlStore:
 
     def latest_round(self, federation_id: str) -> Round | None:
         with self._connection() as connection:
-            row = connection.execute(_latest_round(federation_id)).first()
+            row = connection.execute(statements.LATEST_ROUND, {"federation_id": federation_id}).first()
             return None if row is None else mapping.to_round(row)
 
     def task_view(self, federation_id: str, device_id: str) -> TaskView:
@@ -321,19 +316,15 @@ class SqlStore:
         transaction: every task poll asks this, and at round start a thousand of them arrive at once."""
         with self._connection() as connection:
             federation = mapping.to_federation(_fetch(connection, _FEDERATIONS, federation_id, "federation"))
-            accepted = (select(_UPDATES.c.id).where(_UPDATES.c.round_id == _ROUNDS.c.id,
-                                                   _UPDATES.c.device_id == device_id,
-                                                   _UPDATES.c.state == UpdateState.ACCEPTED.value)
-                        .exists().label("device_accepted"))
-            row = connection.execute(_latest_round(federation_id).add_columns(accepted)).first()
+            row = connection.execute(statements.LATEST_ROUND_WITH_ACCEPTANCE,
+                                     {"federation_id": federation_id, "device_id": device_id}).first()
             if row is None:
                 return TaskView(federation, None, accepted=False)
             return TaskView(federation, mapping.to_round(row), bool(row.device_accepted))
 
     def list_unfinished_rounds(self) -> list[Round]:
         with self._connection() as connection:
-            rows = connection.execute(select(_ROUNDS).where(_ROUNDS.c.state.in_(_UNFINISHED))
-                                      .order_by(_ROUNDS.c.created_at, _ROUNDS.c.number))
+            rows = connection.execute(statements.UNFINISHED_ROUNDS)
             return [mapping.to_round(row) for row in rows]
 
     def save_round(self, round_: Round, fence: Fence | None = None) -> None:
@@ -400,25 +391,26 @@ class SqlStore:
                   f"{update.device_id} in round {update.round_id}",
             missing=f"round {update.round_id} or device {update.device_id} not found",
         ) as connection:
-            if connection.execute(_accepted_update(update.round_id, update.device_id)).first() is not None:
+            if connection.execute(statements.OTHER_ACCEPTED_UPDATE, {
+                    "round_id": update.round_id, "device_id": update.device_id, "update_id": ""}).first():
                 raise AlreadyAcceptedError("an update from this device for this round was already accepted")
-            connection.execute(insert(_UPDATES).values(**mapping.update_values(update)))
+            connection.execute(statements.INSERT_UPDATE, mapping.update_values(update))
 
     def upload_view(self, device_id: str, upload_id: str, round_id: str) -> UploadView:
         """The device's update with this upload id, and the round ``round_id``, in one transaction: every
         upload stream starts with this."""
         with self._connection() as connection:
-            existing = connection.execute(select(_UPDATES).where(_UPDATES.c.device_id == device_id,
-                                                                 _UPDATES.c.upload_id == upload_id)).first()
-            round_row = connection.execute(select(_ROUNDS).where(_ROUNDS.c.id == round_id)).first()
+            existing = connection.execute(statements.UPDATE_BY_UPLOAD,
+                                          {"device_id": device_id, "upload_id": upload_id}).first()
+            round_row = connection.execute(statements.BY_ID[_ROUNDS], {"key": round_id}).first()
             return UploadView(None if existing is None else mapping.to_update(existing),
                               None if round_row is None else mapping.to_round(round_row))
 
     def find_update_by_upload(self, device_id: str, upload_id: str) -> Update | None:
         """The device's update with this upload id, in whichever round it landed."""
         with self._connection() as connection:
-            row = connection.execute(select(_UPDATES).where(_UPDATES.c.device_id == device_id,
-                                                            _UPDATES.c.upload_id == upload_id)).first()
+            row = connection.execute(statements.UPDATE_BY_UPLOAD,
+                                     {"device_id": device_id, "upload_id": upload_id}).first()
             return None if row is None else mapping.to_update(row)
 
     def accept_update(self, update: Update) -> Acceptance:
@@ -429,26 +421,24 @@ class SqlStore:
         Raises LateUpdateError when the round closed, ConflictError for a second update from the device.
         """
         with self._connection(missing=f"round {update.round_id} or update {update.id} not found") as connection:
-            row = connection.execute(select(_ROUNDS).where(_ROUNDS.c.id == update.round_id).with_for_update()).first()
+            row = connection.execute(statements.ROUND_FOR_UPDATE, {"key": update.round_id}).first()
             if row is None:
                 raise NotFoundError(f"round {update.round_id} not found")
             round_ = mapping.to_round(row)
             if not round_.state.accepts_uploads:
                 raise LateUpdateError(f"round {round_.number} is {round_.state}: the update arrived too late "
                                       "and was not counted; the device should take its next task")
-            other = connection.execute(select(_UPDATES.c.id).where(
-                _UPDATES.c.round_id == update.round_id, _UPDATES.c.device_id == update.device_id,
-                _UPDATES.c.state == UpdateState.ACCEPTED.value, _UPDATES.c.id != update.id).limit(1)).first()
+            other = connection.execute(statements.OTHER_ACCEPTED_UPDATE, {
+                "round_id": update.round_id, "device_id": update.device_id, "update_id": update.id}).first()
             if other is not None:
                 raise AlreadyAcceptedError(f"an update from this device for round {round_.number} was already "
                                            "accepted")
             _save(connection, _UPDATES, mapping.update_values(update), "update")
             if round_.state is RoundState.OPEN:
                 round_.state = RoundState.COLLECTING
-                connection.execute(sql_update(_ROUNDS).where(_ROUNDS.c.id == round_.id)
-                                   .values(state=round_.state.value))
-            accepted = connection.execute(select(func.count()).select_from(_UPDATES).where(
-                _UPDATES.c.round_id == round_.id, _UPDATES.c.state == UpdateState.ACCEPTED.value)).scalar_one()
+                connection.execute(statements.SET_ROUND_STATE,
+                                   {"round_key": round_.id, "new_state": round_.state.value})
+            accepted = connection.execute(statements.ACCEPTED_COUNT, {"round_id": round_.id}).scalar_one()
             return Acceptance(round_, accepted)
 
     def find_update(self, round_id: str, device_id: str, upload_id: str) -> Update | None:
@@ -462,12 +452,11 @@ class SqlStore:
 
         One narrow indexed query: the scheduler and every task poll ask this, so it must not map whole rows.
         """
-        query = select(_UPDATES.c.device_id).where(_UPDATES.c.round_id == round_id,
-                                                   _UPDATES.c.state == UpdateState.ACCEPTED.value)
-        if device_id is not None:
-            query = query.where(_UPDATES.c.device_id == device_id)
         with self._connection() as connection:
-            return set(connection.execute(query).scalars())
+            if device_id is None:
+                return set(connection.execute(statements.ACCEPTED_DEVICES, {"round_id": round_id}).scalars())
+            return set(connection.execute(statements.DEVICE_ACCEPTED,
+                                          {"round_id": round_id, "device_id": device_id}).scalars())
 
     def list_updates(self, round_id: str) -> list[Update]:
         with self._transaction() as session:
@@ -661,23 +650,14 @@ def _get(session: Session, row_type: type[RowT], key: str, what: str) -> RowT:
 
 
 def _fetch(connection: Connection, table: Table, key: str, what: str) -> Row[Any]:
-    row = connection.execute(select(table).where(table.c.id == key)).first()
+    row = connection.execute(statements.BY_ID[table], {"key": key}).first()
     if row is None:
         raise NotFoundError(f"{what} {key} not found")
     return row
 
 
-def _accepted_update(round_id: str, device_id: str) -> Any:
-    return select(_UPDATES.c.id).where(_UPDATES.c.round_id == round_id, _UPDATES.c.device_id == device_id,
-                                       _UPDATES.c.state == UpdateState.ACCEPTED.value).limit(1)
-
-
-def _latest_round(federation_id: str) -> Any:
-    return select(_ROUNDS).where(_ROUNDS.c.federation_id == federation_id).order_by(_ROUNDS.c.number.desc()).limit(1)
-
-
 def _save(executor: Session | Connection, table: Table, values: dict[str, Any], what: str) -> None:
-    result = executor.execute(sql_update(table).where(table.c.id == values["id"]).values(**_without_id(values)))
+    result = executor.execute(statements.save_by_id(table), {**_without_id(values), "row_key": values["id"]})
     if _rowcount(result) == 0:
         raise NotFoundError(f"{what} {values['id']} not found")
 
