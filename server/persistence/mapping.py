@@ -308,7 +308,7 @@ def admin_token_values(token: AdminToken) -> dict[str, Any]:
     }
 
 
-def to_admin_token(row: AdminTokenRow) -> AdminToken:
+def to_admin_token(row: AdminTokenRow | Row[Any]) -> AdminToken:
     known = {scope.value for scope in AdminScope}
     return AdminToken(
         id=row.id,

@@ -511,8 +511,8 @@ class SqlStore:
             return mapping.to_admin_token(_get(session, AdminTokenRow, token_id, "admin token"))
 
     def find_admin_token_by_hash(self, token_hash: str) -> AdminToken | None:
-        with self._transaction() as session:
-            row = session.scalar(select(AdminTokenRow).where(AdminTokenRow.token_hash == token_hash))
+        with self._connection() as connection:
+            row = connection.execute(statements.ADMIN_TOKEN_BY_HASH, {"token_hash": token_hash}).first()
             return None if row is None else mapping.to_admin_token(row)
 
     def list_admin_tokens(self) -> list[AdminToken]:

@@ -14,8 +14,9 @@ from sqlalchemy import Table, bindparam, func, insert, select, update
 
 from server.domain.models import UpdateState
 from server.domain.rounds import RoundState
-from server.persistence.tables import DeviceRow, FederationRow, ModelVersionRow, RoundRow, UpdateRow
+from server.persistence.tables import AdminTokenRow, DeviceRow, FederationRow, ModelVersionRow, RoundRow, UpdateRow
 
+ADMIN_TOKENS = cast(Table, AdminTokenRow.__table__)
 DEVICES = cast(Table, DeviceRow.__table__)
 FEDERATIONS = cast(Table, FederationRow.__table__)
 ROUNDS = cast(Table, RoundRow.__table__)
@@ -37,6 +38,9 @@ def save_by_id(table: Table) -> Any:
 
 
 INSERT_UPDATE = insert(UPDATES)
+
+ADMIN_TOKEN_BY_HASH = select(ADMIN_TOKENS).where(ADMIN_TOKENS.c.token_hash == bindparam("token_hash"))
+"""Read on every admin API request (so a revocation applies on the next one); parameter ``token_hash``."""
 
 ALL_FEDERATIONS = select(FEDERATIONS).order_by(FEDERATIONS.c.created_at, FEDERATIONS.c.id)
 
