@@ -384,8 +384,8 @@ class SqlStore:
     # ---- updates ----------------------------------------------------------------------------
 
     def add_update(self, update: Update) -> None:
-        """Adds the update; ConflictError if the device already has an update accepted in that round (its
-        next one could never be accepted) or the upload id is taken."""
+        """Adds the update; AlreadyAcceptedError if the device already has an update accepted in that round
+        (another could never be accepted), ConflictError if the upload id is taken."""
         with self._connection(
             clash=f"upload {update.upload_id!r} (or update id {update.id}) already exists for device "
                   f"{update.device_id} in round {update.round_id}",
@@ -418,7 +418,7 @@ class SqlStore:
         update from the device; moves an open round to collecting. Returns the round as stored and its count
         of accepted updates (exact: the round's row stays locked until the transaction ends).
 
-        Raises LateUpdateError when the round closed, ConflictError for a second update from the device.
+        Raises LateUpdateError when the round closed, AlreadyAcceptedError for a second update from the device.
         """
         with self._connection(missing=f"round {update.round_id} or update {update.id} not found") as connection:
             row = connection.execute(statements.ROUND_FOR_UPDATE, {"key": update.round_id}).first()
