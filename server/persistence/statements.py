@@ -30,7 +30,6 @@ BY_ID: dict[Table, Any] = {table: select(table).where(table.c.id == bindparam("k
 """A whole row by primary key; parameter ``key``."""
 
 
-
 @cache
 def save_by_id(table: Table) -> Any:
     """Sets the columns named in the parameters on the row whose id is the parameter ``row_key``."""
