@@ -21,9 +21,9 @@ from mlecs.aggregation.lora_exact import average_lora_products
 from mlecs.aggregation.quality import agreement_weights, anchor_agreement
 from mlecs.codec import CodecKind, encode_tensors
 from mlecs.data.avmnist import AVMnist, AVMnistSplit
-from mlecs.data.partition import PartitionSpec, plan_shards
+from mlecs.data.partition import MissingScheme, PartitionSpec, plan_shards
 from mlecs.learning import evaluate
-from mlecs.learning.amt import AmtData, AmtRecipe, run_amt_round
+from mlecs.learning.amt import AmtData, AmtRecipe, UploadStage, run_amt_round
 from mlecs.learning.cloud import CloudRecipe, generate_anchors, mean_edge_fused, tune_cloud
 from mlecs.learning.seccl import Anchors
 from mlecs.modality import Modality
@@ -43,6 +43,10 @@ class Method:
     seccl: bool = True
     exact_lora: bool = False
     """Average the clients' B·A products and re-factorise (``lora_mode=exact``) instead of A and B apart."""
+    upload_stage: UploadStage = "private"
+    """``private``: the upload is learned on the private data (the method); ``public``: the prototype's rule."""
+    small_language_model: bool = True
+    """False replaces the backbone with the random 2-layer ``tiny`` one, on the devices and the cloud."""
 
 
 METHODS: dict[str, Method] = {
@@ -52,22 +56,37 @@ METHODS: dict[str, Method] = {
     "mlecs-no-ccl": Method(ccl=False),
     "mlecs-no-seccl": Method(seccl=False),
     "mlecs-no-mma": Method(aggregation="fedavg"),
+    "mlecs-no-slm": Method(small_language_model=False),
+    "mlecs-public-upload": Method(upload_stage="public"),
     "mlecs-exact-lora": Method(exact_lora=True),
 }
-DEFAULT_METHODS: tuple[str, ...] = ("local", "fedavg", "mlecs", "mlecs-no-ccl", "mlecs-no-seccl", "mlecs-no-mma")
-"""The grid the issue asks for; ``mlecs-exact-lora`` runs only when named."""
+ABLATIONS: tuple[str, ...] = ("mlecs-no-ccl", "mlecs-no-seccl", "mlecs-no-mma", "mlecs-no-slm", "mlecs-public-upload")
+DEFAULT_METHODS: tuple[str, ...] = ("local", "fedavg", "mlecs")
+"""The methods of the headline grid; the ablations and ``mlecs-exact-lora`` run when named."""
+
+TINY_BACKBONE = ModelConfig(backbone="tiny")
 
 
 @dataclass(frozen=True)
 class SimConfig:
     num_clients: int = 10
     rounds: int = 10
+    """Rounds to run; with ``stop_when_flat``, the most to run."""
     alpha: float = 0.5
     public_fraction: float = 0.2
     heldout_fraction: float = 0.2
     recipe: AmtRecipe = field(default_factory=AmtRecipe)
     cloud: CloudRecipe = field(default_factory=CloudRecipe)
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The devices' model (and the global model's)."""
+    cloud_model: ModelConfig | None = None
+    """The cloud's model when it differs from the devices' (e.g. all six MiniLM layers); None: the same."""
+    missing: MissingScheme = "alternate"
+    """Which modality the clients counted by p lack (``mlecs.data.partition.MISSING_SCHEMES``)."""
+    stop_when_flat: bool = False
+    """Stop once the global accuracy has flattened (see :func:`has_flattened`), before ``rounds``."""
+    final_window: int = 3
+    """The reported accuracies are the means over this many last rounds (one evaluation is noisy)."""
     agreement_temperature: float | None = 0.2
     """MMA's noise factor softness; None leaves the factor out (modality count x samples only)."""
     unseen_speaker: int | None = 0
@@ -76,24 +95,62 @@ class SimConfig:
     """Attacking clients and the aggregation's defence; the default has neither (plain MMA/FedAvg)."""
 
 
-def benchmark_config(clients: int, rounds: int, backbone: str) -> SimConfig:
-    """The recipe every benchmark built on this simulation runs (5 public epochs, 1 private, batch 16), so
-    the learning and poisoning benchmarks measure the same federation."""
-    return SimConfig(num_clients=clients, rounds=rounds, model=ModelConfig(backbone=backbone),  # type: ignore[arg-type]
-                     recipe=replace(AmtRecipe(), public_epochs=5, private_epochs=1, batch_size=16))
+def benchmark_config(clients: int, rounds: int, model: str | ModelConfig,
+                     cloud_model: ModelConfig | None = None) -> SimConfig:
+    """The recipe every benchmark built on this simulation runs, so the learning and poisoning benchmarks
+    measure the same federation: one epoch over private data + public shard for the update, one of
+    personal tuning (the prototype's rule: 5 epochs over the public shard), batch 16."""
+    devices = ModelConfig(backbone=model) if isinstance(model, str) else model  # type: ignore[arg-type]
+    return SimConfig(num_clients=clients, rounds=rounds, model=devices, cloud_model=cloud_model,
+                     recipe=replace(AmtRecipe(), public_epochs=5, private_epochs=1, personal_epochs=1,
+                                    batch_size=16))
 
 
 @dataclass
 class SimResult:
     global_accuracy: float
+    """Test accuracy of the global model, mean of the last ``final_window`` rounds."""
     client_accuracy_mean: float
+    """Mean personalised accuracy on the clients' held-out data, mean of the last rounds."""
     upload_bytes_per_client: float
     unseen_speaker_accuracy: float | None
     cloud_accuracy: float | None
+    """The cloud model's test accuracy, mean of the last rounds (None: no cloud tuning)."""
     history: list[dict[str, float]]
+    """One record per round: ``round``, ``global_accuracy``, ``seconds`` (since the start), ..."""
     seconds: float
     attackers: tuple[int, ...] = ()
     """Indices of the clients that poisoned their updates (``config.poisoning``)."""
+
+    @property
+    def rounds(self) -> int:
+        return len(self.history)
+
+    def to_95(self) -> tuple[int, float]:
+        """(rounds, seconds) until the global accuracy first reached 95% of its final value."""
+        for record in self.history:
+            if record["global_accuracy"] >= 0.95 * self.global_accuracy:
+                return int(record["round"]), float(record["seconds"])
+        return self.rounds, self.seconds
+
+
+FLAT_MIN_ROUNDS = 6
+FLAT_WINDOW = 3
+FLAT_DELTA = 0.005
+
+
+def has_flattened(curve: list[float], window: int = FLAT_WINDOW, delta: float = FLAT_DELTA,
+                  min_rounds: int = FLAT_MIN_ROUNDS) -> bool:
+    """Whether a learning curve has flattened: the mean of its last ``window`` points is less than
+    ``delta`` above the mean of the ``window`` before them (after at least ``min_rounds`` points)."""
+    if len(curve) < max(min_rounds, 2 * window):
+        return False
+    return float(np.mean(curve[-window:])) - float(np.mean(curve[-2 * window:-window])) < delta
+
+
+def _tail_mean(history: list[dict[str, float]], key: str, window: int) -> float | None:
+    values = [r[key] for r in history[-window:] if key in r and np.isfinite(r[key])]
+    return float(np.mean(values)) if values else None
 
 
 def _zero_filled(split: AVMnistSplit, modalities: frozenset[Modality]) -> AVMnistSplit:
@@ -102,14 +159,15 @@ def _zero_filled(split: AVMnistSplit, modalities: frozenset[Modality]) -> AVMnis
     return replace(split, images=images, audio=audio)
 
 
-def _client_data(data: AVMnist, config: SimConfig, p: float, seed: int, zero_fill: bool) -> list[AmtData]:
+def client_data(data: AVMnist, config: SimConfig, p: float, seed: int, zero_fill: bool = False) -> list[AmtData]:
+    """The clients' data for one seed: public shard, private training data and held-out split each."""
     train = data.train
     keep = np.arange(len(train))
     if config.unseen_speaker is not None:
         keep = keep[train.speaker != config.unseen_speaker]
     train = train.subset(keep)
     spec = PartitionSpec(num_clients=config.num_clients, scheme="speaker-dirichlet", alpha=config.alpha,
-                         public_fraction=config.public_fraction, seed=seed)
+                         public_fraction=config.public_fraction, seed=seed, missing_scheme=config.missing)
     clients = []
     for shard in plan_shards(train, spec, missing_fraction=p):
         private = np.random.default_rng([seed, shard.client_index]).permutation(shard.private_index)
@@ -124,7 +182,7 @@ def _client_data(data: AVMnist, config: SimConfig, p: float, seed: int, zero_fil
     return clients
 
 
-def _eval_sets(data: AVMnist, config: SimConfig) -> tuple[AVMnistSplit, AVMnistSplit | None]:
+def eval_sets(data: AVMnist, config: SimConfig) -> tuple[AVMnistSplit, AVMnistSplit | None]:
     test = data.test
     if config.unseen_speaker is None:
         return test, None
@@ -153,20 +211,22 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
              text_anchors: np.ndarray | None, say: Callable[[str], None] = lambda _: None) -> SimResult:
     """Runs one federation of ``config.rounds`` rounds with the named method; deterministic given ``seed``."""
     method = METHODS[method_name]
+    if not method.small_language_model:
+        config = replace(config, model=TINY_BACKBONE, cloud_model=None)
     poisoning = config.poisoning
     defence = DEFENCES[poisoning.defence]
     if poisoning.defence != "none" and (method.exact_lora or not method.federated):
         raise ValueError(f"defence {poisoning.defence!r} needs a federated method without exact LoRA, "
                          f"not {method_name!r}")
     started = time.perf_counter()
-    recipe = replace(config.recipe,
+    recipe = replace(config.recipe, upload_stage=method.upload_stage,
                      ccl_weight=config.recipe.ccl_weight if method.ccl else 0.0,
                      seccl_weight=config.recipe.seccl_weight if method.seccl else 0.0,
                      fused_upload_samples=config.recipe.fused_upload_samples if method.seccl else 0)
     cloud_recipe = replace(config.cloud, ccl_weight=config.cloud.ccl_weight if method.ccl else 0.0)
-    clients = _client_data(data, config, p, seed, method.zero_fill)
+    clients = client_data(data, config, p, seed, method.zero_fill)
     attackers = choose_attackers(len(clients), poisoning, seed)
-    test, unseen = _eval_sets(data, config)
+    test, unseen = eval_sets(data, config)
     models: dict[frozenset[Modality], EdgeModel] = {}
 
     def model_for(modalities: frozenset[Modality]) -> EdgeModel:
@@ -175,8 +235,12 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
         return models[modalities]
 
     every = frozenset(Modality)
-    cloud = model_for(every)
-    global_tensors = {k: v.numpy() for k, v in cloud.shared_state().items()}
+    global_model = model_for(every)
+    # The cloud runs its own (possibly larger) model; with the devices' config it is the same object.
+    edge_config, cloud = None, global_model
+    if config.cloud_model is not None and config.cloud_model != config.model:
+        edge_config, cloud = config.model, build_edge_model(config.cloud_model, every, seed)
+    global_tensors = {k: v.numpy() for k, v in global_model.shared_state().items()}
     public_ids = np.concatenate([c.public.sample_ids for c in clients])
     public = data.train.subset(np.nonzero(np.isin(data.train.sample_ids, public_ids))[0])
     anchors: Anchors | None = None
@@ -202,7 +266,7 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
             delta = poison_delta(result.delta, poisoning.attack) if index in attackers else result.delta
             sizes.append(_update_bytes(delta, result.fused))
             updates.append(ClientUpdate(client_id=str(index), tensors=delta,
-                                        num_samples=result.public_samples,
+                                        num_samples=result.update_samples,
                                         modalities=frozenset(str(m) for m in client.modalities)))
             uploads.append((result.fused_ids, result.fused))
         client_acc = float(np.nanmean(accs))
@@ -225,27 +289,33 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
                     if update.client_id not in aggregated.excluded]
             if method.seccl:
                 tune_cloud(cloud, global_tensors, public, recipe=cloud_recipe, seed=round_seed,
-                           edge_fused=mean_edge_fused(kept), text_anchors=text_anchors)
+                           edge_fused=mean_edge_fused(kept), text_anchors=text_anchors, edge_config=edge_config)
                 cloud_acc = evaluate(cloud, test, every)
                 anchors = generate_anchors(cloud, public, text_anchors)
                 record["cloud_accuracy"] = cloud_acc
-            cloud.load_shared_state(_as_torch(global_tensors))
-            record["global_accuracy"] = evaluate(cloud, test, every)
+            global_model.load_shared_state(_as_torch(global_tensors))
+            record["global_accuracy"] = evaluate(global_model, test, every)
         else:
             record["global_accuracy"] = _local_global_accuracy(clients, local_states, model_for, test)
-        say(f"  round {round_number}: global {record['global_accuracy']:.3f}  client {client_acc:.3f}")
+        record["seconds"] = time.perf_counter() - started
+        say(f"  round {round_number}: global {record['global_accuracy']:.3f}  client {client_acc:.3f}"
+            + (f"  cloud {cloud_acc:.3f}" if "cloud_accuracy" in record else ""))
         history.append(record)
+        if config.stop_when_flat and has_flattened([r["global_accuracy"] for r in history]):
+            break
     unseen_acc = None
     if unseen is not None:
         if method.federated:
-            cloud.load_shared_state(_as_torch(global_tensors))
-            unseen_acc = evaluate(cloud, unseen, every)
+            global_model.load_shared_state(_as_torch(global_tensors))
+            unseen_acc = evaluate(global_model, unseen, every)
         else:
             unseen_acc = _local_global_accuracy(clients, local_states, model_for, unseen)
-    return SimResult(global_accuracy=history[-1]["global_accuracy"], client_accuracy_mean=client_acc,
+    window = config.final_window
+    return SimResult(global_accuracy=_tail_mean(history, "global_accuracy", window) or 0.0,
+                     client_accuracy_mean=_tail_mean(history, "client_accuracy_mean", window) or float("nan"),
                      upload_bytes_per_client=upload_bytes, unseen_speaker_accuracy=unseen_acc,
-                     cloud_accuracy=cloud_acc, history=history, seconds=time.perf_counter() - started,
-                     attackers=tuple(sorted(attackers)))
+                     cloud_accuracy=_tail_mean(history, "cloud_accuracy", window) if cloud_acc is not None else None,
+                     history=history, seconds=time.perf_counter() - started, attackers=tuple(sorted(attackers)))
 
 
 def _as_torch(tensors: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -158,7 +158,9 @@ class CoordinatorClient:
                 model=json.loads(c.model_config_json or "{}"),
                 ccl_weight=c.ccl_weight, ccl_temperature=c.ccl_temperature or 0.1,
                 seccl_weight=c.seccl_weight, seccl_temperature=c.seccl_temperature or 0.1,
-                fused_upload_samples=c.fused_upload_samples)
+                fused_upload_samples=c.fused_upload_samples,
+                upload_stage="public" if c.upload_stage == pb.UPLOAD_STAGE_PUBLIC else "private",
+                personal_epochs=c.personal_epochs)
         if kind == "stop":
             return Stop(reply.stop.reason)
         return Wait(max(reply.wait.retry_after_s, 0), reply.wait.reason)

@@ -24,6 +24,9 @@ class TrainTask:
     seccl_weight: float = 0.0
     seccl_temperature: float = 0.1
     fused_upload_samples: int = 0
+    upload_stage: str = "private"
+    """``private``: the upload is learned on private data + public shard; ``public``: on the public shard."""
+    personal_epochs: int = 1
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -103,8 +104,13 @@ class AmtTrainer:
         data = self._data
         config = ModelConfig.from_dict(task.model)
         model = build_edge_model(config, data.modalities, task.seed)
+        stage: Literal["private", "public"] = "public" if task.upload_stage == "public" else "private"
         recipe = AmtRecipe(
-            public_epochs=max(task.public_epochs, 1), private_epochs=task.private_epochs,
+            upload_stage=stage,
+            # The uploaded stage needs at least one epoch whichever data it trains on.
+            public_epochs=max(task.public_epochs, 1) if stage == "public" else task.public_epochs,
+            private_epochs=max(task.private_epochs, 1) if stage == "private" else task.private_epochs,
+            personal_epochs=task.personal_epochs,
             batch_size=task.batch_size, learning_rate=task.learning_rate,
             ccl_weight=task.ccl_weight, ccl_temperature=task.ccl_temperature,
             seccl_weight=task.seccl_weight, seccl_temperature=task.seccl_temperature,
@@ -131,8 +137,8 @@ class AmtTrainer:
         metrics = dict(result.metrics)
         metrics["train_seconds"] = time.perf_counter() - started
         metrics["personal_restored"] = 1.0 if personal else 0.0
-        log.info("round %d trained: public acc %.3f, personalised held-out acc %.3f in %.1fs",
-                 task.round_number, metrics["public_accuracy"], metrics.get("personal_accuracy", float("nan")),
+        log.info("round %d trained (%s upload stage): update acc %.3f, personalised held-out acc %.3f in %.1fs",
+                 task.round_number, stage, metrics["update_accuracy"], metrics.get("personal_accuracy", float("nan")),
                  metrics["train_seconds"])
         return RoundOutcome(tensors=tensors, fused_sample_ids=[int(i) for i in result.fused_ids],
                             metrics=metrics, public_samples=result.public_samples,

@@ -19,6 +19,11 @@ from mlecs.modality import Modality
 Scheme = Literal["speaker", "dirichlet", "speaker-dirichlet"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 
+MissingScheme = Literal["alternate", "audio"]
+MISSING_SCHEMES: tuple[str, ...] = get_args(MissingScheme)
+"""Which modality the clients counted by a missing fraction lack: ``alternate`` (audio, then image, in
+turn) or ``audio`` (every one of them lacks the audio stream)."""
+
 BOTH = frozenset({Modality.IMAGE, Modality.AUDIO})
 IMAGE_ONLY = frozenset({Modality.IMAGE})
 AUDIO_ONLY = frozenset({Modality.AUDIO})
@@ -45,6 +50,8 @@ class PartitionSpec:
     seed: int = 0
     missing_fraction: float | None = None
     """``None``: the default modality mix; else the share of clients that miss one modality."""
+    missing_scheme: MissingScheme = "alternate"
+    """Which modality those clients miss (see :data:`MISSING_SCHEMES`)."""
 
     def __post_init__(self) -> None:
         _check_num_clients(self.num_clients)
@@ -55,6 +62,7 @@ class PartitionSpec:
         _check_seed(self.seed)
         if self.missing_fraction is not None:
             _check_fraction("missing_fraction", self.missing_fraction, upper_inclusive=True)
+        _check_missing_scheme(self.missing_scheme)
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,6 +92,11 @@ def _check_fraction(name: str, value: float, *, upper_inclusive: bool) -> None:
     if not (isinstance(value, int | float) and value >= 0.0 and upper_ok):
         bound = "[0, 1]" if upper_inclusive else "[0, 1)"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def _check_missing_scheme(scheme: str) -> None:
+    if scheme not in MISSING_SCHEMES:
+        raise ValueError(f"missing_scheme must be one of {', '.join(MISSING_SCHEMES)}, got {scheme!r}")
 
 
 def _check_seed(seed: int) -> None:
@@ -197,16 +210,19 @@ def partition_speaker_dirichlet(
 
 
 def assign_modality_sets(
-    num_clients: int, seed: int, missing_fraction: float | None = None
+    num_clients: int, seed: int, missing_fraction: float | None = None, missing_scheme: MissingScheme = "alternate"
 ) -> list[frozenset[Modality]]:
     """Chooses each client's modality set, reproducibly from ``seed``.
 
     Default: client 0 holds both modalities and the others cycle both / image-only / audio-only in an
     order shuffled by seed (3 clients: exactly one of each). With ``missing_fraction`` p:
     ``round(p * num_clients)`` clients (Python rounding, half to even; client 0 last to be picked)
-    miss one modality, alternately audio and image, and the rest hold both.
+    miss one modality, and the rest hold both: with ``missing_scheme="alternate"`` the first picked
+    misses audio, the next image, and so on; with ``"audio"`` every picked client misses audio. The
+    clients picked are the same for both schemes and for every p: a larger p adds clients to a smaller one's.
     """
     _check_num_clients(num_clients)
+    _check_missing_scheme(missing_scheme)
     rng = _rng(seed, _MODALITY_SALT)
     if missing_fraction is None:
         cycle = [BOTH, IMAGE_ONLY, AUDIO_ONLY]
@@ -218,7 +234,7 @@ def assign_modality_sets(
     pick_order = [*(1 + rng.permutation(num_clients - 1)).tolist(), 0]
     result = [BOTH] * num_clients
     for position, client in enumerate(pick_order[:num_missing]):
-        result[client] = IMAGE_ONLY if position % 2 == 0 else AUDIO_ONLY
+        result[client] = IMAGE_ONLY if position % 2 == 0 or missing_scheme == "audio" else AUDIO_ONLY
     return result
 
 
@@ -241,7 +257,7 @@ def plan_shards(train: AVMnistSplit, spec: PartitionSpec, missing_fraction: floa
         )
     else:
         private_shards = partition_dirichlet(train.labels, private, spec.num_clients, spec.alpha, spec.seed)
-    modality_sets = assign_modality_sets(spec.num_clients, spec.seed, fraction)
+    modality_sets = assign_modality_sets(spec.num_clients, spec.seed, fraction, spec.missing_scheme)
     return [
         ClientShard(client_index=i, modalities=modality_sets[i], public_index=pub, private_index=priv)
         for i, (pub, priv) in enumerate(zip(public_shards, private_shards, strict=True))

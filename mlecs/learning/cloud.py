@@ -19,6 +19,7 @@ from mlecs.data.avmnist import AVMnistSplit
 from mlecs.learning.seccl import Anchors, alignment_loss
 from mlecs.learning.supervised import TrainStats, fused_representations, train_supervised
 from mlecs.modality import Modality
+from mlecs.model.config import ModelConfig
 from mlecs.model.edge import EdgeModel
 
 
@@ -56,9 +57,13 @@ def tune_cloud(
     seed: int,
     edge_fused: tuple[np.ndarray, np.ndarray] | None = None,
     text_anchors: np.ndarray | None = None,
+    edge_config: ModelConfig | None = None,
 ) -> TrainStats:
-    """Loads the global adapter into the full-modality cloud model and tunes it on the public set."""
-    model.load_shared_state({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_tensors.items()})
+    """Loads the global adapter into the full-modality cloud model and tunes it on the public set.
+
+    ``edge_config``: the devices' model, when the cloud's differs from it (see :func:`adopt_global`).
+    """
+    adopt_global(model, global_tensors, edge_config)
     every = frozenset(Modality)
     targets = None
     if edge_fused is not None and len(edge_fused[0]) >= 2:
@@ -69,6 +74,21 @@ def tune_cloud(
     return train_supervised(model, public, every, epochs=recipe.epochs, batch_size=recipe.batch_size,
                             learning_rate=recipe.learning_rate, seed=seed, parameters="shared",
                             ccl_weight=recipe.ccl_weight, extra_loss=extra)
+
+
+def adopt_global(model: EdgeModel, global_tensors: Mapping[str, np.ndarray], edge_config: ModelConfig | None) -> None:
+    """Loads the global adapter into the cloud model.
+
+    When the devices run the same model as the cloud (``edge_config`` None or equal), every tensor is
+    replaced. When the cloud's backbone is larger (the devices hold the first layers of MiniLM, the cloud
+    all six), it takes the extractors, the connector and the LoRA of the layers both have, and keeps its
+    own upper layers' LoRA and its own head: the devices' head reads another backbone's output.
+    """
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_tensors.items()}
+    if edge_config is None or edge_config == model.config:
+        model.load_shared_state(tensors)
+    else:
+        model.load_matching_shared_state(tensors, exclude=("head.",))
 
 
 def generate_anchors(model: EdgeModel, public: AVMnistSplit, text_anchors: np.ndarray | None) -> Anchors:

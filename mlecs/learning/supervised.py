@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,47 +74,88 @@ def train_supervised(
     features; it only acts when at least two modalities are fed. ``extra_loss`` adds any other term
     (SE-CCL's anchor alignment, for one) computed from the batch's output.
     """
-    _check_modalities(model, modalities)
-    if len(split) == 0:
+    return train_groups(model, [(split, modalities)], epochs=epochs, batch_size=batch_size,
+                        learning_rate=learning_rate, seed=seed, parameters=parameters, weight_decay=weight_decay,
+                        ccl_weight=ccl_weight, ccl_temperature=ccl_temperature, extra_loss=extra_loss,
+                        progress=progress)
+
+
+def train_groups(
+    model: EdgeModel,
+    groups: Sequence[tuple[AVMnistSplit, frozenset[Modality]]],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    parameters: Literal["shared", "trainable"] = "trainable",
+    weight_decay: float = 0.01,
+    ccl_weight: float = 0.0,
+    ccl_temperature: float = 0.1,
+    extra_loss: ExtraLoss | None = None,
+    progress: ProgressCallback | None = None,
+    after_epoch: Callable[[int], bool] | None = None,
+) -> TrainStats:
+    """:func:`train_supervised` over several splits, each fed its own modalities (a pooled data set whose
+    samples miss modalities group by group). Every batch comes from one group; the batches of all groups
+    are shuffled together each epoch. ``extra_loss`` needs a single group (it indexes into one split).
+    ``after_epoch(epoch)`` (epochs count from 1) runs after every epoch, with the optimiser's state kept
+    across epochs; it returns True to stop early (e.g. once a curve has flattened).
+    """
+    groups = [(split, frozenset(mods)) for split, mods in groups if len(split)]
+    if not groups:
         raise ValueError("split is empty: nothing to train on")
+    for _, mods in groups:
+        _check_modalities(model, mods)
     if epochs < 1 or batch_size < 1 or learning_rate <= 0:
         raise ValueError(
             f"epochs, batch_size and learning_rate must be positive, got {epochs}, {batch_size}, {learning_rate}"
         )
     if ccl_weight < 0:
         raise ValueError(f"ccl_weight must be >= 0, got {ccl_weight}")
+    if extra_loss is not None and len(groups) > 1:
+        raise ValueError("extra_loss needs a single group")
     if parameters == "shared":
         params = model.shared_parameters()
     elif parameters == "trainable":
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         raise ValueError(f"parameters must be 'shared' or 'trainable', got {parameters!r}")
-    inputs = to_inputs(split, modalities)
-    labels = torch.from_numpy(split.labels)
+    fed = [(to_inputs(split, mods), torch.from_numpy(split.labels)) for split, mods in groups]
     optimiser = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    total_steps = epochs * -(-len(split) // batch_size)
+    size = sum(len(split) for split, _ in groups)
+    total_steps = epochs * sum(-(-len(split) // batch_size) for split, _ in groups)
     started = time.perf_counter()
     was_training = model.training
     model.train()
     try:
         loss_sum, correct = _run_epochs(
-            model, inputs, labels, optimiser, epochs, batch_size, seed, total_steps, progress,
-            (ccl_weight, ccl_temperature), extra_loss,
+            model, fed, optimiser, epochs, batch_size, seed, total_steps, progress,
+            (ccl_weight, ccl_temperature), extra_loss, after_epoch,
         )
     finally:
         model.train(was_training)
     return TrainStats(
-        loss=loss_sum / len(split),
-        accuracy=correct / len(split),
-        samples=len(split),
+        loss=loss_sum / size,
+        accuracy=correct / size,
+        samples=size,
         seconds=time.perf_counter() - started,
     )
 
 
+def _epoch_batches(sizes: list[int], batch_size: int, shuffler: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """One epoch's (group, positions) batches: each group shuffled and cut, then the batches interleaved."""
+    batches = [(group, batch) for group, size in enumerate(sizes)
+               for batch in torch.randperm(size, generator=shuffler).split(batch_size)]
+    if len(sizes) == 1:
+        return batches  # one group: the plain shuffled pass
+    order = torch.randperm(len(batches), generator=shuffler).tolist()
+    return [batches[i] for i in order]
+
+
 def _run_epochs(
     model: EdgeModel,
-    inputs: dict[Modality, torch.Tensor],
-    labels: torch.Tensor,
+    fed: list[tuple[dict[Modality, torch.Tensor], torch.Tensor]],
     optimiser: torch.optim.Optimizer,
     epochs: int,
     batch_size: int,
@@ -123,19 +164,22 @@ def _run_epochs(
     progress: ProgressCallback | None,
     ccl: tuple[float, float] = (0.0, 0.1),
     extra_loss: ExtraLoss | None = None,
+    after_epoch: Callable[[int], bool] | None = None,
 ) -> tuple[float, int]:
     """Runs the optimisation loop; returns (summed loss, correct predictions) of the last epoch."""
     loss_fn = nn.CrossEntropyLoss()
-    size, step = labels.shape[0], 0
+    step = 0
     loss_sum, correct = 0.0, 0
+    sizes = [labels.shape[0] for _, labels in fed]
     # Dropout draws from the global RNG: fork it so training is reproducible and the caller's stream
     # is not consumed. Shuffling has its own generator.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         shuffler = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             loss_sum, correct = 0.0, 0
-            for batch in torch.randperm(size, generator=shuffler).split(batch_size):
+            for group, batch in _epoch_batches(sizes, batch_size, shuffler):
+                inputs, labels = fed[group]
                 output = model({m: x[batch] for m, x in inputs.items()})
                 logits = output.logits
                 loss = loss_fn(logits, labels[batch])
@@ -153,6 +197,8 @@ def _run_epochs(
                 step += 1
                 if progress is not None:
                     progress(step, total_steps, float(loss.detach()))
+            if after_epoch is not None and after_epoch(epoch):
+                break
     return loss_sum, correct
 
 

@@ -82,6 +82,7 @@ def build_backbone(config: ModelConfig, seed: int, *, load_pretrained: bool = Tr
         with seeded(seed, "backbone"):
             base = BertModel(backbone_config(config), add_pooling_layer=False)
     base.requires_grad_(False)
+    _keep_first_layers(base, config.backbone_layers)
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -92,6 +93,17 @@ def build_backbone(config: ModelConfig, seed: int, *, load_pretrained: bool = Tr
         # peft calls a transformers API that transformers 5 deprecates; nothing for us to act on.
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(base, lora)
+
+
+def _keep_first_layers(base: nn.Module, layers: int) -> None:
+    """Truncates the encoder to its first ``layers`` transformer layers (0 keeps them all)."""
+    encoder: Any = base.encoder
+    available = len(encoder.layer)
+    if layers > available:
+        raise ValueError(f"backbone_layers is {layers}, but the backbone has only {available} layers")
+    if layers:
+        encoder.layer = encoder.layer[:layers]
+        base.config.num_hidden_layers = layers  # type: ignore[union-attr]
 
 
 def base_model(backbone: nn.Module) -> nn.Module:

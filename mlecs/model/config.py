@@ -13,6 +13,7 @@ BACKBONES: tuple[str, ...] = get_args(Backbone)
 _UPPER_BOUNDS = {"feature_dim": 16384, "fused_dim": 65536, "num_soft_tokens": 64, "lora_rank": 256,
                  "lora_alpha": 4096}
 _MAX_CLASSES = 10_000
+_MAX_BACKBONE_LAYERS = 64
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,14 @@ class ModelConfig:
     """Soft-prompt tokens made from z; must divide ``fused_dim``."""
     backbone: Backbone = "minilm"
     """``minilm``: pretrained all-MiniLM-L6-v2; ``tiny``: a random 2-layer BERT (hidden 64) for fast tests."""
+    backbone_layers: int = 0
+    """Keep only the first this many transformer layers of the backbone (0: all of them). A device can run
+    the first layers of MiniLM while the cloud runs all six: anchors live in the fused space, so the two
+    need not match."""
+    fused_skip: bool = True
+    """The head reads the fused ``z`` beside the backbone's pooled output. Without this path everything
+    the head sees must pass through the frozen backbone, and with pretrained MiniLM training stalls at
+    chance for epochs (docs/method.md)."""
     lora_rank: int = 4
     lora_alpha: int = 8
     lora_dropout: float = 0.0
@@ -41,6 +50,12 @@ class ModelConfig:
             raise ValueError(
                 f"fused_dim ({self.fused_dim}) must be divisible by num_soft_tokens ({self.num_soft_tokens})"
             )
+        layers = self.backbone_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= _MAX_BACKBONE_LAYERS:
+            raise ValueError(f"backbone_layers must be an integer from 0 (all) to {_MAX_BACKBONE_LAYERS}, "
+                             f"got {layers!r}")
+        if not isinstance(self.fused_skip, bool):
+            raise ValueError(f"fused_skip must be true or false, got {self.fused_skip!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -78,7 +78,7 @@ class EdgeModel(nn.Module):
             core = FusionCore(config.feature_dim, config.fused_dim, config.num_soft_tokens, width)
         self.connector = Connector(slots, core, config.feature_dim)
         with seeded(seed, "head"):
-            self.head = nn.Linear(width, config.num_classes)
+            self.head = nn.Linear(width + (config.fused_dim if config.fused_skip else 0), config.num_classes)
         self._shared = self._collect_shared()
 
     def _collect_shared(self) -> dict[str, nn.Parameter]:
@@ -105,7 +105,10 @@ class EdgeModel(nn.Module):
             raise ValueError(f"all modalities must have the same batch size, got {sorted(sizes)}")
         features = {m: self.extractors[str(m)](x) for m, x in inputs.items()}
         fused, tokens = self.connector(features)
-        return ModelOutput(logits=self.head(encode_tokens(self.backbone, tokens)), fused=fused, features=features)
+        pooled = encode_tokens(self.backbone, tokens)
+        # The skip path: z reaches the head directly as well as through the backbone (ModelConfig.fused_skip).
+        head_input = torch.cat([pooled, fused], dim=1) if self.config.fused_skip else pooled
+        return ModelOutput(logits=self.head(head_input), fused=fused, features=features)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Returns detached fp32 CPU copies of the tensors that travel between edge and cloud."""
@@ -127,6 +130,20 @@ class EdgeModel(nn.Module):
             if modality is None or modality in self.modalities:
                 raise ValueError(f"unknown shared tensor {name!r}")
         self._copy_into(self._shared, tensors)
+
+    def load_matching_shared_state(self, tensors: Mapping[str, torch.Tensor],
+                                   exclude: tuple[str, ...] = ()) -> list[str]:
+        """Overwrites the shared tensors that ``tensors`` holds under the same name and shape, except names
+        starting with ``exclude``; keeps the rest. Returns the names loaded.
+
+        For a model that differs from the sender's (a cloud model with more backbone layers than the
+        devices' adapters cover): it adopts what the two have in common.
+        """
+        chosen = {name: tensors[name] for name, param in self._shared.items()
+                  if name in tensors and not name.startswith(exclude)
+                  and tuple(tensors[name].shape) == tuple(param.shape)}
+        self._copy_into({name: self._shared[name] for name in chosen}, chosen)
+        return sorted(chosen)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters behind :meth:`shared_state`, in the same order."""

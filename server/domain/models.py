@@ -52,8 +52,16 @@ class FederationConfig:
     """Quorum: the fewest accepted updates a round may commit with."""
     round_deadline_s: float = 600.0
     """After this many seconds an open round commits if quorum was reached, else fails."""
+    upload_stage: Literal["private", "public"] = "private"
+    """Which data a device's uploaded change is learned on: ``private`` (its private data + public shard,
+    the method) or ``public`` (its public shard only: the prototype's rule, kept to compare against)."""
     public_epochs: int = 5
+    """Epochs over the public shard; used only with ``upload_stage = "public"``."""
     private_epochs: int = 1
+    """``private``: epochs of the uploaded stage over private data + public shard; ``public``: epochs
+    of personalisation on private data."""
+    personal_epochs: int = 1
+    """``private`` upload stage: epochs of personal fine-tuning on private data after the uploaded stage."""
     batch_size: int = 32
     learning_rate: float = 1e-3
     upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
@@ -130,8 +138,12 @@ class FederationConfig:
             problems.append("min_updates must be >= 1")
         if self.round_deadline_s <= 0:
             problems.append("round_deadline_s must be > 0")
-        if self.public_epochs < 0 or self.private_epochs < 0:
+        if self.upload_stage not in ("private", "public"):
+            problems.append(f"upload_stage must be 'private' or 'public', not {self.upload_stage!r}")
+        if self.public_epochs < 0 or self.private_epochs < 0 or self.personal_epochs < 0:
             problems.append("epochs must be >= 0")
+        if self.upload_stage == "private" and self.private_epochs < 1:
+            problems.append("private_epochs must be >= 1 with upload_stage 'private': that stage makes the update")
         if self.batch_size < 1:
             problems.append("batch_size must be >= 1")
         if not 0 < self.learning_rate < 1:

@@ -132,11 +132,19 @@ def _prepared(config: FederationConfig, tensors: dict[str, np.ndarray]) -> tuple
     return tensors, z
 
 
+def update_samples(config: FederationConfig, update: Update) -> int:
+    """The samples an update's change was learned on: its public shard, plus its private training data
+    when the federation's upload stage is ``private``."""
+    if config.upload_stage == "private":
+        return update.public_samples + update.private_samples
+    return update.public_samples
+
+
 def own_weight(config: FederationConfig, update: Update, staleness: int) -> tuple[float, Hashable]:
     """The part of an update's weight known from the update alone, and the peer group whose factor
-    completes it (``group_scales``): modality count × samples (MMA) or samples (FedAvg), × the staleness
-    discount, × exp((agreement - 1)/τ) when MMA has anchor evidence for it."""
-    samples = max(update.public_samples, 1)
+    completes it (``group_scales``): modality count × samples (MMA) or samples (FedAvg; both counted by
+    ``update_samples``), × the staleness discount, × exp((agreement - 1)/τ) when MMA has anchor evidence for it."""
+    samples = max(update_samples(config, update), 1)
     weight = float(len(update.modalities) * samples if config.aggregation == "mma" else samples)
     weight *= staleness_weight(staleness, config.staleness_exponent)
     agreement = update.anchor_agreement

@@ -50,8 +50,13 @@ class FederationConfigBody(JsonBody):
     clients_per_round: int = Field(0, ge=0, description="Devices invited per round; 0 = every live device")
     min_updates: int = Field(1, ge=1, description="Quorum of accepted updates needed to commit")
     round_deadline_s: float = Field(600.0, gt=0)
-    public_epochs: int = Field(5, ge=0)
-    private_epochs: int = Field(1, ge=0)
+    upload_stage: Literal["private", "public"] = Field(
+        "private", description="Data the uploaded change is learned on: private (private data + public shard, "
+                               "the method) or public (public shard only, the prototype's rule)")
+    public_epochs: int = Field(5, ge=0, description="Epochs over the public shard (upload_stage public only)")
+    private_epochs: int = Field(
+        1, ge=0, description="private: epochs of the uploaded stage; public: epochs of personalisation")
+    personal_epochs: int = Field(1, ge=0, description="private: epochs of personal fine-tuning after the upload")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"

@@ -12,6 +12,8 @@ _MODALITY_TO_NAME = {pb.MODALITY_IMAGE: "image", pb.MODALITY_AUDIO: "audio",
                      pb.MODALITY_TEXT: "text", pb.MODALITY_SENSOR: "sensor"}
 _CODEC_TO_NAME = {pb.CODEC_FP32_ZSTD: "fp32", pb.CODEC_FP16_ZSTD: "fp16", pb.CODEC_INT8_ZSTD: "int8"}
 _NAME_TO_CODEC: dict[str, pb.Codec.ValueType] = {v: k for k, v in _CODEC_TO_NAME.items()}
+_UPLOAD_STAGE: dict[str, pb.UploadStage.ValueType] = {"private": pb.UPLOAD_STAGE_PRIVATE,
+                                                      "public": pb.UPLOAD_STAGE_PUBLIC}
 
 
 def modality_names(values: object) -> list[str]:
@@ -64,6 +66,8 @@ def assignment_to_proto(assignment: Assignment) -> pb.GetTaskResponse:
                     seccl_weight=config.seccl_weight,
                     seccl_temperature=config.seccl_temperature,
                     fused_upload_samples=config.fused_upload_samples,
+                    upload_stage=_UPLOAD_STAGE[config.upload_stage],
+                    personal_epochs=config.personal_epochs,
                 ),
             ))
         case WaitAssignment(retry_after_s=retry, reason=reason):

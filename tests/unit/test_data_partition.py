@@ -303,3 +303,23 @@ def test_speaker_dirichlet_shards_match_the_speaker_scheme_with_few_clients(trai
     for a, b in zip(mixed, speaker, strict=True):
         np.testing.assert_array_equal(a.private_index, b.private_index)
         np.testing.assert_array_equal(a.public_index, b.public_index)
+
+
+def test_the_audio_missing_scheme_takes_audio_from_the_same_clients_the_alternate_one_picks() -> None:
+    alternate = assign_modality_sets(10, seed=3, missing_fraction=0.4)
+    audio = assign_modality_sets(10, seed=3, missing_fraction=0.4, missing_scheme="audio")
+
+    missing = [i for i, mods in enumerate(alternate) if mods != BOTH]
+    assert [i for i, mods in enumerate(audio) if mods != BOTH] == missing
+    assert all(audio[i] == IMAGE_ONLY for i in missing)
+    assert {alternate[i] for i in missing} == {IMAGE_ONLY, AUDIO_ONLY}
+    # A larger p adds devices to a smaller one's: the grid's p values are nested.
+    smaller = assign_modality_sets(10, seed=3, missing_fraction=0.2, missing_scheme="audio")
+    assert {i for i, m in enumerate(smaller) if m != BOTH} < set(missing)
+
+
+def test_an_unknown_missing_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="missing_scheme must be one of alternate, audio"):
+        assign_modality_sets(4, seed=0, missing_fraction=0.5, missing_scheme="video")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="missing_scheme"):
+        PartitionSpec(num_clients=4, missing_scheme="video")  # type: ignore[arg-type]

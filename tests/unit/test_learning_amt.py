@@ -1,7 +1,12 @@
-"""AMT: one device's round on the tiny AV-MNIST fixture (public stage -> update, private stage -> personal parts)."""
+"""AMT: one device's round on the tiny AV-MNIST fixture (update stage -> upload, personal stage -> personal parts).
+
+Most tests run the prototype's rule (``upload_stage="public"``), whose update stage sees the public shard
+only, so that what each stage touches is easy to tell apart; the method's rule has tests of its own.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +21,9 @@ from mlecs.model import EdgeModel, ModelConfig, build_edge_model
 TINY = ModelConfig(backbone="tiny")
 BOTH = frozenset(Modality)
 IMAGE = frozenset({Modality.IMAGE})
-RECIPE = AmtRecipe(public_epochs=1, private_epochs=1, batch_size=16, fused_upload_samples=8)
+HEAD_IN = 64 + TINY.fused_dim  # the head reads the pooled backbone output (64) and z
+RECIPE = AmtRecipe(upload_stage="public", public_epochs=1, private_epochs=1, batch_size=16, fused_upload_samples=8)
+PRIVATE = AmtRecipe(upload_stage="private", private_epochs=1, personal_epochs=1, batch_size=16, fused_upload_samples=8)
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +74,15 @@ def test_delta_is_the_trained_model_minus_the_global_tensors(
     image_result: AmtResult, image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
 ) -> None:
     # Re-run with no private stage: the model then still holds the public-stage tensors.
-    recipe = AmtRecipe(public_epochs=1, private_epochs=0, batch_size=16, fused_upload_samples=8)
+    recipe = AmtRecipe(upload_stage="public", public_epochs=1, private_epochs=0, batch_size=16,
+                       fused_upload_samples=8)
     result = _run(image_model, data, global_tensors, recipe=recipe)
 
     trained = image_model.shared_state()
     for name, delta in result.delta.items():
         np.testing.assert_allclose(global_tensors[name] + delta, trained[name].numpy(), atol=1e-6)
         np.testing.assert_array_equal(delta, image_result.delta[name])  # the private stage never changes it
-    assert set(result.metrics) == {"public_loss", "public_accuracy", "personal_accuracy"}
+    assert set(result.metrics) == {"update_loss", "update_accuracy", "personal_accuracy"}
 
 
 def test_fused_upload_is_a_sample_of_public_ids_with_the_fused_width(image_result: AmtResult, data: AVMnist) -> None:
@@ -91,7 +99,8 @@ def test_fused_upload_is_a_sample_of_public_ids_with_the_fused_width(image_resul
 def test_fused_upload_size_is_capped_by_the_public_shard(
     requested: int, expected: int, image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
 ) -> None:
-    recipe = AmtRecipe(public_epochs=1, private_epochs=0, batch_size=32, fused_upload_samples=requested)
+    recipe = AmtRecipe(upload_stage="public", public_epochs=1, private_epochs=0, batch_size=32,
+                       fused_upload_samples=requested)
 
     result = _run(image_model, data, global_tensors, recipe=recipe)
 
@@ -103,12 +112,13 @@ def test_fused_upload_size_is_capped_by_the_public_shard(
 
 def test_metrics_and_sample_counts_describe_both_stages(image_result: AmtResult) -> None:
     assert set(image_result.metrics) == {
-        "public_loss", "public_accuracy", "private_loss", "private_accuracy", "personal_accuracy"
+        "update_loss", "update_accuracy", "personal_loss", "personal_train_accuracy", "personal_accuracy"
     }
-    for key in ("public_accuracy", "private_accuracy", "personal_accuracy"):
+    for key in ("update_accuracy", "personal_train_accuracy", "personal_accuracy"):
         assert 0.0 <= image_result.metrics[key] <= 1.0
-    assert image_result.metrics["public_loss"] > 0 and image_result.metrics["private_loss"] > 0
+    assert image_result.metrics["update_loss"] > 0 and image_result.metrics["personal_loss"] > 0
     assert (image_result.public_samples, image_result.private_samples) == (32, 48)
+    assert image_result.update_samples == 32  # the prototype's update saw the public shard only
 
 
 def test_the_round_is_deterministic_given_the_seed(
@@ -134,7 +144,7 @@ def test_personal_parts_are_the_devices_encoders_and_head(image_result: AmtResul
     assert not any(n.startswith(("connector.core.", "lora.", "extractors.audio", "connector.slots.audio"))
                    for n in names)
     assert names == {n for n in image_result.delta if n.startswith(("extractors.", "connector.slots.", "head."))}
-    assert image_result.personal["head.weight"].shape == (TINY.num_classes, 64)
+    assert image_result.personal["head.weight"].shape == (TINY.num_classes, HEAD_IN)
     assert image_result.personal["head.bias"].shape == (TINY.num_classes,)
 
 
@@ -143,7 +153,7 @@ def test_personal_parts_from_last_round_replace_the_public_stage_head(
 ) -> None:
     bias = np.zeros(TINY.num_classes, np.float32)
     bias[3] = 100.0  # a head that always answers "3"
-    kept = {"head.weight": np.zeros((TINY.num_classes, 64), np.float32), "head.bias": bias}
+    kept = {"head.weight": np.zeros((TINY.num_classes, HEAD_IN), np.float32), "head.bias": bias}
 
     result = _run(image_model, data, global_tensors, personal=kept)
 
@@ -191,7 +201,7 @@ def test_anchors_change_the_update(
 def test_a_zero_seccl_weight_ignores_the_anchors(
     image_result: AmtResult, image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
 ) -> None:
-    recipe = AmtRecipe(public_epochs=1, private_epochs=1, batch_size=16, fused_upload_samples=8, seccl_weight=0.0)
+    recipe = replace(RECIPE, seccl_weight=0.0)
 
     result = _run(image_model, data, global_tensors, recipe=recipe, anchors=_anchors_for(data))
 
@@ -203,20 +213,22 @@ def test_a_zero_seccl_weight_ignores_the_anchors(
 def test_a_two_modality_device_uploads_both_extractors(data: AVMnist, global_tensors: dict[str, np.ndarray]) -> None:
     model = build_edge_model(TINY, BOTH, seed=0)
 
-    result = _run(model, data, global_tensors, recipe=AmtRecipe(public_epochs=1, private_epochs=0, batch_size=32,
-                                                               fused_upload_samples=4),
-                  anchors=_anchors_for(data))
+    recipe = AmtRecipe(upload_stage="public", public_epochs=1, private_epochs=0, batch_size=32, fused_upload_samples=4)
+    result = _run(model, data, global_tensors, recipe=recipe, anchors=_anchors_for(data))
 
     assert set(result.delta) == set(global_tensors)
     assert np.abs(result.delta["extractors.audio.conv1.weight"]).max() > 0
     assert result.fused.shape == (4, TINY.fused_dim)
-    assert set(result.metrics) == {"public_loss", "public_accuracy", "personal_accuracy"}
+    assert set(result.metrics) == {"update_loss", "update_accuracy", "personal_accuracy"}
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"public_epochs": 0}, "public_epochs"),
+        ({"upload_stage": "public", "public_epochs": 0}, "public_epochs"),
+        ({"private_epochs": 0}, "private_epochs"),
+        ({"upload_stage": "both"}, "upload_stage"),
+        ({"personal_epochs": -1}, "personal_epochs"),
         ({"private_epochs": -1}, "private_epochs"),
         ({"batch_size": 0}, "batch_size"),
         ({"public_epochs": True}, "public_epochs"),
@@ -237,7 +249,80 @@ def test_recipe_rejects_invalid_settings(kwargs: dict[str, Any], match: str) -> 
 
 
 def test_recipe_defaults_are_valid_and_keep_encoders_and_head_personal() -> None:
-    recipe = AmtRecipe(private_epochs=0, seccl_weight=0.0, ccl_weight=0.0, fused_upload_samples=0)
+    recipe = AmtRecipe(personal_epochs=0, seccl_weight=0.0, ccl_weight=0.0, fused_upload_samples=0)
 
     assert recipe.personal_prefixes == ("extractors.", "connector.slots.", "head.")
-    assert AmtRecipe().public_epochs >= 1
+    assert AmtRecipe().upload_stage == "private" and AmtRecipe().private_epochs >= 1
+
+
+# The method's rule: the uploaded change is learned on the private data (with the public shard).
+
+
+def _private_data(data: AVMnist, modalities: frozenset[Modality]) -> AmtData:
+    return _device_data(data, modalities)
+
+
+def test_the_private_update_changes_when_only_the_private_data_change(
+    image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
+) -> None:
+    device = _private_data(data, IMAGE)
+    other_private = replace(device, private_train=data.train.subset(np.arange(96, 144)))
+
+    first = run_amt_round(image_model, device, global_tensors, recipe=PRIVATE, seed=3)
+    second = run_amt_round(image_model, other_private, global_tensors, recipe=PRIVATE, seed=3)
+    prototype = run_amt_round(image_model, device, global_tensors, recipe=RECIPE, seed=3)
+    prototype_other = run_amt_round(image_model, other_private, global_tensors, recipe=RECIPE, seed=3)
+
+    # With the method's rule the private data reach the upload; with the prototype's they never do.
+    assert any(not np.array_equal(first.delta[n], second.delta[n]) for n in first.delta)
+    for name in prototype.delta:
+        np.testing.assert_array_equal(prototype.delta[name], prototype_other.delta[name])
+    assert first.update_samples == 48 + 32 and prototype.update_samples == 32
+
+
+def test_the_private_update_is_what_the_update_stage_trained(
+    image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
+) -> None:
+    recipe = replace(PRIVATE, personal_epochs=0)
+    result = run_amt_round(image_model, _private_data(data, IMAGE), global_tensors, recipe=recipe, seed=3)
+
+    trained = image_model.shared_state()
+    for name, delta in result.delta.items():
+        np.testing.assert_allclose(global_tensors[name] + delta, trained[name].numpy(), atol=1e-6)
+    assert np.abs(result.delta["lora.layer0.query.B"]).max() > 0
+    assert set(result.metrics) == {"update_loss", "update_accuracy", "personal_accuracy"}
+
+
+def test_the_personal_stage_never_changes_the_private_update(
+    image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
+) -> None:
+    device = _private_data(data, IMAGE)
+    plain = run_amt_round(image_model, device, global_tensors, recipe=replace(PRIVATE, personal_epochs=0), seed=3)
+    bias = np.zeros(TINY.num_classes, np.float32)
+    bias[3] = 100.0
+    kept = {"head.weight": np.zeros((TINY.num_classes, HEAD_IN), np.float32), "head.bias": bias}
+
+    tuned = run_amt_round(image_model, device, global_tensors, recipe=PRIVATE, seed=3, personal=kept)
+
+    for name in plain.delta:
+        np.testing.assert_array_equal(plain.delta[name], tuned.delta[name])
+    np.testing.assert_array_equal(plain.fused, tuned.fused)
+    assert abs(float(tuned.personal["head.bias"][3]) - 100.0) < 0.1
+    assert {"personal_loss", "personal_train_accuracy"} <= set(tuned.metrics)
+
+
+def test_the_sample_anchors_act_on_the_public_shard_in_the_private_update(
+    image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
+) -> None:
+    device = _private_data(data, IMAGE)
+    anchors = _anchors_for(data)
+    text_only = Anchors(np.zeros(0, np.int64), np.zeros((0, TINY.fused_dim), np.float32), anchors.text)
+
+    with_samples = run_amt_round(image_model, device, global_tensors, recipe=PRIVATE, seed=3, anchors=anchors)
+    without = run_amt_round(image_model, device, global_tensors, recipe=PRIVATE, seed=3, anchors=text_only)
+    no_public = run_amt_round(image_model, replace(device, public=data.train.subset(np.arange(0, 0))),
+                              global_tensors, recipe=replace(PRIVATE, fused_upload_samples=0), seed=3,
+                              anchors=anchors)
+
+    assert any(not np.array_equal(with_samples.delta[n], without.delta[n]) for n in with_samples.delta)
+    assert no_public.update_samples == 48 and len(no_public.fused_ids) == 0

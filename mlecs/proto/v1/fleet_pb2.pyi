@@ -63,6 +63,28 @@ CODEC_FP16_ZSTD: Codec.ValueType  # 2
 CODEC_INT8_ZSTD: Codec.ValueType  # 3
 Global___Codec: _TypeAlias = Codec  # noqa: Y015
 
+class _UploadStage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UploadStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UploadStage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UPLOAD_STAGE_UNSPECIFIED: _UploadStage.ValueType  # 0
+    UPLOAD_STAGE_PRIVATE: _UploadStage.ValueType  # 1
+    """private data + public shard (the method)"""
+    UPLOAD_STAGE_PUBLIC: _UploadStage.ValueType  # 2
+    """the public shard only (the prototype's rule, for comparison)"""
+
+class UploadStage(_UploadStage, metaclass=_UploadStageEnumTypeWrapper):
+    """Which data a device's uploaded change is learned on. UNSPECIFIED reads as PRIVATE."""
+
+UPLOAD_STAGE_UNSPECIFIED: UploadStage.ValueType  # 0
+UPLOAD_STAGE_PRIVATE: UploadStage.ValueType  # 1
+"""private data + public shard (the method)"""
+UPLOAD_STAGE_PUBLIC: UploadStage.ValueType  # 2
+"""the public shard only (the prototype's rule, for comparison)"""
+Global___UploadStage: _TypeAlias = UploadStage  # noqa: Y015
+
 class _BlobKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -256,6 +278,8 @@ class TrainConfig(_message.Message):
     SECCL_WEIGHT_FIELD_NUMBER: _builtins.int
     SECCL_TEMPERATURE_FIELD_NUMBER: _builtins.int
     FUSED_UPLOAD_SAMPLES_FIELD_NUMBER: _builtins.int
+    UPLOAD_STAGE_FIELD_NUMBER: _builtins.int
+    PERSONAL_EPOCHS_FIELD_NUMBER: _builtins.int
     public_epochs: _builtins.int
     private_epochs: _builtins.int
     batch_size: _builtins.int
@@ -273,6 +297,10 @@ class TrainConfig(_message.Message):
     seccl_temperature: _builtins.float
     fused_upload_samples: _builtins.int
     """public samples whose fused z the device uploads (edge -> cloud)"""
+    upload_stage: Global___UploadStage.ValueType
+    """which data the uploaded change is learned on"""
+    personal_epochs: _builtins.int
+    """private upload stage: epochs of the personal fine-tuning after it"""
     def __init__(
         self,
         *,
@@ -289,10 +317,12 @@ class TrainConfig(_message.Message):
         seccl_weight: _builtins.float = ...,
         seccl_temperature: _builtins.float = ...,
         fused_upload_samples: _builtins.int = ...,
+        upload_stage: Global___UploadStage.ValueType = ...,
+        personal_epochs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "ccl_temperature", b"ccl_temperature", "ccl_weight", b"ccl_weight", "fused_upload_samples", b"fused_upload_samples", "learning_rate", b"learning_rate", "max_chunk_bytes", b"max_chunk_bytes", "model_config_json", b"model_config_json", "private_epochs", b"private_epochs", "public_epochs", b"public_epochs", "seccl_temperature", b"seccl_temperature", "seccl_weight", b"seccl_weight", "seed", b"seed", "upload_codec", b"upload_codec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "ccl_temperature", b"ccl_temperature", "ccl_weight", b"ccl_weight", "fused_upload_samples", b"fused_upload_samples", "learning_rate", b"learning_rate", "max_chunk_bytes", b"max_chunk_bytes", "model_config_json", b"model_config_json", "personal_epochs", b"personal_epochs", "private_epochs", b"private_epochs", "public_epochs", b"public_epochs", "seccl_temperature", b"seccl_temperature", "seccl_weight", b"seccl_weight", "seed", b"seed", "upload_codec", b"upload_codec", "upload_stage", b"upload_stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
