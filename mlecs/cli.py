@@ -56,8 +56,13 @@ def fleet(
     setting: str = typer.Option("canonical", help="Data setting: canonical or hard."),
     aggregation: str = typer.Option("mma", help="mma or fedavg."),
     public_fraction: float = typer.Option(0.2, help="Share of the training pairs that plays the public set."),
-    public_epochs: int = typer.Option(5, help="Epochs of the public (uploaded) stage per round."),
-    private_epochs: int = typer.Option(1, help="Epochs of the private (personal) stage per round."),
+    upload_stage: str = typer.Option(
+        "private", help="Data the uploaded change is learned on: private (each agent's private data and public "
+                        "shard, the method) or public (the public shard only, the prototype's rule)."),
+    public_epochs: int = typer.Option(5, help="Epochs over the public shard per round (--upload-stage public)."),
+    private_epochs: int = typer.Option(
+        1, help="Epochs over private data per round: the uploaded stage (private), or personalisation (public)."),
+    personal_epochs: int = typer.Option(1, help="Epochs of personal fine-tuning after the upload (private)."),
     codec: str = typer.Option("fp16", help="Upload codec: fp32, fp16 or int8."),
     backbone: str = typer.Option("minilm", help="Edge backbone: minilm (all-MiniLM-L6-v2) or tiny (tests)."),
     seed: int = typer.Option(0, help="Seed for partitions, modality sets and initialisation."),
@@ -66,7 +71,8 @@ def fleet(
     """Run a local federation: a coordinator and N agents as separate processes on loopback.
 
     Agents get a mix of modality sets (image+audio, image only, audio only) and a Dirichlet
-    label-skewed shard of AV-MNIST; each round prints participants, global test accuracy, mean
+    label-skewed shard of AV-MNIST. Each round every agent trains the global model on its private data
+    and uploads the change (AMT), then personalises it; each round prints participants, global test accuracy, mean
     personalised client accuracy, bytes uploaded per client, the upload as a share of the full edge
     model in fp32, and the round's wall time.
 
@@ -77,6 +83,7 @@ def fleet(
 
     for option, value, allowed in (("--setting", setting, ("canonical", "hard")),
                                    ("--aggregation", aggregation, ("mma", "fedavg")),
+                                   ("--upload-stage", upload_stage, ("private", "public")),
                                    ("--codec", codec, ("fp32", "fp16", "int8")),
                                    ("--backbone", backbone, ("minilm", "tiny"))):
         if value not in allowed:
@@ -84,8 +91,9 @@ def fleet(
 
     options = FleetOptions(
         clients=clients, rounds=rounds, database_url=database_url, redis_url=redis_url, data_dir=data_dir,
-        setting=setting, aggregation=aggregation, public_fraction=public_fraction, public_epochs=public_epochs,
-        private_epochs=private_epochs, upload_codec=codec, seed=seed, model={"backbone": backbone},
+        setting=setting, aggregation=aggregation, public_fraction=public_fraction, upload_stage=upload_stage,
+        public_epochs=public_epochs, private_epochs=private_epochs, personal_epochs=personal_epochs,
+        upload_codec=codec, seed=seed, model={"backbone": backbone},
         workdir=workdir)
 
     def say(line: str) -> None:

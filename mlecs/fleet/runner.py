@@ -46,8 +46,10 @@ class FleetOptions:
     public_fraction: float = 0.2
     partition_scheme: str = "dirichlet"
     alpha: float = 0.5
+    upload_stage: str = "private"
     public_epochs: int = 5
     private_epochs: int = 1
+    personal_epochs: int = 1
     upload_codec: str = "fp16"
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)
@@ -161,8 +163,9 @@ class LocalFleet:
     def create_federation(self) -> dict[str, Any]:
         o = self.options
         config = {
-            "aggregation": o.aggregation, "min_updates": o.clients, "public_epochs": o.public_epochs,
-            "private_epochs": o.private_epochs, "upload_codec": o.upload_codec, "seed": o.seed,
+            "aggregation": o.aggregation, "min_updates": o.clients, "upload_stage": o.upload_stage,
+            "public_epochs": o.public_epochs, "private_epochs": o.private_epochs,
+            "personal_epochs": o.personal_epochs, "upload_codec": o.upload_codec, "seed": o.seed,
             "public_fraction": o.public_fraction,
             "round_deadline_s": o.round_timeout_s, "model": o.model,
         }

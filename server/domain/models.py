@@ -69,6 +69,11 @@ class FederationConfig:
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)
     """Model configuration (``mlecs.model.ModelConfig.to_dict()``); empty means the defaults."""
+    cloud_model: dict[str, Any] | None = None
+    """The cloud's own model for tuning and anchors when it differs from the devices' (devices
+    ``{"backbone_layers": 2}`` and the cloud ``{}``: the first two MiniLM layers on devices, all six on
+    the cloud). It must keep the devices' ``fused_dim``: anchors live in the fused space. The cloud
+    adopts the global tensors the two models share and keeps its own head. None: the devices' model."""
     ccl_weight: float = 0.1
     """Weight of CCL, the cross-modal volume loss, in both local stages (0 turns it off)."""
     ccl_temperature: float = 0.1
@@ -174,6 +179,8 @@ class FederationConfig:
             problems.append("max_staleness and staleness_exponent must be >= 0")
         if self.target_rounds < 0:
             problems.append("target_rounds must be >= 0")
+        if self.cloud_model is not None and not isinstance(self.cloud_model, dict):
+            problems.append("cloud_model must be an object of model settings, or null for the devices' model")
         problems.extend(_modality_set_problems(self.eligible_modality_sets))
         problems.extend(self._robust_problems())
         if problems:

@@ -72,7 +72,7 @@ class CloudTuner:
         from mlecs.data.avmnist import load_avmnist
         from mlecs.data.partition import split_public
         from mlecs.learning import evaluate
-        from mlecs.learning.cloud import CloudRecipe, generate_anchors, mean_edge_fused, tune_cloud
+        from mlecs.learning.cloud import CloudRecipe, adopt_global, generate_anchors, mean_edge_fused, tune_cloud
         from mlecs.modality import Modality
         from mlecs.model import ModelConfig, build_edge_model
 
@@ -82,11 +82,14 @@ class CloudTuner:
             # The same public set the devices' partitions carve up (same fraction, same seed).
             public_index, _ = split_public(len(self._data.train), config.public_fraction, config.seed)
             public = self._data.train.subset(public_index)
-            key = repr(sorted(dict(config.model).items())) + f"/{config.seed}"
+            devices = ModelConfig.from_dict(dict(config.model))
+            own = ModelConfig.from_dict(dict(config.cloud_model)) if config.cloud_model is not None else devices
+            key = repr(own) + f"/{config.seed}"
             model = self._models.get(key)
             if model is None:
-                model = build_edge_model(ModelConfig.from_dict(dict(config.model)), frozenset(Modality), config.seed)
+                model = build_edge_model(own, frozenset(Modality), config.seed)
                 self._models[key] = model
+            edge_config = None if own == devices else devices
             text = text_anchors()
             recipe = CloudRecipe(epochs=max(config.cloud_epochs, 1), batch_size=config.batch_size,
                                  learning_rate=config.learning_rate, seccl_weight=config.seccl_weight,
@@ -94,12 +97,11 @@ class CloudTuner:
             metrics: dict[str, float] = {}
             if config.cloud_epochs > 0:
                 stats = tune_cloud(model, global_tensors, public, recipe=recipe, seed=seed,
-                                   edge_fused=mean_edge_fused(list(edge_fused)), text_anchors=text)
+                                   edge_fused=mean_edge_fused(list(edge_fused)), text_anchors=text,
+                                   edge_config=edge_config)
                 metrics["cloud_train_loss"] = stats.loss
             else:
-                import torch
-
-                model.load_shared_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_tensors.items()})
+                adopt_global(model, global_tensors, edge_config)
             metrics["cloud_accuracy"] = evaluate(model, self._data.test, frozenset(Modality))
             anchors = generate_anchors(model, public, text)
             return CloudRoundResult(anchors=encode_tensors(anchors.to_tensors(), CodecKind.FP32), metrics=metrics)

@@ -30,6 +30,16 @@ def initial_global_state(model: Mapping[str, Any], seed: int) -> dict[str, np.nd
     return {name: t.numpy() for name, t in edge.shared_state().items()}
 
 
+def check_cloud_model(model: Mapping[str, Any], cloud_model: Mapping[str, Any] | None) -> None:
+    """Raises ValueError unless ``cloud_model`` (None: the devices' own) is a valid model whose fused
+    representation has the devices' width: the anchors the cloud publishes live in that space."""
+    if cloud_model is None:
+        return
+    devices, cloud = _model_config(model), _model_config(cloud_model)
+    if cloud.fused_dim != devices.fused_dim:
+        raise ValueError(f"cloud_model.fused_dim ({cloud.fused_dim}) must equal the devices' ({devices.fused_dim})")
+
+
 def adapter_schema(model: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor an update may carry in this federation."""
     from mlecs.model import shared_schema

@@ -15,7 +15,7 @@ from mlecs.codec import CodecKind, encode_tensors, sha256_hex
 from server.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.domain.models import Federation, FederationConfig, FederationState, ModelVersion
 from server.learning.anchors import encoded_text_anchors
-from server.learning.global_model import initial_global_state
+from server.learning.global_model import check_cloud_model, initial_global_state
 from server.services.context import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class FederationService:
             raise ConflictError(f"a federation named {name!r} already exists")
         try:
             tensors = initial_global_state(config.model, config.seed)
+            check_cloud_model(config.model, config.cloud_model)
         except ValueError as exc:
             raise InvalidRequestError(f"invalid model configuration: {exc}") from exc
         federation = Federation(name=name, config=config)

@@ -63,6 +63,9 @@ class FederationConfigBody(JsonBody):
     max_chunk_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
     seed: int = 0
     model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {\"lora_rank\": 8}")
+    cloud_model: dict[str, Any] | None = Field(
+        None, description="The cloud's own ModelConfig when it differs from the devices' (e.g. devices "
+                          "{\"backbone_layers\": 2}, cloud {}: all six MiniLM layers); same fused_dim; null: the same")
     ccl_weight: float = Field(0.1, ge=0, description="CCL (cross-modal volume loss) weight; 0 turns it off")
     ccl_temperature: float = Field(0.1, gt=0)
     seccl_weight: float = Field(0.5, ge=0, description="SE-CCL anchor-alignment weight; 0 turns SE-CCL off")

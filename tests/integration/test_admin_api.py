@@ -266,3 +266,40 @@ def test_every_operation_documents_its_bodies_with_examples_and_its_errors_as_pr
                 content = operation["responses"][code]["content"]
                 assert list(content) == ["application/problem+json"], (where, code)
     assert "examples" in schemas["Problem"]
+
+
+def test_devices_are_told_which_data_their_upload_is_learned_on(c: RunningCoordinator) -> None:
+    method = _federation(c)
+    prototype = _federation(c, upload_stage="public", public_epochs=3, personal_epochs=2)
+    tasks = {}
+    for federation in (method, prototype):
+        client, device_id = _device(c, federation["name"], "cam", ["image"])
+        assert c.admin.post(f"/v1/federations/{federation['id']}/rounds").status_code == 201
+        tasks[federation["name"]] = _task(client, device_id)
+
+    assert (tasks[method["name"]].upload_stage, tasks[method["name"]].personal_epochs) == ("private", 1)
+    assert (tasks[prototype["name"]].upload_stage, tasks[prototype["name"]].public_epochs,
+            tasks[prototype["name"]].personal_epochs) == ("public", 3, 2)
+    assert c.admin.get(f"/v1/federations/{method['id']}").json()["config"]["upload_stage"] == "private"
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"cloud_model": {"fused_dim": 128}}, "cloud_model.fused_dim (128) must equal the devices' (256)"),
+    ({"cloud_model": {"backbone": "huge"}}, "backbone must be one of"),
+    ({"upload_stage": "both"}, "upload_stage"),
+    ({"upload_stage": "private", "private_epochs": 0}, "private_epochs must be >= 1 with upload_stage 'private'"),
+])
+def test_a_federation_config_that_cannot_train_is_refused_with_the_reason(
+        c: RunningCoordinator, config: dict[str, Any], message: str) -> None:
+    response = c.admin.post("/v1/federations", json={"name": f"bad-{uuid.uuid4().hex[:6]}",
+                                                      "config": {**TINY, **config}})
+
+    assert response.status_code in (400, 422), response.text
+    assert message in response.json()["detail"]
+
+
+def test_a_cloud_model_deeper_than_the_devices_is_accepted_and_kept(c: RunningCoordinator) -> None:
+    federation = _federation(c, model={"backbone": "tiny", "backbone_layers": 1}, cloud_model={"backbone": "tiny"})
+
+    assert federation["config"]["cloud_model"] == {"backbone": "tiny"}
+    assert federation["config"]["model"]["backbone_layers"] == 1

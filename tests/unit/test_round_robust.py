@@ -9,7 +9,7 @@ from mlecs.aggregation.robust import weighted_median
 from mlecs.codec import encode_tensors
 from server.domain.models import FederationConfig, Update
 from server.learning.global_model import FUSED_TENSOR
-from server.services.aggregation import aggregate, own_weight
+from server.services.aggregation import aggregate, own_weight, update_samples
 
 SHAPES = {"head.weight": (3, 4), "lora.layer0.query.A": (2, 6), "extractors.image.w": (5,)}
 
@@ -122,3 +122,16 @@ def test_clipping_bounds_every_update_before_the_mean(tmp_path) -> None:
 def test_robust_settings_that_cannot_work_are_refused_with_the_reason(fields, problem) -> None:
     with pytest.raises(ValueError, match=problem):
         FederationConfig(**fields)
+
+
+@pytest.mark.parametrize(("stage", "samples"), [("private", 20 + 200), ("public", 20)])
+def test_an_update_weighs_by_the_samples_its_change_was_learned_on(stage: str, samples: int) -> None:
+    update = Update(round_id="r", device_id="d", upload_id="u0000000", codec="fp32", declared_size=1,
+                    sha256="0" * 64, modalities=frozenset({"image", "audio"}), public_samples=20,
+                    private_samples=200, fused_sample_ids=[])
+    config = FederationConfig(server_learning=False, upload_stage=stage)  # type: ignore[arg-type]
+
+    assert update_samples(config, update) == samples
+    assert own_weight(config, update, 0)[0] == 2 * samples  # MMA: modality count x samples
+    assert own_weight(FederationConfig(server_learning=False, upload_stage=stage,  # type: ignore[arg-type]
+                                       aggregation="fedavg"), update, 0)[0] == samples
