@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,7 +60,7 @@ def train_supervised(
     batch_size: int,
     learning_rate: float,
     seed: int,
-    parameters: Literal["shared", "trainable"] = "trainable",
+    parameters: Literal["shared", "trainable"] | Sequence[nn.Parameter] = "trainable",
     weight_decay: float = 0.01,
     ccl_weight: float = 0.0,
     ccl_temperature: float = 0.1,
@@ -69,7 +70,9 @@ def train_supervised(
     """Trains with cross-entropy and AdamW, feeding only ``modalities``; deterministic given ``seed``.
 
     ``parameters="shared"`` updates only the tensors that travel (``model.shared_parameters()``);
-    ``"trainable"`` updates everything not frozen. The caller's global RNG state is left untouched.
+    ``"trainable"`` updates everything not frozen; a list of parameters updates just those (gradients
+    then stop where nothing below needs one, so training a head alone costs little more than inference).
+    The caller's global RNG state is left untouched.
     ``ccl_weight > 0`` adds the cross-modal volume loss (``mlecs.learning.ccl``) on the extractor
     features; it only acts when at least two modalities are fed. ``extra_loss`` adds any other term
     (SE-CCL's anchor alignment, for one) computed from the batch's output.
@@ -88,7 +91,7 @@ def train_groups(
     batch_size: int,
     learning_rate: float,
     seed: int,
-    parameters: Literal["shared", "trainable"] = "trainable",
+    parameters: Literal["shared", "trainable"] | Sequence[nn.Parameter] = "trainable",
     weight_decay: float = 0.01,
     ccl_weight: float = 0.0,
     ccl_temperature: float = 0.1,
@@ -115,12 +118,7 @@ def train_groups(
         raise ValueError(f"ccl_weight must be >= 0, got {ccl_weight}")
     if extra_loss is not None and len(groups) > 1:
         raise ValueError("extra_loss needs a single group")
-    if parameters == "shared":
-        params = model.shared_parameters()
-    elif parameters == "trainable":
-        params = [p for p in model.parameters() if p.requires_grad]
-    else:
-        raise ValueError(f"parameters must be 'shared' or 'trainable', got {parameters!r}")
+    params = _parameters(model, parameters)
     fed = [(to_inputs(split, mods), torch.from_numpy(split.labels)) for split, mods in groups]
     optimiser = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     size = sum(len(split) for split, _ in groups)
@@ -129,10 +127,11 @@ def train_groups(
     was_training = model.training
     model.train()
     try:
-        loss_sum, correct = _run_epochs(
-            model, fed, optimiser, epochs, batch_size, seed, total_steps, progress,
-            (ccl_weight, ccl_temperature), extra_loss, after_epoch,
-        )
+        with _only_these_learn(model, params):
+            loss_sum, correct = _run_epochs(
+                model, fed, optimiser, epochs, batch_size, seed, total_steps, progress,
+                (ccl_weight, ccl_temperature), extra_loss, after_epoch,
+            )
     finally:
         model.train(was_training)
     return TrainStats(
@@ -141,6 +140,33 @@ def train_groups(
         samples=size,
         seconds=time.perf_counter() - started,
     )
+
+
+def _parameters(model: EdgeModel, parameters: str | Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    if parameters == "shared":
+        return model.shared_parameters()
+    if parameters == "trainable":
+        return [p for p in model.parameters() if p.requires_grad]
+    if isinstance(parameters, str):
+        raise ValueError(f"parameters must be 'shared', 'trainable' or a list of parameters, got {parameters!r}")
+    chosen = list(parameters)
+    if not chosen:
+        raise ValueError("no parameters to train")
+    return chosen
+
+
+@contextmanager
+def _only_these_learn(model: EdgeModel, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Turns off gradients for every trainable parameter not in ``params`` (so backward stops early)."""
+    chosen = {id(p) for p in params}
+    paused = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    for p in paused:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in paused:
+            p.requires_grad_(True)
 
 
 def _epoch_batches(sizes: list[int], batch_size: int, shuffler: torch.Generator) -> list[tuple[int, torch.Tensor]]:

@@ -145,9 +145,10 @@ class EdgeModel(nn.Module):
         self._copy_into({name: self._shared[name] for name in chosen}, chosen)
         return sorted(chosen)
 
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters behind :meth:`shared_state`, in the same order."""
-        return list(self._shared.values())
+    def shared_parameters(self, prefixes: tuple[str, ...] = ()) -> list[nn.Parameter]:
+        """The trainable parameters behind :meth:`shared_state`, in the same order; with ``prefixes``,
+        only those whose names start with one of them."""
+        return [p for name, p in self._shared.items() if not prefixes or name.startswith(prefixes)]
 
     def personal_state(self) -> dict[str, torch.Tensor]:
         """Returns fp32 CPU copies of all trainable tensors (a personalised model, for ``torch.save``)."""
