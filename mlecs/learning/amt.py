@@ -173,8 +173,11 @@ def run_amt_round(
     # (c) personal stage: personal parts from last round (if any) over the update-stage model
     if personal:
         current = model.personal_state()
+        # Only what this recipe calls personal: a file kept under another rule (an agent upgraded from
+        # when extractors were personal too) must not put stale extractors under the new global model.
         current.update({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in personal.items()
-                        if k in current and tuple(current[k].shape) == tuple(np.shape(v))})
+                        if k in current and k.startswith(recipe.personal_prefixes)
+                        and tuple(current[k].shape) == tuple(np.shape(v))})
         model.load_personal_state(current)
     metrics = {"update_loss": update.loss, "update_accuracy": update.accuracy}
     if personal_epochs and len(personal_split):

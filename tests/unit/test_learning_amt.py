@@ -345,3 +345,17 @@ def test_the_sample_anchors_act_on_the_public_shard_in_the_private_update(
 
     assert any(not np.array_equal(with_samples.delta[n], without.delta[n]) for n in with_samples.delta)
     assert no_public.update_samples == 48 and len(no_public.fused_ids) == 0
+
+
+def test_kept_tensors_outside_the_personal_parts_are_not_loaded(
+    image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
+) -> None:
+    device = _device_data(data, IMAGE)
+    plain = run_amt_round(image_model, device, global_tensors, recipe=PRIVATE, seed=3)
+    # A file from an agent that kept its extractor too: the extractor must not come back.
+    stale = {"extractors.image.conv1.weight": np.full_like(global_tensors["extractors.image.conv1.weight"], 9.0)}
+
+    result = run_amt_round(image_model, device, global_tensors, recipe=PRIVATE, seed=3, personal=stale)
+
+    assert result.metrics == plain.metrics
+    assert float(image_model.shared_state()["extractors.image.conv1.weight"].abs().max()) < 9.0
