@@ -152,9 +152,10 @@ def run_amt_round(
     # (a) the global adapter
     model.load_shared_state({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_tensors.items()})
     # (b) update stage: the shared tensors only; its result is what travels
-    if recipe.upload_stage == "private" and len(data.private_train):
+    if recipe.upload_stage == "private":
         # The public shard rides along: it is where the cloud's sample anchors apply (SE-CCL).
-        update_split = concatenate_splits([data.private_train, data.public]) if len(data.public) else data.private_train
+        update_split = concatenate_splits([part for part in (data.private_train, data.public) if len(part)]
+                                          or [data.private_train])
         update_epochs, personal_epochs = recipe.private_epochs, recipe.personal_epochs
         personal_split = data.private_train
     else:

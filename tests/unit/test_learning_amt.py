@@ -359,3 +359,15 @@ def test_kept_tensors_outside_the_personal_parts_are_not_loaded(
 
     assert result.metrics == plain.metrics
     assert float(image_model.shared_state()["extractors.image.conv1.weight"].abs().max()) < 9.0
+
+
+def test_a_device_without_private_training_data_learns_its_update_on_the_public_shard(
+    image_model: EdgeModel, data: AVMnist, global_tensors: dict[str, np.ndarray]
+) -> None:
+    device = replace(_device_data(data, IMAGE), private_train=data.train.subset(np.arange(0, 0)))
+    recipe = replace(PRIVATE, public_epochs=0)
+
+    result = run_amt_round(image_model, device, global_tensors, recipe=recipe, seed=3)
+
+    assert result.update_samples == 32 and np.abs(result.delta["head.bias"]).max() > 0
+    assert "personal_loss" not in result.metrics  # nothing private to personalise on
