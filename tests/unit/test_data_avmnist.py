@@ -142,3 +142,21 @@ def test_missing_data_dir_error_says_to_set_the_variable(monkeypatch: pytest.Mon
 
     with pytest.raises(FileNotFoundError, match="MLECS_DATA_DIR"):
         default_data_dir()
+
+
+def test_more_test_images_per_clip_add_pairs_of_the_same_digit_with_unused_images(canonical: AVMnist) -> None:
+    from mlecs.data.avmnist import concatenate_splits
+
+    larger = load_avmnist(test_images_per_clip=3)
+
+    assert len(larger.test) == 3 * len(canonical.test) and len(larger.train) == len(canonical.train)
+    np.testing.assert_array_equal(larger.test.images[:300], canonical.test.images)
+    extra = larger.test.subset(np.arange(300, 900))
+    np.testing.assert_array_equal(extra.labels, np.tile(canonical.test.labels, 2))
+    np.testing.assert_array_equal(extra.audio[:300], canonical.test.audio)  # the same clips, other images
+    assert len(np.unique(larger.test.sample_ids)) == 900 and extra.sample_ids.min() >= 3000
+    # No extra image is one a training or original test pair uses.
+    flat = {img.tobytes() for img in concatenate_splits([canonical.train, canonical.test]).images}
+    assert not any(img.tobytes() in flat for img in extra.images)
+    with pytest.raises(ValueError, match="test_images_per_clip"):
+        load_avmnist(test_images_per_clip=0)

@@ -128,3 +128,60 @@ def test_a_negative_ccl_weight_is_refused(data: AVMnist) -> None:
     with pytest.raises(ValueError, match="ccl_weight"):
         train_supervised(build_edge_model(TINY, IMAGE, seed=0), data.train, IMAGE, epochs=1, batch_size=8,
                          learning_rate=1e-3, seed=0, ccl_weight=-1)
+
+
+# --- several groups, each fed its own modalities ---------------------------------------------------------
+
+
+def test_groups_train_on_every_sample_each_with_its_own_modalities(data: AVMnist) -> None:
+    import numpy as np
+
+    from mlecs.learning.supervised import train_groups
+
+    model = build_edge_model(TINY, BOTH, seed=0)
+    image_only = data.train.subset(np.arange(0, 60))
+    both = data.train.subset(np.arange(60, 160))
+    seen: list[frozenset[Modality]] = []
+    forward = model.forward
+
+    def recording(inputs):  # type: ignore[no-untyped-def]
+        seen.append(frozenset(inputs))
+        return forward(inputs)
+
+    model.forward = recording  # type: ignore[method-assign]
+    stats = train_groups(model, [(image_only, IMAGE), (both, BOTH)], epochs=1, batch_size=20, learning_rate=1e-3,
+                         seed=0)
+
+    assert stats.samples == 160
+    assert seen.count(IMAGE) == 3 and seen.count(BOTH) == 5
+    assert seen != [IMAGE] * 3 + [BOTH] * 5  # the groups' batches are interleaved, not one group after the other
+
+
+def test_after_epoch_sees_each_epoch_and_can_stop_training_early(data: AVMnist) -> None:
+    from mlecs.learning.supervised import train_groups
+
+    model = build_edge_model(TINY, BOTH, seed=0)
+    epochs: list[int] = []
+
+    def after(epoch: int) -> bool:
+        epochs.append(epoch)
+        return epoch == 2
+
+    train_groups(model, [(data.train, BOTH)], epochs=5, batch_size=64, learning_rate=1e-3, seed=0, after_epoch=after)
+
+    assert epochs == [1, 2]
+
+
+def test_training_a_chosen_list_of_parameters_leaves_the_others_untouched(data: AVMnist) -> None:
+    model = build_edge_model(TINY, BOTH, seed=0)
+    before = model.shared_state()
+
+    train_supervised(model, data.train, BOTH, epochs=1, batch_size=32, learning_rate=1e-2, seed=0,
+                     parameters=model.shared_parameters(("head.",)))
+
+    after = model.shared_state()
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert all(torch.equal(after[n], before[n]) for n in before if not n.startswith("head."))
+    assert all(p.requires_grad for p in model.shared_parameters())
+    with pytest.raises(ValueError, match="no parameters to train"):
+        train_supervised(model, data.train, BOTH, epochs=1, batch_size=32, learning_rate=1e-3, seed=0, parameters=[])

@@ -194,3 +194,53 @@ def test_model_config_round_trips_through_a_dict_and_rejects_unknown_keys() -> N
 def test_invalid_model_config_names_the_bad_field(kwargs: dict[str, object], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         ModelConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# --- the head's skip path, truncated backbones, and adopting another model's tensors ----------------------
+
+
+def test_the_head_reads_the_pooled_backbone_output_and_z() -> None:
+    with_skip = build_edge_model(TINY, BOTH, seed=0)
+    without = build_edge_model(ModelConfig(backbone="tiny", fused_skip=False), BOTH, seed=0)
+
+    assert tuple(with_skip.head.weight.shape) == (10, 64 + TINY.fused_dim)
+    assert tuple(without.head.weight.shape) == (10, 64)
+    assert shared_schema(TINY)["head.weight"] == (10, 64 + TINY.fused_dim)
+    # The skip path carries z itself: changing the head's z columns changes the logits.
+    batch = _batch()
+    before = with_skip(batch).logits
+    with torch.no_grad():
+        with_skip.head.weight[:, 64:] += 1.0
+    assert not torch.allclose(with_skip(batch).logits, before)
+
+
+def test_backbone_layers_keeps_the_first_layers_and_their_lora_only() -> None:
+    one = build_edge_model(ModelConfig(backbone="tiny", backbone_layers=1), BOTH, seed=0)
+
+    assert len(base_model(one.backbone).encoder.layer) == 1
+    assert {n for n in one.shared_state() if n.startswith("lora.")} == {
+        "lora.layer0.query.A", "lora.layer0.query.B", "lora.layer0.value.A", "lora.layer0.value.B"}
+    with pytest.raises(ValueError, match="backbone_layers is 5, but the backbone has only 2 layers"):
+        build_edge_model(ModelConfig(backbone="tiny", backbone_layers=5), BOTH, seed=0)
+
+
+@pytest.mark.parametrize(("field", "value"), [("backbone_layers", -1), ("backbone_layers", 65),
+                                              ("backbone_layers", True), ("fused_skip", "yes")])
+def test_model_config_refuses_bad_backbone_layers_and_skip_values(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{"backbone": "tiny", field: value})  # type: ignore[arg-type]
+
+
+def test_a_deeper_model_adopts_the_tensors_it_shares_and_keeps_the_rest() -> None:
+    shallow = build_edge_model(ModelConfig(backbone="tiny", backbone_layers=1), BOTH, seed=1)
+    deep = build_edge_model(TINY, BOTH, seed=0)
+    own = deep.shared_state()
+
+    loaded = deep.load_matching_shared_state(shallow.shared_state(), exclude=("head.",))
+
+    after = deep.shared_state()
+    assert "lora.layer0.query.A" in loaded and "extractors.image.conv1.weight" in loaded
+    assert not any(n.startswith(("head.", "lora.layer1")) for n in loaded)
+    assert torch.equal(after["lora.layer0.query.A"], shallow.shared_state()["lora.layer0.query.A"])
+    assert torch.equal(after["lora.layer1.query.A"], own["lora.layer1.query.A"])
+    assert torch.equal(after["head.weight"], own["head.weight"])
