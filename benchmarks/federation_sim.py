@@ -118,7 +118,9 @@ class SimResult:
     cloud_accuracy: float | None
     """The cloud model's test accuracy, mean of the last rounds (None: no cloud tuning)."""
     history: list[dict[str, float]]
-    """One record per round: ``round``, ``global_accuracy``, ``seconds`` (since the start), ..."""
+    """One record per round: ``round``, ``global_accuracy``, ``seconds`` (since the start), and where the
+    round's time went: ``devices_s`` (every client's AMT), ``cloud_s`` (tuning and anchors), ``evaluation_s``
+    (the global model on the test split), ..."""
     seconds: float
     attackers: tuple[int, ...] = ()
     """Indices of the clients that poisoned their updates (``config.poisoning``)."""
@@ -254,6 +256,7 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
     for round_number in range(1, config.rounds + 1):
         round_seed = seed * 1_000_003 + round_number * 101
         updates, uploads, accs, sizes = [], [], [], []
+        clock = time.perf_counter()
         for index, client in enumerate(clients):
             start = local_states[index] if not method.federated else global_tensors
             result = run_amt_round(model_for(client.modalities), client, start, recipe=recipe,
@@ -271,7 +274,8 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
                                         modalities=frozenset(str(m) for m in client.modalities)))
             uploads.append((result.fused_ids, result.fused))
         client_acc = float(np.nanmean(accs))
-        record: dict[str, float] = {"round": float(round_number), "client_accuracy_mean": client_acc}
+        record: dict[str, float] = {"round": float(round_number), "client_accuracy_mean": client_acc,
+                                    "devices_s": time.perf_counter() - clock}
         if method.federated:
             weights = _weights(method, updates, uploads, anchors, config.agreement_temperature)
             aggregated = aggregate_round(updates, weights, defence)
@@ -289,13 +293,17 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
             kept = [upload for update, upload in zip(updates, uploads, strict=True)
                     if update.client_id not in aggregated.excluded]
             if method.seccl:
+                clock = time.perf_counter()
                 tune_cloud(cloud, global_tensors, public, recipe=cloud_recipe, seed=round_seed,
                            edge_fused=mean_edge_fused(kept), text_anchors=text_anchors, edge_config=edge_config)
-                cloud_acc = evaluate(cloud, test, every)
                 anchors = generate_anchors(cloud, public, text_anchors)
+                record["cloud_s"] = time.perf_counter() - clock
+                cloud_acc = evaluate(cloud, test, every)
                 record["cloud_accuracy"] = cloud_acc
+            clock = time.perf_counter()
             global_model.load_shared_state(_as_torch(global_tensors))
             record["global_accuracy"] = evaluate(global_model, test, every)
+            record["evaluation_s"] = time.perf_counter() - clock
         else:
             record["global_accuracy"] = _local_global_accuracy(clients, local_states, model_for, test)
         record["seconds"] = time.perf_counter() - started

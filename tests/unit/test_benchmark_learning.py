@@ -84,7 +84,7 @@ def test_simulate_is_deterministic_and_skips_the_unseen_speaker_when_there_is_no
     no_unseen = simulate(tiny, "fedavg", 0.5, 0, replace(CONFIG, unseen_speaker=None), TEXT)
 
     def learned(result: SimResult) -> list[dict[str, float]]:  # the history without its wall-clock times
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in result.history]
+        return [{k: v for k, v in r.items() if not k.endswith(("seconds", "_s"))} for r in result.history]
 
     assert learned(again) == learned(results["fedavg"])
     assert again.unseen_speaker_accuracy == results["fedavg"].unseen_speaker_accuracy
@@ -146,6 +146,7 @@ def test_a_run_stops_once_flat_and_reports_the_mean_of_its_last_rounds(tiny: AVM
     assert result.global_accuracy == pytest.approx(float(np.mean(curve[-3:])))
     assert [r["round"] for r in result.history] == list(range(1, result.rounds + 1))
     seconds = [r["seconds"] for r in result.history]
+    assert all(r["devices_s"] > 0 and r["evaluation_s"] > 0 for r in result.history)
     assert seconds == sorted(seconds) and seconds[-1] <= result.seconds
 
 

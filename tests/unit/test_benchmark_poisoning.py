@@ -313,7 +313,8 @@ def test_simulation_with_the_direction_check_records_cosines_and_leaves_out_what
 def test_clean_runs_keep_the_learning_benchmarks_history(tiny: AVMnist) -> None:
     result = simulate(tiny, "mlecs", 0.0, 0, CONFIG, TEXT)
 
-    assert set(result.history[0]) == {"round", "client_accuracy_mean", "global_accuracy", "cloud_accuracy", "seconds"}
+    assert set(result.history[0]) == {"round", "client_accuracy_mean", "global_accuracy", "cloud_accuracy", "seconds",
+                                      "devices_s", "cloud_s", "evaluation_s"}
 
 
 def test_defences_refuse_exact_lora_and_local_only(tiny: AVMnist) -> None:
