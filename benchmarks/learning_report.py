@@ -22,7 +22,7 @@ import numpy as np
 Record = dict[str, Any]
 
 METRICS = (
-    ("global_accuracy", "global model, test split (1,500 pairs)"),
+    ("global_accuracy", "global model, test split (each test clip with 5 images; the held-out speaker apart)"),
     ("client_accuracy_mean", "personalised clients, their own held-out data (mean over clients)"),
     ("cloud_accuracy", "cloud model, test split"),
 )
