@@ -398,7 +398,33 @@ def _parse_header_json(raw: bytes) -> TensorSetHeader:
             raise CodecError(f"corrupt tensor set: tensor {entry.name!r} appears twice")
         seen.add(entry.name)
         entries.append(entry)
+    _expect_canonical_layout(entries, payload_bytes)
     return TensorSetHeader(FORMAT_VERSION, codec, payload_bytes, tuple(entries))
+
+
+def _expect_canonical_layout(entries: list[TensorEntry], payload_bytes: int) -> None:
+    """Refuses any layout but the encoder's: tensors in name order, back to back, covering the payload.
+
+    Other layouts can decode to the same tensors (entries listed in another order) or leave payload
+    bytes that no tensor reads, a place to carry anything past validation; one encoding per tensor set
+    also makes "these bytes are that update" checkable.
+    """
+    names = [entry.name for entry in entries]
+    if names != sorted(names):
+        raise CodecError("corrupt tensor set: tensors are not listed in name order")
+    expected = 0
+    for entry in entries:
+        if entry.offset != expected:
+            raise CodecError(f"corrupt tensor set: tensor {entry.name!r} starts at byte {entry.offset}, "
+                             f"expected {expected} (tensors lie back to back)")
+        expected += entry.nbytes
+        if entry.scale_count:
+            if entry.scale_offset != expected:
+                raise CodecError(f"corrupt tensor set: the scales of {entry.name!r} start at byte "
+                                 f"{entry.scale_offset}, expected {expected}")
+            expected += entry.scale_count * _SCALE_DTYPE.itemsize
+    if expected != payload_bytes:
+        raise CodecError(f"corrupt tensor set: the tensors cover {expected} of the {payload_bytes} payload bytes")
 
 
 def _parse_entry(item: Any, codec: CodecKind, payload_bytes: int) -> TensorEntry:

@@ -83,6 +83,10 @@ def _schema(model_key: str) -> dict[str, tuple[int, ...]]:
     return adapter_schema(json.loads(model_key))
 
 
+MAX_SAMPLE_COUNT = 2**31 - 1
+"""The most samples an upload may report per kind: what the database's integer columns hold."""
+
+
 class UploadService:
     def __init__(self, ctx: ServiceContext, locks: RoundLocks,
                  on_accepted: Callable[[str], None] = lambda round_id: None,
@@ -210,6 +214,9 @@ class UploadService:
             problems.append("modalities must not be empty")
         if header.public_samples <= 0:
             problems.append("public_samples must be > 0")
+        for name in ("public_samples", "private_samples"):
+            if getattr(header, name) > MAX_SAMPLE_COUNT:
+                problems.append(f"{name} must be at most {MAX_SAMPLE_COUNT}")
         if problems:
             raise InvalidRequestError("invalid upload header: " + "; ".join(problems))
 

@@ -257,9 +257,15 @@ def test_fuzzed_uploads_get_a_deliberate_answer_and_only_valid_bytes_are_accepte
         if reply is not None and reply.state == pb.UPLOAD_STATE_ACCEPTED:
             update = store.find_update_by_upload(device_id, reply.upload_id)
             assert update is not None and update.state is UpdateState.ACCEPTED and update.blob_key
-            assert blobs.get(update.blob_key) in valid_bytes, "accepted bytes that are not a valid payload"
-            fuzz.retired.add(device_id)
-            fuzz.accepted += 1
+        else:
+            # A stream refused after its last valid chunk (an oversized message behind it, say) may be refused
+            # by gRPC after the update was accepted: the device learns so on its next status call.
+            update = store.find_update_by_upload(device_id, header.upload_id) if header.upload_id else None
+            if update is None or update.state is not UpdateState.ACCEPTED:
+                return
+        assert blobs.get(update.blob_key) in valid_bytes, "accepted bytes that are not a valid payload"
+        fuzz.retired.add(device_id)
+        fuzz.accepted += 1
 
     upload_once()
 

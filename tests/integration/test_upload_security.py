@@ -290,6 +290,17 @@ def test_a_declared_size_over_max_upload_bytes_is_refused_at_the_header(two) -> 
     assert s.c.coordinator.services.ctx.store.list_updates(s.task.round_id) == []  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("samples", [pb.SampleCounts(public_samples=2**63 - 1, private_samples=1),
+                                     pb.SampleCounts(public_samples=1, private_samples=2**31)])
+def test_a_sample_count_beyond_what_the_database_holds_is_refused_at_the_header(two, samples) -> None:
+    s, alice, _ = two
+    payload = encode_tensors(_delta(s.base, ["image"]), "fp16")
+    _expect_refused(s, alice, lambda: alice.send([pb.UploadMessage(header=_header(s, alice, payload,
+                                                                                  samples=samples))]),
+                    grpc.StatusCode.INVALID_ARGUMENT, "invalid_request", "must be at most 2147483647")
+    assert s.c.coordinator.services.ctx.store.list_updates(s.task.round_id) == []  # type: ignore[union-attr]
+
+
 def test_bytes_beyond_the_declared_size_are_refused(two) -> None:
     s, alice, _ = two
     payload = encode_tensors(_delta(s.base, ["image"]), "fp16")

@@ -363,7 +363,18 @@ def test_crafted_valid_bytes_decode() -> None:
         ({"codec": "fp32", "payload_bytes": 16}, 16, "missing \\['tensors'\\]"),
         ({"codec": "bf16", "payload_bytes": 16, "tensors": []}, 16, "unknown codec"),
         ({"codec": "fp32", "payload_bytes": 16, "tensors": {}}, 16, "not a list"),
-        ({**_fp32_header(), "payload_bytes": 32}, 16, "declares 32 payload bytes, found 16"),
+        ({**_fp32_header(shape=[2, 4], nbytes=32), "payload_bytes": 32}, 16, "declares 32 payload bytes, found 16"),
+        # Only the encoder's layout: listed in name order, back to back, covering the whole payload.
+        ({**_fp32_header(), "payload_bytes": 32}, 32, "the tensors cover 16 of the 32 payload bytes"),
+        ({"codec": "fp32", "payload_bytes": 32, "tensors": [
+            {"name": "v", "shape": [2, 2], "dtype": "float32", "offset": 16, "nbytes": 16},
+            {"name": "w", "shape": [2, 2], "dtype": "float32", "offset": 0, "nbytes": 16}]}, 32,
+         "tensor 'v' starts at byte 16, expected 0"),
+        ({"codec": "fp32", "payload_bytes": 32, "tensors": [
+            {"name": "w", "shape": [2, 2], "dtype": "float32", "offset": 0, "nbytes": 16},
+            {"name": "v", "shape": [2, 2], "dtype": "float32", "offset": 16, "nbytes": 16}]}, 32,
+         "not listed in name order"),
+        ({**_fp32_header(offset=4), "payload_bytes": 20}, 20, "tensor 'w' starts at byte 4, expected 0"),
     ],
 )
 def test_inconsistent_headers_are_refused(
