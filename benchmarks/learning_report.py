@@ -222,6 +222,11 @@ def markdown_report(records: Sequence[Record]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _colours(records: Sequence[Record]) -> dict[str, str]:
+    """One colour per method, the same in every panel and plot."""
+    return {method: f"C{i % 10}" for i, method in enumerate(sorted({r["method"] for r in records}))}
+
+
 def plot_accuracy(records: Sequence[Record], path: Path) -> None:
     """Global and client accuracy against p per method (95% intervals), references as lines."""
     import matplotlib
@@ -230,6 +235,7 @@ def plot_accuracy(records: Sequence[Record], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = _groups(records)
+    colours = _colours(records)
     figure, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
     for row, (setting, missing) in enumerate(groups):
         ps = sorted({float(r["p"]) for r in records if r["setting"] == setting and r["p"] is not None
@@ -249,7 +255,7 @@ def plot_accuracy(records: Sequence[Record], path: Path) -> None:
                         ys.append(mean)
                         errs.append(0.0 if math.isnan(lower) else mean - lower)
                 if xs:
-                    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method,
+                    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method, color=colours[method],
                                 linestyle="--" if method == "centralised" else "-")
             if key == "global_accuracy":
                 for reference, style in (("centralised-full", ":"), ("cloud-alone", "-.")):
@@ -282,7 +288,7 @@ def plot_curves(records: Sequence[Record], path: Path) -> None:
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
-    colours: dict[str, Any] = {}
+    colours = _colours(records)
     for index, (setting, missing, p) in enumerate(panels):
         ax = axes[index // columns][index % columns]
         for method in sorted({r["method"] for r in records if r["setting"] == setting}):
@@ -290,8 +296,7 @@ def plot_curves(records: Sequence[Record], path: Path) -> None:
                 curve = [100 * h["global_accuracy"] for h in record.get("history", [])]
                 if not curve:
                     continue
-                colour = colours.setdefault(method, f"C{len(colours) % 10}")
-                ax.plot(range(1, len(curve) + 1), curve, color=colour, linewidth=0.9, alpha=0.8,
+                ax.plot(range(1, len(curve) + 1), curve, color=colours[method], linewidth=0.9, alpha=0.8,
                         label=method if seed == min(select(records, setting=setting, missing=missing,
                                                            method=method, p=p)) else None)
         ax.set_title(f"{setting}, {missing}, p={p:g}", fontsize=9)
