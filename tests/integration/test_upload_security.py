@@ -425,7 +425,8 @@ def test_a_payload_that_would_inflate_past_its_tensors_is_refused_before_inflati
     bomb = _outer(header, bytes(256 * 1024 * 1024))  # 256 MiB of zeros in a few KiB
     assert len(bomb) < MAX_UPLOAD
     _expect_refused(s, alice, lambda: alice.send(_messages(_header(s, alice, bomb, codec=pb.CODEC_FP32_ZSTD), bomb)),
-                    grpc.StatusCode.INVALID_ARGUMENT, "codec", "its tensors need 40")
+                    grpc.StatusCode.INVALID_ARGUMENT, "codec",
+                    "the tensors cover 40 of the 268435456 payload bytes")  # the codec's layout check, from the header
 
 
 def test_an_update_over_the_norm_bound_is_rejected_and_the_model_takes_only_the_rest(coordinator) -> None:
