@@ -320,8 +320,9 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
         else:
             unseen_acc = _local_global_accuracy(clients, local_states, model_for, unseen)
     window = config.final_window
+    client_mean = _tail_mean(history, "client_accuracy_mean", window)
     return SimResult(global_accuracy=_tail_mean(history, "global_accuracy", window) or 0.0,
-                     client_accuracy_mean=_tail_mean(history, "client_accuracy_mean", window) or float("nan"),
+                     client_accuracy_mean=float("nan") if client_mean is None else client_mean,
                      upload_bytes_per_client=upload_bytes, unseen_speaker_accuracy=unseen_acc,
                      cloud_accuracy=_tail_mean(history, "cloud_accuracy", window) if cloud_acc is not None else None,
                      history=history, seconds=time.perf_counter() - started, attackers=tuple(sorted(attackers)))
