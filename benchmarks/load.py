@@ -291,6 +291,10 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
         with RssSampler(coordinator.pids) as sampler:
             rounds = _run_rounds(admin, federation, devices, args, label)
         window_end, used = time.time(), cpu.used()
+        # Heartbeats are timed over at least two of their intervals: short rounds can otherwise end
+        # before any heartbeat starts, and leave nothing to take a percentile of.
+        heartbeat_window_end = max(window_end, window_start + 2 * args.heartbeat_s + 0.5)
+        time.sleep(max(0.0, heartbeat_window_end - time.time()))
         breakdown = coordinator_breakdown(scraped, admin.metrics())
         if coordinator.heartbeat_process:
             breakdown["heartbeat_process"] = {
@@ -301,7 +305,8 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
         stats = fleet.stop()
     return build_record(RunMeasurements(
         devices=devices, model=model, payload_params=params, rounds=rounds, stats=stats,
-        window=(window_start, window_end), coordinator_cpu_s=used.coordinator_s,
+        window=(window_start, window_end), heartbeat_window=(window_start, heartbeat_window_end),
+        coordinator_cpu_s=used.coordinator_s,
         peak_rss_mib=peak_rss, heartbeat_process_peak_rss_mib=children_peak_rss,
         rss_before_rounds_mib=rss_before, rss_sampled_peak_mib=sampler.peak_mib,
         coordinator_breakdown=breakdown, poll_s=poll_s, device_procs=fleet.process_count,
@@ -322,6 +327,8 @@ class RunMeasurements:
     stats: FleetStats
     window: tuple[float, float]
     """Wall-clock start and end of the rounds phase; latencies count the calls started within it."""
+    heartbeat_window: tuple[float, float]
+    """The rounds phase, extended to at least two heartbeat intervals: the window heartbeats are timed over."""
     coordinator_cpu_s: float
     """Coordinator CPU seconds (user + system) over the rounds phase."""
     peak_rss_mib: float
@@ -352,7 +359,8 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
     counted = [r["participants"] for r in committed if r["participants"] is not None]
     # The rounds' own count, which excludes uploads accepted for a round that then failed.
     accepted = int(sum(counted)) if len(counted) == len(committed) else stats.uploads_accepted
-    latencies = {method: stats.latencies(method, *m.window) for method in stats.calls}
+    latencies = {method: stats.latencies(method, *(m.heartbeat_window if method == "Heartbeat" else m.window))
+                 for method in stats.calls}
     heartbeats, uploads = latencies.get("Heartbeat", []), latencies.get("UploadUpdate", [])
     return {
         "devices": m.devices,
@@ -372,7 +380,7 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "round_failures": [r["failure_reason"] for r in rounds if r["failure_reason"]],
         "rpc_latency_ms": latency_summary(latencies),
         "heartbeat_p50_ms": 1000 * percentile(heartbeats, 50),
-        "heartbeat_timeline": latency_timeline(stats.calls.get("Heartbeat", []), *m.window),
+        "heartbeat_timeline": latency_timeline(stats.calls.get("Heartbeat", []), *m.heartbeat_window),
         "upload_p50_ms": 1000 * percentile(uploads, 50),
         "accepted_updates": accepted,
         "coordinator_cpu_s": cpu_s,

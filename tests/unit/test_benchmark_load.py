@@ -212,14 +212,17 @@ def test_results_json_stays_strict_json_when_a_metric_was_not_measured() -> None
 def test_a_record_holds_the_issues_keys_computed_from_the_rounds_phase_only() -> None:
     stats = FleetStats()
     stats.record("Heartbeat", 5.0, 9.0)  # before the rounds phase: left out
-    for started, seconds in ((11.0, 0.010), (12.0, 0.020), (13.0, 0.030)):
+    # The last heartbeat starts after the rounds, inside the heartbeat window; the late upload is not counted.
+    for started, seconds in ((11.0, 0.010), (12.0, 0.020), (13.0, 0.030), (21.0, 0.040)):
         stats.record("Heartbeat", started, seconds)
     stats.record("UploadUpdate", 12.0, 0.5)
+    stats.record("UploadUpdate", 21.0, 9.0)
     stats.uploads_accepted, stats.upload_wire_bytes, stats.payload_bytes, stats.payloads = 4, 4000, 3900, 2
     rounds = [{"number": n, "state": "committed", "wall_s": wall, "observed_s": wall + 0.1, "participants": 2.0,
                "failure_reason": None} for n, wall in ((1, 1.0), (2, 3.0))]
     measured = RunMeasurements(devices=2, model={"backbone": "tiny"}, payload_params=96_330, rounds=rounds,
-                               stats=stats, window=(10.0, 20.0), coordinator_cpu_s=2.0,
+                               stats=stats, window=(10.0, 20.0), heartbeat_window=(10.0, 22.0),
+                               coordinator_cpu_s=2.0,
                                peak_rss_mib=700.0, rss_before_rounds_mib=600.0, rss_sampled_peak_mib=690.0,
                                coordinator_breakdown={}, poll_s=0.2, device_procs=2)
     args = build_parser().parse_args(["--devices", "2", "--rounds", "2", "--out", "x"])
@@ -228,7 +231,7 @@ def test_a_record_holds_the_issues_keys_computed_from_the_rounds_phase_only() ->
 
     assert set(REQUIRED_KEYS) <= set(record)
     assert record["round_wall_s_median"] == 2.0 and record["rounds_committed"] == 2
-    assert record["heartbeat_p50_ms"] == pytest.approx(20.0) and record["rpc_latency_ms"]["Heartbeat"]["count"] == 3
+    assert record["heartbeat_p50_ms"] == pytest.approx(25.0) and record["rpc_latency_ms"]["Heartbeat"]["count"] == 4
     assert record["upload_p99_ms"] == pytest.approx(500.0)
     assert record["cpu_s_per_update"] == pytest.approx(0.5)  # 2 CPU seconds over 2 x 2 accepted updates
     assert record["wire_bytes_per_update"] == 1000 and record["payload_bytes"] == 1950
