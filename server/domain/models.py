@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -36,6 +36,66 @@ MAX_FUSED_UPLOAD_SAMPLES = 256
 MIN_AGREEMENT_TEMPERATURE = 0.01
 """Sharper noise terms would let exp(agreement / τ) overflow in the streamed aggregation (and at 0.01 a
 client 0.05 of cosine below its best peer already weighs e^-5)."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number of the federation config may take: [low, high], either end open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def describe(self) -> str:
+        def show(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+        return f"{'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}{')' if self.high_open else ']'}"
+
+
+_MANY = 100_000
+"""Devices, updates and buffers per round: far above one coordinator's fleet, well inside every type."""
+_EPOCHS = Bounds(0, 1000)
+
+CONFIG_BOUNDS: dict[str, Bounds] = {
+    # Each bound keeps the value inside what every later use takes: the wire's int32 and uint64 fields, a
+    # datetime a deadline is added to, a seed numpy accepts. A config the API accepted never fails later.
+    "clients_per_round": Bounds(0, _MANY),
+    "min_updates": Bounds(1, _MANY),
+    "round_deadline_s": Bounds(0, 30 * 24 * 3600, low_open=True),
+    "public_epochs": _EPOCHS,
+    "private_epochs": _EPOCHS,
+    "personal_epochs": _EPOCHS,
+    "batch_size": Bounds(1, 65_536),
+    "learning_rate": Bounds(0, 1, low_open=True, high_open=True),
+    "max_chunk_bytes": Bounds(1024, 4 * 1024 * 1024),
+    "seed": Bounds(0, 2**32 - 1),
+    "ccl_weight": Bounds(0, 1000),
+    "ccl_temperature": Bounds(0, 100, low_open=True),
+    "seccl_weight": Bounds(0, 1000),
+    "seccl_temperature": Bounds(0, 100, low_open=True),
+    "fused_upload_samples": Bounds(0, MAX_FUSED_UPLOAD_SAMPLES),
+    "agreement_temperature": Bounds(MIN_AGREEMENT_TEMPERATURE, 100),
+    "cloud_epochs": _EPOCHS,
+    "public_fraction": Bounds(0, 1, low_open=True, high_open=True),
+    "overselect": Bounds(0, 10),
+    "async_buffer": Bounds(1, _MANY),
+    "max_staleness": Bounds(0, 1000),
+    "staleness_exponent": Bounds(0, 10),
+    "target_rounds": Bounds(0, 1_000_000),
+    "clip_norm": Bounds(0, 1e9),
+    "max_update_norm": Bounds(0, 1e9),
+    "trim_fraction": Bounds(0, 0.5, high_open=True),
+    "exclude_above": Bounds(0, 1e6),
+    "max_weight_ratio": Bounds(0, 1e6),
+}
+"""Every number of ``FederationConfig`` and its bounds, checked at creation (the admin API's schema reads
+the same table, so a 422 names the field)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +176,10 @@ class FederationConfig:
     """An update whose delta (all its adapter tensors together, not the fused features) has a larger L2 norm
     is rejected (reason ``norm_bound``) before it reaches aggregation; 0: no bound. Unlike ``clip_norm``,
     which scales every update down, this refuses the update outright."""
+    max_weight_ratio: float = 4.0
+    """No update's sample count (the device's own claim) counts for more than this many times the round's
+    lower median count: a device cannot buy the global model by claiming 2^31 samples. 0: counts as
+    claimed (trusted devices only)."""
     robust_rule: Literal["none", "median", "trimmed_mean"] = "none"
     """``median`` or ``trimmed_mean``: per coordinate over the round's updates, weighted by the rule's
     (MMA or FedAvg) weights, instead of the weighted mean. The coordinator spills the round's updates to
@@ -132,53 +196,22 @@ class FederationConfig:
     larger, but its direction is reversed. None: no direction check."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _bounds_problems(self)
         if self.aggregation not in ("mma", "fedavg"):
             problems.append(f"aggregation must be 'mma' or 'fedavg', not {self.aggregation!r}")
         if self.lora_mode not in ("separate", "exact"):
             problems.append(f"lora_mode must be 'separate' or 'exact', not {self.lora_mode!r}")
-        if self.clients_per_round < 0:
-            problems.append("clients_per_round must be >= 0")
-        if self.min_updates < 1:
-            problems.append("min_updates must be >= 1")
-        if self.round_deadline_s <= 0:
-            problems.append("round_deadline_s must be > 0")
+        if self.mode == "sync" and self.clients_per_round and self.min_updates > self.clients_per_round:
+            problems.append(f"min_updates ({self.min_updates}) must be at most clients_per_round "
+                            f"({self.clients_per_round}): a round could never reach its quorum")
         if self.upload_stage not in ("private", "public"):
             problems.append(f"upload_stage must be 'private' or 'public', not {self.upload_stage!r}")
-        if self.public_epochs < 0 or self.private_epochs < 0 or self.personal_epochs < 0:
-            problems.append("epochs must be >= 0")
         if self.upload_stage == "private" and self.private_epochs < 1:
             problems.append("private_epochs must be >= 1 with upload_stage 'private': that stage makes the update")
-        if self.batch_size < 1:
-            problems.append("batch_size must be >= 1")
-        if not 0 < self.learning_rate < 1:
-            problems.append("learning_rate must be in (0, 1)")
         if self.upload_codec not in ("fp32", "fp16", "int8"):
             problems.append(f"upload_codec must be fp32, fp16 or int8, not {self.upload_codec!r}")
-        if not 1024 <= self.max_chunk_bytes <= 4 * 1024 * 1024:
-            problems.append("max_chunk_bytes must be between 1 KiB and 4 MiB")
-        if self.ccl_weight < 0 or self.seccl_weight < 0:
-            problems.append("ccl_weight and seccl_weight must be >= 0")
-        if self.ccl_temperature <= 0 or self.seccl_temperature <= 0:
-            problems.append("ccl_temperature and seccl_temperature must be > 0")
-        if self.agreement_temperature < MIN_AGREEMENT_TEMPERATURE:
-            problems.append(f"agreement_temperature must be >= {MIN_AGREEMENT_TEMPERATURE}")
-        if not 0 <= self.fused_upload_samples <= MAX_FUSED_UPLOAD_SAMPLES:
-            problems.append(f"fused_upload_samples must be 0..{MAX_FUSED_UPLOAD_SAMPLES}")
-        if self.cloud_epochs < 0:
-            problems.append("cloud_epochs must be >= 0")
-        if not 0 < self.public_fraction < 1:
-            problems.append("public_fraction must be in (0, 1)")
         if self.mode not in ("sync", "async"):
             problems.append(f"mode must be 'sync' or 'async', not {self.mode!r}")
-        if not 0 <= self.overselect <= 10:
-            problems.append("overselect must be between 0 and 10")
-        if self.async_buffer < 1:
-            problems.append("async_buffer must be >= 1")
-        if self.max_staleness < 0 or self.staleness_exponent < 0:
-            problems.append("max_staleness and staleness_exponent must be >= 0")
-        if self.target_rounds < 0:
-            problems.append("target_rounds must be >= 0")
         if self.cloud_model is not None and not isinstance(self.cloud_model, dict):
             problems.append("cloud_model must be an object of model settings, or null for the devices' model")
         problems.extend(_modality_set_problems(self.eligible_modality_sets))
@@ -188,16 +221,10 @@ class FederationConfig:
 
     def _robust_problems(self) -> list[str]:
         problems = []
-        if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
-            problems.append("clip_norm must be a finite number >= 0 (0: no clipping)")
-        if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
-            problems.append("max_update_norm must be a finite number >= 0 (0: no bound)")
         if self.robust_rule not in ("none", "median", "trimmed_mean"):
             problems.append(f"robust_rule must be 'none', 'median' or 'trimmed_mean', not {self.robust_rule!r}")
-        if not 0 <= self.trim_fraction < 0.5:
-            problems.append("trim_fraction must be in [0, 0.5)")
-        if not (math.isfinite(self.exclude_above) and (self.exclude_above == 0 or self.exclude_above >= 1)):
-            problems.append("exclude_above must be 0 (off) or a finite number >= 1 (times the median distance)")
+        if 0 < self.exclude_above < 1:
+            problems.append("exclude_above must be 0 (off) or at least 1 (times the median distance)")
         if self.exclude_above and self.robust_rule == "none":
             problems.append("exclude_above needs a robust_rule ('median' or 'trimmed_mean'): the anomaly score "
                             "is the distance to their coordinate-wise median")
@@ -217,6 +244,26 @@ class FederationConfig:
         """Whether a device with these modalities may take part in this federation's rounds."""
         return not self.eligible_modality_sets or any(
             frozenset(m.strip().lower() for m in allowed) == modalities for allowed in self.eligible_modality_sets)
+
+
+_FIELD_DEFAULTS: dict[str, Any] = {}  # filled below, once the class exists
+
+
+def _bounds_problems(config: FederationConfig) -> list[str]:
+    """A problem for each number out of its ``CONFIG_BOUNDS`` (or of the wrong type), naming the field."""
+    problems = []
+    for name, bounds in CONFIG_BOUNDS.items():
+        value = getattr(config, name)
+        wants_int = isinstance(_FIELD_DEFAULTS[name], int)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (wants_int and not isinstance(value, int)):
+            problems.append(f"{name} must be {'an integer' if wants_int else 'a number'}, not {value!r}")
+        elif not bounds.holds(value):
+            problems.append(f"{name} must be in {bounds.describe()}, not {value!r}")
+    return problems
+
+
+_FIELD_DEFAULTS.update({f.name: f.default for f in fields(FederationConfig)})
 
 
 def _modality_set_problems(sets: list[list[str]]) -> list[str]:

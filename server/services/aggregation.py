@@ -15,11 +15,18 @@ A robust rule (coordinate-wise median or trimmed mean) needs every update at onc
 stream: at commit the round's updates are decoded one at a time and spilled to disk, then reduced in
 coordinate blocks (``mlecs.aggregation.blockwise``), with the same weights as the mean would use.
 Clipping (``clip_norm``) applies to each update before any rule.
+
+The sample count in an update's header is the device's word. With ``max_weight_ratio`` = k, no update
+counts more samples than k times the round's lower median count (``capped_samples``): a device that
+claims 2^31 samples weighs as much as one with k times a typical peer's data, no more. When a cap bites
+the running sums were built with the claimed counts, so the commit adds the round's updates again from
+their blobs with the capped ones; an honest round never pays for that.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +65,8 @@ class AggregateResult:
     over the median distance of that tensor's holders, averaged by tensor size)."""
     centre_cosines: dict[str, float] = field(default_factory=dict)
     """Robust rules: each device's cosine with the coordinate-wise median (per tensor, averaged by size)."""
+    capped_devices: list[str] = field(default_factory=list)
+    """Devices whose claimed sample count ``max_weight_ratio`` capped."""
 
 
 def version_staleness(version_ids: Sequence[str], round_base: str | None, update_base: str | None) -> int:
@@ -70,8 +79,10 @@ def version_staleness(version_ids: Sequence[str], round_base: str | None, update
 class RoundAccumulator:
     """Running weighted sums of one round's updates, grouped by the weight factor still to come."""
 
-    def __init__(self, config: FederationConfig, base: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, config: FederationConfig, base: dict[str, np.ndarray] | None = None,
+                 samples: dict[str, int] | None = None) -> None:
         self._config = config
+        self._samples = samples or {}  # update id -> its capped sample count, where a cap bit
         self._base = base  # only the exact LoRA rule needs it (products of full weights)
         self._lock = threading.Lock()
         self._groups: dict[Hashable, tuple[StreamingAverage, StreamingLoraProducts | None]] = {}
@@ -84,7 +95,7 @@ class RoundAccumulator:
         """Adds an accepted update (its decoded tensors, ``fused.z`` included or not); once per update."""
         config = self._config
         tensors, z = _prepared(config, tensors)
-        weight, key = own_weight(config, update, staleness)
+        weight, key = own_weight(config, update, staleness, self._samples.get(update.id))
         modalities, agreement = frozenset(update.modalities), update.anchor_agreement
         with self._lock:
             if update.id in self.included:
@@ -140,11 +151,25 @@ def update_samples(config: FederationConfig, update: Update) -> int:
     return update.public_samples
 
 
-def own_weight(config: FederationConfig, update: Update, staleness: int) -> tuple[float, Hashable]:
+def capped_samples(config: FederationConfig, updates: Sequence[Update]) -> dict[str, int]:
+    """Update id -> its sample count capped at ``max_weight_ratio`` times the round's lower median count,
+    for the updates the cap lowers (none: empty). The lower median, so that with two updates the honest
+    one sets the bar; with fewer than half the round inflating its counts, an honest count sets it."""
+    ratio = config.max_weight_ratio
+    if not ratio or len(updates) < 2:
+        return {}
+    counts = {u.id: max(update_samples(config, u), 1) for u in updates}
+    ceiling = max(1, math.floor(ratio * statistics.median_low(counts.values())))
+    return {update_id: ceiling for update_id, count in counts.items() if count > ceiling}
+
+
+def own_weight(config: FederationConfig, update: Update, staleness: int,
+               samples: int | None = None) -> tuple[float, Hashable]:
     """The part of an update's weight known from the update alone, and the peer group whose factor
     completes it (``group_scales``): modality count × samples (MMA) or samples (FedAvg; both counted by
-    ``update_samples``), × the staleness discount, × exp((agreement - 1)/τ) when MMA has anchor evidence for it."""
-    samples = max(update_samples(config, update), 1)
+    ``update_samples``, or ``samples`` when the round capped them), × the staleness discount,
+    × exp((agreement - 1)/τ) when MMA has anchor evidence for it."""
+    samples = max(update_samples(config, update) if samples is None else samples, 1)
     weight = float(len(update.modalities) * samples if config.aggregation == "mma" else samples)
     weight *= staleness_weight(staleness, config.staleness_exponent)
     agreement = update.anchor_agreement
@@ -206,25 +231,31 @@ def aggregate(config: FederationConfig, base: dict[str, np.ndarray], updates: li
     used as they are, the others are decoded from their blobs one at a time and added. A robust rule
     spills every update under ``spill_dir`` (a temporary directory, removed after) and reduces them
     in blocks of at most ``block_bytes``."""
+    caps = capped_samples(config, updates)
+    capped_devices = sorted(u.device_id for u in updates if u.id in caps)
     if config.robust_rule != "none":
-        return aggregate_robust(config, base, updates, staleness, read_blob, spill_dir=spill_dir,
-                                block_bytes=block_bytes)
-    wanted = {u.id for u in updates}
-    if accumulator is None or not accumulator.included <= wanted:
-        accumulator = RoundAccumulator(config, base)
-    for update, stale in zip(updates, staleness, strict=True):
-        if update.id not in accumulator.included:
-            accumulator.add(update, decode_tensors(read_blob(update)), stale)
-    return accumulator.result(base)
+        result = aggregate_robust(config, base, updates, staleness, read_blob, spill_dir=spill_dir,
+                                  block_bytes=block_bytes, samples=caps)
+    else:
+        wanted = {u.id for u in updates}
+        if accumulator is None or caps or not accumulator.included <= wanted:
+            accumulator = RoundAccumulator(config, base, samples=caps)
+        for update, stale in zip(updates, staleness, strict=True):
+            if update.id not in accumulator.included:
+                accumulator.add(update, decode_tensors(read_blob(update)), stale)
+        result = accumulator.result(base)
+    result.capped_devices = capped_devices
+    return result
 
 
 def aggregate_robust(config: FederationConfig, base: dict[str, np.ndarray], updates: list[Update],
                      staleness: list[int], read_blob: Callable[[Update], bytes], *, spill_dir: Path | None = None,
-                     block_bytes: int = 64 * 1024 * 1024) -> AggregateResult:
+                     block_bytes: int = 64 * 1024 * 1024, samples: dict[str, int] | None = None) -> AggregateResult:
     """base + the coordinate-wise weighted median or trimmed mean of the (clipped) deltas, outliers left
     out when ``exclude_above`` or ``exclude_cosine_below`` is set. Weights are the mean's own (MMA or FedAvg,
     staleness, agreement)."""
-    weighted = [own_weight(config, u, s) for u, s in zip(updates, staleness, strict=True)]
+    samples = samples or {}
+    weighted = [own_weight(config, u, s, samples.get(u.id)) for u, s in zip(updates, staleness, strict=True)]
     evidence = [(frozenset(u.modalities), float(u.anchor_agreement)) for u in updates
                 if config.aggregation == "mma" and u.anchor_agreement is not None]
     scales, quality = group_scales(evidence, len(updates) - len(evidence), config.agreement_temperature)

@@ -332,6 +332,11 @@ class RoundService:
             round_.metrics["anchor_agreement_mean"] = float(np.mean(
                 [u.anchor_agreement for u in accepted if u.anchor_agreement is not None]))
             round_.metrics["quality_weight_min"] = float(min(result.quality))
+        if config.max_weight_ratio:
+            round_.metrics["weight_capped"] = float(len(result.capped_devices))
+            if result.capped_devices:
+                log.warning("round %d: sample counts of %s capped at %g times the round's median",
+                            round_.number, ", ".join(result.capped_devices), config.max_weight_ratio)
         if config.robust_rule != "none":
             round_.metrics["robust_excluded"] = float(len(result.excluded_devices))
             # Capped: a score is infinite when most updates coincide, and JSON columns take no infinity.

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.domain.errors import InvalidRequestError
 from server.domain.models import (
+    CONFIG_BOUNDS,
     Device,
     EnrolmentToken,
     Federation,
@@ -41,64 +42,93 @@ def _takes_int(annotation: Any) -> bool:
     return annotation is int or int in get_args(annotation)
 
 
+def _bounded(name: str, default: Any, **extra: Any) -> Any:
+    """A config number's Field with the domain's bounds (``CONFIG_BOUNDS``), so a value out of them is a 422
+    naming the field, and the OpenAPI schema shows the same bounds the coordinator enforces."""
+    bounds = CONFIG_BOUNDS[name]
+    cast = int if isinstance(default, int) else float
+    limits: dict[str, Any] = {"gt" if bounds.low_open else "ge": cast(bounds.low),
+                              "lt" if bounds.high_open else "le": cast(bounds.high)}
+    return Field(default, allow_inf_nan=False, **limits, **extra)
+
+
 class FederationConfigBody(JsonBody):
-    """How the federation learns; every field has a working default."""
+    """How the federation learns; every field has a working default. Numbers carry the bounds the coordinator
+    enforces (``CONFIG_BOUNDS``): a value out of them is a 422 naming the field."""
 
     aggregation: Literal["mma", "fedavg"] = "mma"
     lora_mode: Literal["separate", "exact"] = Field(
         "separate", description="LoRA factors averaged separately, or exact: average of B·A re-factorised to rank r")
-    clients_per_round: int = Field(0, ge=0, description="Devices invited per round; 0 = every live device")
-    min_updates: int = Field(1, ge=1, description="Quorum of accepted updates needed to commit")
-    round_deadline_s: float = Field(600.0, gt=0)
+    clients_per_round: int = _bounded("clients_per_round", 0,
+                                      description="Devices invited per round; 0 = every live device")
+    min_updates: int = _bounded("min_updates", 1, description="Quorum of accepted updates needed to commit")
+    round_deadline_s: float = _bounded("round_deadline_s", 600.0)
     upload_stage: Literal["private", "public"] = Field(
         "private", description="Data the uploaded change is learned on: private (private data + public shard, "
                                "the method) or public (public shard only, the prototype's rule)")
-    public_epochs: int = Field(5, ge=0, description="Epochs over the public shard (upload_stage public only)")
-    private_epochs: int = Field(
-        1, ge=0, description="private: epochs of the uploaded stage; public: epochs of personalisation")
-    personal_epochs: int = Field(1, ge=0, description="private: epochs of personal fine-tuning after the upload")
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    public_epochs: int = _bounded("public_epochs", 5,
+                                  description="Epochs over the public shard (upload_stage public only)")
+    private_epochs: int = _bounded(
+        "private_epochs", 1, description="private: epochs of the uploaded stage; public: epochs of personalisation")
+    personal_epochs: int = _bounded(
+        "personal_epochs", 1, description="private: epochs of personal fine-tuning after the upload")
+    batch_size: int = _bounded("batch_size", 32)
+    learning_rate: float = _bounded("learning_rate", 1e-3)
     upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
-    max_chunk_bytes: int = Field(256 * 1024, ge=1024, le=4 * 1024 * 1024)
-    seed: int = 0
+    max_chunk_bytes: int = _bounded("max_chunk_bytes", 256 * 1024)
+    seed: int = _bounded("seed", 0)
     model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {\"lora_rank\": 8}")
     cloud_model: dict[str, Any] | None = Field(
         None, description="The cloud's own ModelConfig when it differs from the devices' (e.g. devices "
                           "{\"backbone_layers\": 2}, cloud {}: all six MiniLM layers); same fused_dim; null: the same")
-    ccl_weight: float = Field(0.1, ge=0, description="CCL (cross-modal volume loss) weight; 0 turns it off")
-    ccl_temperature: float = Field(0.1, gt=0)
-    seccl_weight: float = Field(0.5, ge=0, description="SE-CCL anchor-alignment weight; 0 turns SE-CCL off")
-    seccl_temperature: float = Field(0.1, gt=0)
-    fused_upload_samples: int = Field(32, ge=0, le=256,
-                                      description="Public samples whose fused z each device uploads")
-    agreement_temperature: float = Field(0.2, ge=0.01, description="MMA noise term: softness of the agreement weights")
-    cloud_epochs: int = Field(1, ge=0, description="Cloud tuning epochs on the public set per round")
-    public_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the training pairs forming the public set")
+    ccl_weight: float = _bounded("ccl_weight", 0.1,
+                                 description="CCL (cross-modal volume loss) weight; 0 turns it off")
+    ccl_temperature: float = _bounded("ccl_temperature", 0.1)
+    seccl_weight: float = _bounded("seccl_weight", 0.5,
+                                   description="SE-CCL anchor-alignment weight; 0 turns SE-CCL off")
+    seccl_temperature: float = _bounded("seccl_temperature", 0.1)
+    fused_upload_samples: int = _bounded("fused_upload_samples", 32,
+                                         description="Public samples whose fused z each device uploads")
+    agreement_temperature: float = _bounded("agreement_temperature", 0.2,
+                                            description="MMA noise term: softness of the agreement weights")
+    cloud_epochs: int = _bounded("cloud_epochs", 1, description="Cloud tuning epochs on the public set per round")
+    public_fraction: float = _bounded("public_fraction", 0.2,
+                                      description="Share of the training pairs forming the public set")
     mode: Literal["sync", "async"] = Field(
         "sync", description="sync: rounds with over-selection, quorum and deadline; async: buffered (FedBuff)")
-    overselect: float = Field(0.0, ge=0, le=10, description="Sync: invite ceil(clients_per_round x (1 + this))")
-    async_buffer: int = Field(4, ge=1, description="Async: accepted updates per aggregation (K)")
-    max_staleness: int = Field(4, ge=0, description="Async: refuse updates more than this many versions old")
-    staleness_exponent: float = Field(0.5, ge=0, description="Async: weight (1 + staleness) ** -this")
+    overselect: float = _bounded("overselect", 0.0,
+                                 description="Sync: invite ceil(clients_per_round x (1 + this))")
+    async_buffer: int = _bounded("async_buffer", 4, description="Async: accepted updates per aggregation (K)")
+    max_staleness: int = _bounded("max_staleness", 4,
+                                  description="Async: refuse updates more than this many versions old")
+    staleness_exponent: float = _bounded("staleness_exponent", 0.5,
+                                         description="Async: weight (1 + staleness) ** -this")
     eligible_modality_sets: list[list[str]] = Field(
         default_factory=list, description="Only devices with one of these modality sets take part; empty: all",
         examples=[[["audio", "image"], ["image"]]])
-    target_rounds: int = Field(0, ge=0, description="Open rounds automatically until this many committed; 0: manual")
+    target_rounds: int = _bounded("target_rounds", 0,
+                                  description="Open rounds automatically until this many committed; 0: manual")
     server_learning: bool = Field(
         True, description="Evaluate, tune the cloud model and make anchors after each commit (off: aggregation only)")
-    clip_norm: float = Field(0.0, ge=0, description="Scale each update's delta to at most this L2 norm; 0: off",
-                             examples=[5.0])
-    max_update_norm: float = Field(
-        0.0, ge=0, allow_inf_nan=False, examples=[20.0],
+    clip_norm: float = _bounded("clip_norm", 0.0, examples=[5.0],
+                                description="Scale each update's delta to at most this L2 norm; 0: off")
+    max_update_norm: float = _bounded(
+        "max_update_norm", 0.0, examples=[20.0],
         description="Reject (reason norm_bound) an update whose delta has a larger L2 norm, before it reaches "
                     "aggregation; 0: off")
+    max_weight_ratio: float = _bounded(
+        "max_weight_ratio", 4.0,
+        description="No update's claimed sample count weighs more than this many times the round's lower median "
+                    "count; 0: counts as claimed")
     robust_rule: Literal["none", "median", "trimmed_mean"] = Field(
-        "none", description="Coordinate-wise weighted median or trimmed mean instead of the weighted mean")
-    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: weight share cut from each end")
-    exclude_above: float = Field(
-        0.0, ge=0, description="With a robust rule: leave out updates farther than this many times the median "
-                               "distance from the coordinate-wise median; 0: off", examples=[3.0])
+        "none", examples=["median"],
+        description="Coordinate-wise weighted median or trimmed mean instead of the weighted mean")
+    trim_fraction: float = _bounded("trim_fraction", 0.1,
+                                    description="trimmed_mean: weight share cut from each end")
+    exclude_above: float = _bounded(
+        "exclude_above", 0.0, examples=[3.0],
+        description="With a robust rule: leave out updates farther than this many times the median distance from "
+                    "the coordinate-wise median; 0: off")
     exclude_cosine_below: float | None = Field(
         None, ge=-1, lt=1, allow_inf_nan=False, examples=[0.0],
         description="With a robust rule: leave out updates whose cosine with the coordinate-wise median (per "

@@ -52,7 +52,7 @@ def _config(url: str, federation_id: str) -> dict:
 
 
 def test_a_federation_from_before_keeps_the_public_upload_and_the_head_it_had(database_at_0004: str) -> None:
-    migrate(database_at_0004)
+    migrate(database_at_0004, "0005")
 
     assert current_revision(database_at_0004) == "0005"
     assert _config(database_at_0004, "f-old") == {**OLD_CONFIG, "upload_stage": "public",

@@ -12,7 +12,7 @@ from mlecs.codec import encode_tensors
 from server.domain.models import FederationConfig, Update
 from server.domain.scheduling import staleness_weight
 from server.learning.global_model import apply_delta
-from server.services.aggregation import RoundAccumulator, aggregate, version_staleness
+from server.services.aggregation import RoundAccumulator, aggregate, capped_samples, version_staleness
 
 SHAPES = {"lora.layer0.query.A": (2, 6), "lora.layer0.query.B": (5, 2), "head.weight": (3, 4),
           "extractors.image.w": (4,), "extractors.audio.w": (4,)}
@@ -135,3 +135,35 @@ def test_version_staleness_counts_versions_since_the_update_base():
     assert version_staleness(versions, "v3", "v3") == 0
     assert version_staleness(versions, "v2", "v3") == 0  # never negative
     assert version_staleness(versions, None, "v0") == 3  # no round base: the newest version
+
+
+def _claiming(public: int, private: int = 0) -> Update:
+    return Update(round_id="r", device_id=f"d{public}-{private}", upload_id="u" * 8, codec="fp32",
+                  declared_size=1, sha256="0" * 64, modalities=frozenset({"image"}), public_samples=public,
+                  private_samples=private)
+
+
+@pytest.mark.parametrize(("counts", "ratio", "capped"), [
+    ([2**31 - 1, 100], 4.0, {0: 400}),            # two updates: the lower median is the honest one
+    ([100, 120, 90, 10_000], 4.0, {3: 400}),       # lower median 100
+    ([100, 390, 90], 4.0, {}),                     # within 4 x the median: as claimed
+    ([2**31 - 1, 2**31 - 1, 5], 2.0, {}),           # a majority sets the median: no bound against it
+    ([50, 1, 1], 1.5, {0: 1}),
+    ([2**31 - 1, 100], 0.0, {}),                   # 0: off
+    ([2**31 - 1], 4.0, {}),                        # one update has no peers to compare with
+])
+def test_claimed_sample_counts_are_capped_at_the_ratio_times_the_lower_median(
+        counts: list[int], ratio: float, capped: dict[int, int]) -> None:
+    config = FederationConfig(max_weight_ratio=ratio, upload_stage="public")
+    updates = [_claiming(n) for n in counts]
+
+    caps = capped_samples(config, updates)
+
+    assert caps == {updates[i].id: value for i, value in capped.items()}
+
+
+def test_the_cap_counts_private_samples_when_the_upload_is_learned_on_them() -> None:
+    updates = [_claiming(10, 90), _claiming(10, 10_000)]
+
+    assert capped_samples(FederationConfig(max_weight_ratio=2.0), updates) == {updates[1].id: 200}
+    assert capped_samples(FederationConfig(max_weight_ratio=2.0, upload_stage="public"), updates) == {}
