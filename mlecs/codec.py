@@ -316,22 +316,26 @@ def decode_tensors(data: bytes, *, max_decoded_bytes: int = MAX_DECODED_BYTES) -
     return {entry.name: _decode_entry(payload, entry) for entry in header.tensors}
 
 
-def peek_header(data: bytes) -> TensorSetHeader:
+def peek_header(data: bytes, *, max_tensors: int | None = None,
+                max_header_bytes: int = MAX_HEADER_BYTES) -> TensorSetHeader:
     """Reads the codec, names and shapes of an encoded tensor set without inflating its payload.
 
     Lets a receiver check a set against its expected schema (and size) before decoding it. Validates
-    the header as decode_tensors does, but not the payload or its checksum.
+    the header as decode_tensors does, but not the payload or its checksum. A receiver that knows how many
+    tensors it expects passes ``max_tensors`` and a matching ``max_header_bytes``: a header listing more is
+    refused before its entries are parsed, so a small upload cannot buy seconds of CPU.
     """
     body = _check_prefix(data)
     reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=False)
     try:
         (length,) = _HEADER_LEN.unpack(_read_exact(reader, _HEADER_LEN.size))
-        if length > MAX_HEADER_BYTES:
-            raise CodecError(f"corrupt tensor set: header length {length} exceeds {MAX_HEADER_BYTES}")
+        limit = min(max_header_bytes, MAX_HEADER_BYTES)
+        if length > limit:
+            raise CodecError(f"corrupt tensor set: header length {length} exceeds {limit}")
         header_bytes = _read_exact(reader, length)
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt tensor set: {exc}") from None
-    return _parse_header_json(header_bytes)
+    return _parse_header_json(header_bytes, max_tensors)
 
 
 def _check_prefix(data: bytes) -> bytes:
@@ -376,7 +380,7 @@ def _parse_inner_header(inner: bytes) -> tuple[TensorSetHeader, int]:
     return _parse_header_json(inner[_HEADER_LEN.size : end]), end
 
 
-def _parse_header_json(raw: bytes) -> TensorSetHeader:
+def _parse_header_json(raw: bytes, max_tensors: int | None = None) -> TensorSetHeader:
     try:
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -389,6 +393,9 @@ def _parse_header_json(raw: bytes) -> TensorSetHeader:
     payload_bytes = _expect_count(document["payload_bytes"], "payload_bytes")
     if not isinstance(document["tensors"], list):
         raise CodecError("corrupt tensor set: 'tensors' is not a list")
+    if max_tensors is not None and len(document["tensors"]) > max_tensors:
+        raise CodecError(f"the tensor set lists {len(document['tensors'])} tensors, more than the "
+                         f"{max_tensors} expected")
 
     entries: list[TensorEntry] = []
     seen: set[str] = set()

@@ -7,6 +7,7 @@
     │   ├── LateUpdateError          an upload for a round that already closed (a straggler)
     │   └── LeaseLostError           a replica's lease passed to another replica; its write was refused
     ├── InvalidRequestError      malformed or inconsistent input (names what is wrong)
+    │   ├── MalformedRequestError    bytes that are not the message the method takes
     │   └── UpdateRejectedError  an upload failed validation (size, checksum, schema, values)
     ├── UnauthenticatedError     missing or wrong device credential or admin token (expired, revoked)
     ├── PermissionDeniedError    a device acting outside its own identity, or revoked
@@ -52,6 +53,10 @@ class LeaseLostError(ConflictError):
 
 class InvalidRequestError(CoordinatorError):
     """The request is malformed or inconsistent."""
+
+
+class MalformedRequestError(InvalidRequestError):
+    """The bytes a caller sent do not decode as the message the method takes."""
 
 
 class UpdateRejectedError(InvalidRequestError):

@@ -38,6 +38,22 @@ MIN_AGREEMENT_TEMPERATURE = 0.01
 client 0.05 of cosine below its best peer already weighs e^-5)."""
 
 
+MAX_REPORTED_METRICS = 64
+MAX_METRIC_NAME = 64
+
+
+def reported_metrics_problem(values: dict[str, float]) -> str | None:
+    """Why metrics a device reports (in an upload header or a report) cannot be stored, or None."""
+    if len(values) > MAX_REPORTED_METRICS:
+        return f"metrics: {len(values)} values, at most {MAX_REPORTED_METRICS}"
+    for name, value in values.items():
+        if not name or len(name) > MAX_METRIC_NAME:
+            return f"metrics: name {name[:MAX_METRIC_NAME]!r} must be 1-{MAX_METRIC_NAME} characters"
+        if not math.isfinite(value):
+            return f"metrics: {name!r} is {value}, not a finite number"
+    return None
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The values a number of the federation config may take: [low, high], either end open."""

@@ -15,7 +15,6 @@ fencing token is checked in the transactions that move or commit a round (``serv
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -42,6 +41,7 @@ from server.domain.models import (
     Round,
     Update,
     UpdateState,
+    reported_metrics_problem,
     utcnow,
 )
 from server.domain.rounds import RoundState, check_transition
@@ -162,8 +162,9 @@ class RoundService:
         contributed = bool(store.accepted_devices(round_id, device.id))
         if round_.federation_id != device.federation_id or not (contributed or device.id in round_.participants):
             raise PermissionDeniedError(f"device did not take part in round {round_.number}")
-        if len(values) > 64 or any(len(k) > 64 or not math.isfinite(v) for k, v in values.items()):
-            raise InvalidRequestError("metrics: at most 64 finite values with names of at most 64 characters")
+        problem = reported_metrics_problem(values)
+        if problem:
+            raise InvalidRequestError(problem)
         store.add_device_report(DeviceReport(round_id=round_id, device_id=device.id, metrics=values))
 
     # ---- scheduler side ---------------------------------------------------------------------

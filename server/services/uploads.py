@@ -36,7 +36,15 @@ from server.domain.errors import (
     PermissionDeniedError,
     UpdateRejectedError,
 )
-from server.domain.models import Device, FederationConfig, Round, Update, UpdateState, utcnow
+from server.domain.models import (
+    Device,
+    FederationConfig,
+    Round,
+    Update,
+    UpdateState,
+    reported_metrics_problem,
+    utcnow,
+)
 from server.domain.scheduling import could_close
 from server.learning.global_model import FUSED_TENSOR, adapter_schema, client_agreements, fused_dim, owning_modality
 from server.services.aggregation import RoundAccumulators, version_staleness
@@ -82,6 +90,9 @@ def _schema(model_key: str) -> dict[str, tuple[int, ...]]:
     return adapter_schema(json.loads(model_key))
 
 
+HEADER_BYTES_PER_TENSOR = 512
+"""Bytes an update's codec header may spend per tensor the schema has: an entry of a long name and four
+dimensions takes about 150."""
 MAX_SAMPLE_COUNT = 2**31 - 1
 """The most samples an upload may report per kind: what the database's integer columns hold."""
 
@@ -113,6 +124,7 @@ class UploadService:
         round_ = self._target_round(device, header.round_id, view.round)
         config = self._config(round_.federation_id)
         self._check_header(header)
+        self._check_modalities(device, header.modalities)
         self._check_codec(config, header.codec)
         self._check_base(config, round_, header.base_version_id)
         limit = config.fused_upload_samples
@@ -216,8 +228,21 @@ class UploadService:
         for name in ("public_samples", "private_samples"):
             if getattr(header, name) > MAX_SAMPLE_COUNT:
                 problems.append(f"{name} must be at most {MAX_SAMPLE_COUNT}")
+        metrics_problem = reported_metrics_problem(header.metrics)
+        if metrics_problem:
+            problems.append(metrics_problem)
         if problems:
             raise InvalidRequestError("invalid upload header: " + "; ".join(problems))
+
+    def _check_modalities(self, device: Device, claimed: frozenset[str]) -> None:
+        """An update may cover the modalities the device enrolled with, or fewer (a sensor can fail), never
+        more: MMA weighs an update by its modality count and lists it among each modality's participants."""
+        extra = sorted(claimed - device.modalities)
+        if extra:
+            self._count_rejection("modalities")
+            raise UpdateRejectedError(
+                "modalities", f"the update claims {', '.join(extra)}, which this device did not enrol with "
+                f"(enrolled: {', '.join(sorted(device.modalities))}); enrol a device with those modalities")
 
     def _check_codec(self, config: FederationConfig, codec: str) -> None:
         """The federation's upload codec or a more precise one: a device may not lower the precision asked for."""
@@ -326,14 +351,16 @@ class UploadService:
             raise UpdateRejectedError("size", f"received {len(data)} bytes, declared {update.declared_size}")
         if sha256_hex(data) != update.sha256:
             raise UpdateRejectedError("checksum", "sha256 of the received bytes differs from the header")
+        # Names and shapes are checked from the header, before the payload is inflated; a header listing
+        # more tensors than the schema has (and the fused features) is refused before its entries are parsed.
+        schema = _schema(json.dumps(config.model, sort_keys=True))
+        expected = len(schema) + 1
         try:
-            header = peek_header(data)
+            header = peek_header(data, max_tensors=expected, max_header_bytes=HEADER_BYTES_PER_TENSOR * expected)
         except CodecError as exc:
             raise UpdateRejectedError("codec", str(exc)) from exc
         if header.codec.value != update.codec:
             raise UpdateRejectedError("codec", "payload codec differs from the header")
-        # Names and shapes are checked from the header, before the payload is inflated.
-        schema = _schema(json.dumps(config.model, sort_keys=True))
         if not header.tensors:
             raise UpdateRejectedError("schema", "the update holds no tensors")
         # peek_header has already refused a payload larger than its tensors (the codec accepts only the

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from mlecs.proto.v1 import fleet_pb2 as pb
 from server import metrics
@@ -24,6 +25,7 @@ from server.domain.errors import (
     ConflictError,
     CoordinatorError,
     InvalidRequestError,
+    MalformedRequestError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitedError,
@@ -52,6 +54,31 @@ _STATUS: list[tuple[type[CoordinatorError], grpc.StatusCode]] = [
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """What bytes that are not the expected protobuf message decode to: the handler refuses them as the
+    caller's fault (INVALID_ARGUMENT, a counted refusal), where a raising deserializer would make gRPC answer
+    UNKNOWN or INTERNAL with the parser's text and log a traceback per message."""
+
+    message_type: str
+    error: str
+
+    def refusal(self) -> MalformedRequestError:
+        return MalformedRequestError(f"the request is not a valid {self.message_type} message ({self.error[:200]})")
+
+
+def tolerant_deserializer(message_class: type[Message]) -> Callable[[bytes], Any]:
+    """``message_class.FromString``, returning a ``MalformedMessage`` instead of raising on bad bytes."""
+    name = message_class.DESCRIPTOR.name
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, ValueError) as exc:  # ValueError: invalid UTF-8 in a string field, for one
+            return MalformedMessage(name, str(exc) or type(exc).__name__)
+    return decode
 
 
 def status_for(exc: CoordinatorError) -> grpc.StatusCode:
@@ -186,6 +213,18 @@ class HeartbeatServicer:
         """The device name the caller's client certificate proves (mutual TLS), else None."""
         return peer_certificate_name(context) if self._mtls else None
 
+    def refusing_malformed(self, method: str, handler: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]]
+                           ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]]:
+        """A unary handler that refuses a ``MalformedMessage`` request (counted and recorded as a refusal)
+        before ``handler`` sees it."""
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> T:
+            if isinstance(request, MalformedMessage):
+                async def refuse() -> T:
+                    raise request.refusal()
+                return await self._call(method, context, refuse, Caller())
+            return await handler(request, context)
+        return checked
+
     async def _device(self, context: grpc.aio.ServicerContext, caller: Caller | None = None) -> Device:
         """The authenticated caller, admitted by its rate limit."""
         device_id, secret = device_credential(context)
@@ -233,6 +272,7 @@ class HeartbeatServicer:
 def add_heartbeat_service(servicer: HeartbeatServicer, server: grpc.aio.Server) -> None:
     """Serves only ``mlecs.v1.Fleet/Heartbeat`` on ``server``; other Fleet methods answer UNIMPLEMENTED."""
     handler = grpc.unary_unary_rpc_method_handler(
-        servicer.Heartbeat, request_deserializer=pb.HeartbeatRequest.FromString,
+        servicer.refusing_malformed("Heartbeat", servicer.Heartbeat),
+        request_deserializer=tolerant_deserializer(pb.HeartbeatRequest),
         response_serializer=pb.HeartbeatResponse.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(FLEET_SERVICE, {"Heartbeat": handler}),))

@@ -35,8 +35,10 @@ from server.transport.grpc_heartbeat import (
     FLEET_SERVICE,
     Caller,
     HeartbeatServicer,
+    MalformedMessage,
     check_claim,
     status_for,
+    tolerant_deserializer,
 )
 from server.transport.long_poll import ChangeSignal, wait_for_change
 
@@ -129,6 +131,8 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
         acquired = False
         caller = Caller()
         try:
+            if isinstance(request, MalformedMessage):
+                raise request.refusal()
             device = await self._device(context, caller)
             check_claim(request.device_id, device.id)
             await self._download_slots.acquire()
@@ -182,6 +186,8 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
                        caller: Caller) -> pb.UploadResponse:
         session = None
         async for message in request_iterator:
+            if isinstance(message, MalformedMessage):
+                raise self._uploads.malformed(message.refusal().args[0])
             part = message.WhichOneof("part")
             if session is None:
                 if part != "header":
@@ -246,9 +252,13 @@ def add_fleet_service(servicer: FleetServicer, server: grpc.aio.Server) -> None:
     from the proto's descriptor, so it cannot drift from the contract."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Fleet"].methods:
-        kind = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        streams = (method.client_streaming, method.server_streaming)
         request = message_factory.GetMessageClass(method.input_type)
-        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=request.FromString,
-                                     response_serializer=_serialize)
+        handler = getattr(servicer, method.name)
+        if streams == (False, False):
+            handler = servicer.refusing_malformed(method.name, handler)
+        # Streaming methods check each message themselves (a ``MalformedMessage`` where a message should be).
+        handlers[method.name] = _HANDLERS[streams](handler, request_deserializer=tolerant_deserializer(request),
+                                                   response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(FLEET_SERVICE, handlers),))
     server.add_registered_method_handlers(FLEET_SERVICE, handlers)

@@ -3,10 +3,12 @@ are bounded, and the federation still commits. (Malformed uploads are in ``test_
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -15,7 +17,18 @@ from mlecs.model import tensor_modality
 from mlecs.proto.v1 import fleet_pb2 as pb
 from server.config import CoordinatorSettings
 from tests.integration.coordinator_harness import RunningCoordinator, running_coordinator, wait_for_round
-from tests.integration.test_upload_security import Dev, Setup, _enrol, _header, _messages, _open_round
+from tests.integration.test_upload_security import (
+    Dev,
+    Setup,
+    _count,
+    _delta,
+    _enrol,
+    _expect_refused,
+    _header,
+    _messages,
+    _open_round,
+    _outer,
+)
 
 HEAD_BIAS = "head.bias"
 
@@ -97,3 +110,114 @@ def test_honest_counts_within_the_ratio_are_weighed_as_claimed(coordinator: Runn
 
     assert _bias_moved(coordinator, s) == pytest.approx((350 - 100 - 150) / 600, abs=1e-5)
     assert coordinator.admin.get(f"/v1/rounds/{s.task.round_id}").json()["metrics"]["weight_capped"] == 0.0
+
+
+# ---- claims the coordinator can check --------------------------------------------------------------------
+
+
+def _round_of_two(c: RunningCoordinator) -> tuple[Setup, Dev, Dev]:
+    federation = _federation(c, min_updates=1, round_deadline_s=3)  # mallory sends nothing that counts
+    mallory = _enrol(c, federation, "mallory", ["image"])
+    honest = _enrol(c, federation, "honest", ["image"])
+    return _open_round(c, federation, mallory, honest), mallory, honest
+
+
+def _commits_with_the_honest_update(c: RunningCoordinator, s: Setup, honest: Dev) -> None:
+    payload = encode_tensors(_delta(s.base, ["image"]), "fp16")
+    assert honest.send(_messages(_header(s, honest, payload), payload)).state == pb.UPLOAD_STATE_ACCEPTED
+    round_ = wait_for_round(c.admin, s.task.round_id)
+    assert round_["state"] == "committed" and round_["metrics"]["participants"] == 1
+
+
+def test_a_modality_the_device_did_not_enrol_with_is_refused_at_the_header(coordinator: RunningCoordinator) -> None:
+    s, mallory, honest = _round_of_two(coordinator)
+    payload = encode_tensors(_delta(s.base, ["image", "audio"]), "fp16")  # audio extractor tensors too
+    header = _header(s, mallory, payload, modalities=[pb.MODALITY_IMAGE, pb.MODALITY_AUDIO])
+
+    _expect_refused(s, mallory, lambda: mallory.send(_messages(header, payload)), grpc.StatusCode.INVALID_ARGUMENT,
+                    "modalities", "claims audio, which this device did not enrol with (enrolled: image)")
+
+    _commits_with_the_honest_update(coordinator, s, honest)
+    participants = coordinator.admin.get(f"/v1/rounds/{s.task.round_id}/participants").json()
+    assert mallory.id not in [p["device_id"] for p in participants if p["update_state"] == "accepted"]
+
+
+@pytest.mark.parametrize(("metrics", "match"), [
+    ({"loss": float("nan")}, "'loss' is nan, not a finite number"),
+    ({"loss": float("inf")}, "'loss' is inf, not a finite number"),
+    ({f"m{i}": 1.0 for i in range(10_000)}, "metrics: 10000 values, at most 64"),
+    ({"x" * 65: 1.0}, "must be 1-64 characters"),
+])
+def test_upload_header_metrics_are_checked_as_reports_are(
+        coordinator: RunningCoordinator, metrics: dict[str, float], match: str) -> None:
+    s, mallory, honest = _round_of_two(coordinator)
+    payload = encode_tensors(_delta(s.base, ["image"]), "fp16")
+    header = _header(s, mallory, payload, metrics=metrics)
+
+    _expect_refused(s, mallory, lambda: mallory.send(_messages(header, payload)), grpc.StatusCode.INVALID_ARGUMENT,
+                    "invalid_request", match)
+
+    _commits_with_the_honest_update(coordinator, s, honest)
+
+
+def test_a_header_listing_far_more_tensors_than_the_schema_is_refused_before_its_entries_are_read(
+        coordinator: RunningCoordinator) -> None:
+    s, mallory, honest = _round_of_two(coordinator)
+    count = 150_000
+    entries = [{"name": f"t{i:06d}", "shape": [1], "dtype": "float32", "offset": 4 * i, "nbytes": 4}
+               for i in range(count)]
+    payload = _outer({"codec": "fp32", "payload_bytes": 4 * count, "tensors": entries}, bytes(4 * count))
+    header = _header(s, mallory, payload, codec=pb.CODEC_FP32_ZSTD)
+    expected = len(s.base) + 1  # the schema's tensors and the fused features
+
+    _expect_refused(s, mallory, lambda: mallory.send(_messages(header, payload)), grpc.StatusCode.INVALID_ARGUMENT,
+                    "codec", f"exceeds {512 * expected}")
+
+    _commits_with_the_honest_update(coordinator, s, honest)
+
+
+# ---- bytes that are not protobuf ----------------------------------------------------------------------------
+
+GARBAGE = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # a varint longer than 64 bits: no message parses it
+
+
+def _raw(c: RunningCoordinator, method: str, kind: str = "unary_unary") -> Any:
+    channel = grpc.insecure_channel(c.grpc_address)
+    return getattr(channel, kind)(f"/mlecs.v1.Fleet/{method}")  # no serializers: bytes go as they are
+
+
+@pytest.mark.parametrize("method", ["Enrol", "GetTask", "Heartbeat", "GetUploadStatus", "ReportMetrics"])
+def test_garbage_bytes_to_a_unary_method_are_a_counted_invalid_argument_without_a_traceback(
+        coordinator: RunningCoordinator, method: str, caplog: pytest.LogCaptureFixture) -> None:
+    before = _count("mlecs_refusals_total", method=method, reason="malformed")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        _raw(coordinator, method)(GARBAGE, timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "is not a valid" in caught.value.details() and "Request message" in caught.value.details()
+    assert _count("mlecs_refusals_total", method=method, reason="malformed") == before + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_garbage_bytes_to_download_are_refused(coordinator: RunningCoordinator) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(_raw(coordinator, "DownloadGlobal", "unary_stream")(GARBAGE, timeout=10))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid DownloadGlobalRequest message" in caught.value.details()
+
+
+def test_a_garbage_frame_in_an_upload_is_refused_and_the_round_still_commits(
+        coordinator: RunningCoordinator, caplog: pytest.LogCaptureFixture) -> None:
+    s, mallory, honest = _round_of_two(coordinator)
+    payload = encode_tensors(_delta(s.base, ["image"]), "fp16")
+    frames = [message.SerializeToString() for message in _messages(_header(s, mallory, payload), payload)]
+    upload = grpc.insecure_channel(coordinator.grpc_address).stream_unary("/mlecs.v1.Fleet/UploadUpdate")
+
+    _expect_refused(s, mallory, lambda: upload(iter([frames[0], GARBAGE, *frames[1:]]), metadata=mallory.metadata,
+                                               timeout=30),
+                    grpc.StatusCode.INVALID_ARGUMENT, "malformed", "not a valid UploadMessage message")
+
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    _commits_with_the_honest_update(coordinator, s, honest)
