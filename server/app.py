@@ -26,6 +26,7 @@ from server.persistence.database import create_engine_for, migrate
 from server.persistence.presence import create_presence_store
 from server.persistence.revocations import create_revocation_feed
 from server.persistence.sql_store import SqlStore
+from server.services import staging
 from server.services.admin_tokens import AdminTokenService
 from server.services.aggregation import RoundAccumulators
 from server.services.audit import AuditService
@@ -176,6 +177,8 @@ class Coordinator:
         changes = ChangeSignal()
         fleet = FleetServicer(services.devices, services.rounds, services.uploads, services.versions.read, chunk,
                               max_uploads=self.settings.max_concurrent_uploads,
+                              max_upload_streams_per_device=self.settings.max_upload_streams_per_device,
+                              upload_idle_timeout_s=self.settings.upload_idle_timeout_s,
                               max_downloads=self.settings.max_concurrent_downloads, changes=changes,
                               limiter=TokenBucketLimiter(self.settings.device_rate_per_s, self.settings.device_burst),
                               refusals=services.refusals,
@@ -289,6 +292,7 @@ async def _observe(services: Services, interval_s: float = OBSERVE_INTERVAL_S) -
         try:
             await asyncio.to_thread(services.health)  # sets the dependency gauges
             await asyncio.to_thread(observe_fleet, services.ctx)
+            await asyncio.to_thread(staging.sweep, services.ctx)
         except UnavailableError as exc:
             log.debug("fleet gauges not refreshed: %s", exc)
         except Exception:  # a gauge is not worth the task: log and try again next time

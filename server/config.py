@@ -66,7 +66,21 @@ class CoordinatorSettings(BaseSettings):
     """A device refused for its rate, or a caller refused as unauthenticated or not permitted, is recorded at
     most once per this many seconds per device (or peer address) and method; every refusal is still counted."""
     max_concurrent_uploads: int = Field(default=16, ge=1)
-    """Upload streams received at once; more wait their turn (bounds memory under a thundering herd)."""
+    """Upload streams received at once, counted from their header on; more wait their turn (bounds memory
+    under a thundering herd). A stream that has sent no header yet holds no slot."""
+    max_upload_streams_per_device: int = Field(default=2, ge=1)
+    """Upload streams one device may have open at once (a further one is refused as RESOURCE_EXHAUSTED):
+    one device cannot take the slots every other device needs. An agent opens one."""
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0)
+    """An upload stream that sends no message for this long is closed (DEADLINE_EXCEEDED, reason ``idle``);
+    the device resumes from the acknowledged offset."""
+    max_partial_uploads_per_device: int = Field(default=2, ge=1)
+    """Unfinished uploads one device may have in a round; a new one beyond this discards the device's oldest
+    (its staged bytes are deleted, state rejected, reason ``superseded``). Partial uploads also expire, with
+    their staged bytes, when their round closes."""
+    max_staged_bytes: int = Field(default=4 * 1024**3, ge=1024 * 1024)
+    """Staged bytes of unfinished uploads this replica holds at most; a new upload that would pass it is
+    refused (RESOURCE_EXHAUSTED, reason ``staging_full``, retry later)."""
     grpc_stream_window_bytes: int = Field(default=256 * 1024, ge=64 * 1024)
     """HTTP/2 receive window per stream on the device port. An upload waiting for a slot holds at most this
     much in the coordinator; one upload moves at most this much per round trip (256 KiB at 100 ms is

@@ -61,6 +61,8 @@ UPDATE_WIRE_BYTES = Counter("mlecs_update_wire_bytes_total", "Bytes of accepted 
 UPDATE_RAW_BYTES = Counter(
     "mlecs_update_raw_bytes_total",
     "fp32 bytes of the accepted updates' tensors: wire / raw is the upload compression ratio")
+STAGED_BYTES = Gauge("mlecs_staged_bytes", "Bytes of unfinished uploads staged by this replica")
+UPLOAD_STREAMS = Gauge("mlecs_upload_streams_open", "Upload streams open on this replica (with or without a header)")
 DEPENDENCY_UP = Gauge("mlecs_dependency_up", "1 when the dependency answered the latest health probe, else 0",
                       ["dependency"])
 

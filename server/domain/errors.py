@@ -13,7 +13,9 @@
     ├── PermissionDeniedError    a device acting outside its own identity, or revoked
     │   └── InsufficientScopeError   an admin token without the scope an operation needs
     ├── UnavailableError         the database, Redis or blob store is down (retryable)
+    ├── IdleStreamError          a stream sent nothing for too long (retryable)
     └── RateLimitedError         a device sent requests faster than its rate limit (retryable later)
+        └── ResourceLimitError   a device (or everyone) holds as many streams or staged bytes as allowed
 
 Each class says whether retrying the same request can help (``retryable``).
 """
@@ -90,6 +92,12 @@ class UnavailableError(CoordinatorError):
     retryable = True
 
 
+class IdleStreamError(CoordinatorError):
+    """A client stream sent no message within the idle timeout; it was closed (resume it)."""
+
+    retryable = True
+
+
 class RateLimitedError(CoordinatorError):
     """The caller sent requests faster than its rate limit allows; retry after ``retry_after_s``."""
 
@@ -98,3 +106,12 @@ class RateLimitedError(CoordinatorError):
     def __init__(self, detail: str, retry_after_s: float) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+
+
+class ResourceLimitError(RateLimitedError):
+    """The caller (or every caller together) holds as much of a bounded resource as allowed: upload streams,
+    staged bytes. ``reason`` is a short code for metrics."""
+
+    def __init__(self, reason: str, detail: str, retry_after_s: float) -> None:
+        super().__init__(detail, retry_after_s)
+        self.reason = reason

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +47,8 @@ class FileBlobStore:
         self._staging.mkdir(parents=True, exist_ok=True)
         self._guard = threading.Lock()
         self._staging_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        # Bytes staged under this root, kept as they change (scanned once here), so admission is O(1).
+        self._staged_total = sum(size for _, size, _ in self.staged_uploads())
 
     # ---- content store ----------------------------------------------------------------------
 
@@ -107,6 +110,7 @@ class FileBlobStore:
                 raise InvalidRequestError(
                     f"staged upload {staging_id}: expected offset {current} (or less, to resume), got {offset}")
             created = not path.exists()
+            self._count_staged(offset + len(data) - current)
             with open(path, "r+b" if not created else "wb") as staged:
                 if offset < current:
                     staged.truncate(offset)
@@ -117,6 +121,29 @@ class FileBlobStore:
             if created:
                 _fsync_dir(path.parent)
             return offset + len(data)
+
+    def staged_bytes(self) -> int:
+        """Bytes of every upload staged here and not yet promoted or discarded."""
+        with self._guard:
+            return self._staged_total
+
+    def staged_uploads(self) -> list[tuple[str, int, float]]:
+        """(staging id, bytes, seconds since its last write) of every staged upload: for sweeping leftovers."""
+        found = []
+        now = time.time()
+        with os.scandir(self._staging) as entries:
+            for entry in entries:
+                if _STAGING_ID.fullmatch(entry.name):
+                    try:
+                        stat = entry.stat()
+                    except FileNotFoundError:
+                        continue  # promoted or discarded meanwhile
+                    found.append((entry.name, stat.st_size, max(0.0, now - stat.st_mtime)))
+        return found
+
+    def _count_staged(self, delta: int) -> None:
+        with self._guard:
+            self._staged_total = max(0, self._staged_total + delta)
 
     def read_staged(self, staging_id: str) -> bytes:
         try:
@@ -139,6 +166,7 @@ class FileBlobStore:
             except FileNotFoundError:
                 raise NotFoundError(f"staged upload {staging_id} not found") from None
             target = self._object_path(key)
+            self._count_staged(-path.stat().st_size)
             if target.is_file() and target.stat().st_size == path.stat().st_size and _file_sha256(target) == key:
                 path.unlink()
             else:
@@ -153,7 +181,14 @@ class FileBlobStore:
     def discard_staged(self, staging_id: str) -> None:
         """Deletes a staged upload; discarding one that does not exist is fine."""
         with self._staging_lock(staging_id):
-            self._staged_path(staging_id).unlink(missing_ok=True)
+            path = self._staged_path(staging_id)
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            else:
+                self._count_staged(-size)
         self._forget_lock(staging_id)
 
     # ---- paths ------------------------------------------------------------------------------

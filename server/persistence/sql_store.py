@@ -464,6 +464,16 @@ class SqlStore:
                                    .order_by(UpdateRow.created_at, UpdateRow.id))
             return [mapping.to_update(row) for row in rows]
 
+    def device_partials(self, round_id: str, device_id: str) -> list[Update]:
+        with self._connection() as connection:
+            rows = connection.execute(statements.DEVICE_PARTIALS, {"round_id": round_id, "device_id": device_id})
+            return [mapping.to_update(row) for row in rows]
+
+    def get_update(self, update_id: str) -> Update | None:
+        with self._connection() as connection:
+            row = connection.execute(statements.BY_ID[_UPDATES], {"key": update_id}).first()
+            return None if row is None else mapping.to_update(row)
+
     def save_update(self, update: Update) -> None:
         with self._connection(
             clash=f"upload {update.upload_id!r} already exists for device {update.device_id}",

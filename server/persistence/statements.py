@@ -62,6 +62,12 @@ SET_ROUND_STATE = update(ROUNDS).where(ROUNDS.c.id == bindparam("round_key")).va
 UPDATE_BY_UPLOAD = select(UPDATES).where(UPDATES.c.device_id == bindparam("device_id"),
                                          UPDATES.c.upload_id == bindparam("upload_id"))
 
+DEVICE_PARTIALS = (select(UPDATES).where(UPDATES.c.round_id == bindparam("round_id"),
+                                         UPDATES.c.device_id == bindparam("device_id"),
+                                         UPDATES.c.state == UpdateState.PARTIAL.value)
+                   .order_by(UPDATES.c.created_at, UPDATES.c.id))
+"""The partial uploads of ``device_id`` in ``round_id``, oldest first (the round/device/upload index)."""
+
 ACCEPTED_DEVICES = select(UPDATES.c.device_id).where(UPDATES.c.round_id == bindparam("round_id"),
                                                      UPDATES.c.state == _ACCEPTED)
 """Devices with an accepted update in ``round_id``."""

@@ -30,12 +30,14 @@ from server import metrics
 from server.domain.errors import (
     ConflictError,
     CoordinatorError,
+    IdleStreamError,
     InvalidRequestError,
     LateUpdateError,
     MalformedRequestError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitedError,
+    ResourceLimitError,
     UnauthenticatedError,
     UpdateRejectedError,
 )
@@ -48,9 +50,10 @@ MAX_DETAIL_CHARS = 1000
 """Details quote what the device sent (ids, names); a hostile device must not fill the table through them."""
 _MAX_ID_CHARS = 64  # the width of the id columns; a longer claimed id is left out (the detail quotes it)
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_THINNED = ("rate_limited", "unauthenticated", "permission_denied")
+_THINNED = ("rate_limited", "unauthenticated", "permission_denied", "upload_streams", "staging_full")
 _KINDS: list[tuple[type[CoordinatorError], str]] = [
     (RateLimitedError, "rate_limited"),
+    (IdleStreamError, "idle"),
     (LateUpdateError, "late"),
     (ConflictError, "conflict"),
     (MalformedRequestError, "malformed"),
@@ -63,7 +66,7 @@ _KINDS: list[tuple[type[CoordinatorError], str]] = [
 
 def refusal_reason(error: CoordinatorError) -> str | None:
     """The reason code of a refusal, or None when the error is not one (a dependency down is our fault)."""
-    if isinstance(error, UpdateRejectedError):
+    if isinstance(error, UpdateRejectedError | ResourceLimitError):
         return error.reason if _CODE.match(error.reason) else "other"
     for kind, reason in _KINDS:
         if isinstance(error, kind):

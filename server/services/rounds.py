@@ -47,6 +47,7 @@ from server.domain.models import (
 from server.domain.rounds import RoundState, check_transition
 from server.domain.scheduling import Action, Decision, decide, invitation_count, select_participants
 from server.learning.global_model import full_model_bytes
+from server.services import staging
 from server.services.aggregation import RoundAccumulators, aggregate, version_staleness
 from server.services.context import ServiceContext
 from server.services.federations import FederationService
@@ -245,7 +246,8 @@ class RoundService:
         return committed < config.target_rounds
 
     def advance(self, round_id: str, fence: Fence | None = None) -> Round:
-        """Commits, fails or leaves the round as it is, by the rules of ``server.domain.scheduling``."""
+        """Commits, fails or leaves the round as it is, by the rules of ``server.domain.scheduling``. A round
+        that closes takes its unfinished uploads with it (``staging.expire_partials``)."""
         store = self._ctx.store
         with self._locks(round_id):
             round_ = store.get_round(round_id)
@@ -300,6 +302,7 @@ class RoundService:
         self._ctx.store.save_round(round_, fence)
         metrics.ROUNDS.labels("failed").inc()
         log.warning("round %d failed: %s", round_.number, reason)
+        staging.expire_partials(self._ctx, round_)
         return round_
 
     def _staleness(self, round_: Round, updates: list[Update]) -> list[int]:
@@ -360,6 +363,7 @@ class RoundService:
         observe_round(config, accepted, staleness)
         log.info("round %d committed: accuracy %.4f from %d update(s)", round_.number,
                  version.metrics.get("accuracy", float("nan")), len(accepted))
+        staging.expire_partials(self._ctx, round_)
         return round_
 
     @staticmethod

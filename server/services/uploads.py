@@ -34,6 +34,7 @@ from server.domain.errors import (
     LateUpdateError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceLimitError,
     UpdateRejectedError,
 )
 from server.domain.models import (
@@ -47,6 +48,7 @@ from server.domain.models import (
 )
 from server.domain.scheduling import could_close
 from server.learning.global_model import FUSED_TENSOR, adapter_schema, client_agreements, fused_dim, owning_modality
+from server.services import staging
 from server.services.aggregation import RoundAccumulators, version_staleness
 from server.services.context import ServiceContext
 from server.services.locks import RoundLocks
@@ -132,6 +134,7 @@ class UploadService:
             raise InvalidRequestError(f"fused_sample_ids must be at most {limit} distinct public sample ids")
         if header.resume_offset != 0:
             raise InvalidRequestError("a new upload must start at offset 0")
+        self._make_room(device, round_, header.total_size)
         update = Update(
             round_id=round_.id, device_id=device.id, upload_id=header.upload_id, codec=header.codec,
             declared_size=header.total_size, sha256=header.sha256, modalities=header.modalities,
@@ -145,6 +148,20 @@ class UploadService:
             raise AlreadyAcceptedError(f"an update from this device for round {round_.number} was already "
                                        "accepted") from None
         return UploadSession(update=update, offset=0, federation_id=round_.federation_id)
+
+    def _make_room(self, device: Device, round_: Round, size: int) -> None:
+        """Bounds what unfinished uploads hold: a device keeps at most ``max_partial_uploads_per_device`` in a
+        round (a new one retires its oldest), and this replica stages at most ``max_staged_bytes``."""
+        settings = self._ctx.settings
+        partials = self._ctx.store.device_partials(round_.id, device.id)
+        for oldest in partials[:max(0, len(partials) - settings.max_partial_uploads_per_device + 1)]:
+            staging.retire(self._ctx, oldest, "superseded")
+        staged, limit = self._ctx.blobs.staged_bytes(), settings.max_staged_bytes
+        if staged + size > limit:
+            metrics.UPDATE_REJECTIONS.labels("staging_full").inc()
+            raise ResourceLimitError(
+                "staging_full", f"the coordinator is staging {staged} bytes of unfinished uploads; {size} more "
+                f"would pass its limit of {limit} (max_staged_bytes): retry later", retry_after_s=30.0)
 
     def _target_round(self, device: Device, round_id: str, named: Round | None) -> Round:
         """The round an update for ``round_id`` (``named``, as read) goes to: that round, or in async mode
@@ -285,6 +302,7 @@ class UploadService:
         if staged < update.declared_size:
             update.received_bytes = staged
             self._ctx.store.save_update(update)
+            staging.observe_staging(self._ctx)
             return update
         data = self._ctx.blobs.read_staged(update.id)
         if session.federation_id is None:

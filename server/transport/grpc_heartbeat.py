@@ -24,6 +24,7 @@ from server import metrics
 from server.domain.errors import (
     ConflictError,
     CoordinatorError,
+    IdleStreamError,
     InvalidRequestError,
     MalformedRequestError,
     NotFoundError,
@@ -53,6 +54,7 @@ _STATUS: list[tuple[type[CoordinatorError], grpc.StatusCode]] = [
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (IdleStreamError, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,7 +18,13 @@ from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 from server import metrics
 from server.domain.assignments import Assignment, WaitAssignment
-from server.domain.errors import CoordinatorError, PermissionDeniedError, UnavailableError
+from server.domain.errors import (
+    CoordinatorError,
+    IdleStreamError,
+    PermissionDeniedError,
+    ResourceLimitError,
+    UnavailableError,
+)
 from server.domain.models import Device, UpdateState
 from server.services.devices import DeviceService
 from server.services.rate_limits import TokenBucketLimiter
@@ -57,6 +63,7 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
     def __init__(self, devices: DeviceService, rounds: RoundService, uploads: UploadService,
                  blob_reader: Callable[[str | None, str], Any], chunk_bytes: int, *,
                  max_uploads: int = 16, max_downloads: int = 32, control_threads: int = 4,
+                 max_upload_streams_per_device: int = 2, upload_idle_timeout_s: float = 30.0,
                  changes: ChangeSignal | None = None, limiter: TokenBucketLimiter | None = None,
                  refusals: RefusalRecorder | None = None, mtls: bool = False, heartbeat_port: int = 0) -> None:
         super().__init__(devices, control_threads=control_threads, limiter=limiter, refusals=refusals, mtls=mtls,
@@ -68,6 +75,11 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
         # Bounded transfers bound memory: each one in flight holds its chunks and, for uploads, a decoded
         # copy during validation. Streams beyond the bound wait (and gRPC flow control holds the senders).
         self._upload_slots = asyncio.Semaphore(max_uploads)
+        # Streams per device, counted from authentication on: one device cannot hold every slot, and a stream
+        # that sends nothing is closed after the idle timeout, header or not.
+        self._upload_streams: Counter[str] = Counter()
+        self._max_streams_per_device = max_upload_streams_per_device
+        self._upload_idle_s = upload_idle_timeout_s
         self._download_slots = asyncio.Semaphore(max_downloads)
         self._changes = changes or ChangeSignal()
         # A whole fleet downloads the same version at the start of a round, and its stream is the same for
@@ -178,32 +190,52 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
 
         async def body() -> pb.UploadResponse:
             device = await self._device(context, caller)  # one request per stream, however many chunks
-            async with self._upload_slots:
-                return await self._receive(device, request_iterator, caller)
+            if self._upload_streams[device.id] >= self._max_streams_per_device:
+                raise ResourceLimitError(
+                    "upload_streams", f"device {device.id} already has {self._upload_streams[device.id]} upload "
+                    f"stream(s) open, the most one device may (max_upload_streams_per_device)", retry_after_s=5.0)
+            self._upload_streams[device.id] += 1
+            metrics.UPLOAD_STREAMS.inc()
+            try:
+                return await self._receive(device, request_iterator.__aiter__(), caller)
+            finally:
+                metrics.UPLOAD_STREAMS.dec()
+                self._upload_streams[device.id] -= 1
+                if not self._upload_streams[device.id]:
+                    del self._upload_streams[device.id]
         return await self._call("UploadUpdate", context, body, caller)
 
-    async def _receive(self, device: Device, request_iterator: AsyncIterator[pb.UploadMessage],
-                       caller: Caller) -> pb.UploadResponse:
-        session = None
-        async for message in request_iterator:
-            if isinstance(message, MalformedMessage):
-                raise self._uploads.malformed(message.refusal().args[0])
-            part = message.WhichOneof("part")
-            if session is None:
-                if part != "header":
-                    raise self._uploads.malformed("the first message of an upload must be its header")
-                header = upload_header_from_proto(message.header)
-                caller.round_id = header.round_id
-                session = await asyncio.to_thread(self._uploads.open, device, header)
-                caller.round_id = session.update.round_id  # async mode may redirect it to the open buffer
-            elif part == "chunk":
-                await asyncio.to_thread(self._uploads.append, session, message.chunk.offset,
-                                        message.chunk.data)
-            else:
-                raise self._uploads.malformed("an upload carries exactly one header, first")
-        if session is None:
+    async def _next(self, messages: AsyncIterator[Any]) -> Any:
+        """The stream's next message (None at its end), within the idle timeout."""
+        try:
+            return await asyncio.wait_for(anext(messages), self._upload_idle_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise IdleStreamError(f"the upload stream sent nothing for {self._upload_idle_s:g} s and was closed; "
+                                  "resume it from the acknowledged offset") from None
+
+    async def _receive(self, device: Device, messages: AsyncIterator[Any], caller: Caller) -> pb.UploadResponse:
+        first = await self._next(messages)
+        if first is None:
             raise self._uploads.malformed("empty upload stream: no header")
-        update = await asyncio.to_thread(self._uploads.finish, session)
+        if isinstance(first, MalformedMessage):
+            raise self._uploads.malformed(first.refusal().args[0])
+        if first.WhichOneof("part") != "header":
+            raise self._uploads.malformed("the first message of an upload must be its header")
+        header = upload_header_from_proto(first.header)
+        caller.round_id = header.round_id
+        # A slot is taken only once the header is in: a stream that sends nothing holds none.
+        async with self._upload_slots:
+            session = await asyncio.to_thread(self._uploads.open, device, header)
+            caller.round_id = session.update.round_id  # async mode may redirect it to the open buffer
+            while (message := await self._next(messages)) is not None:
+                if isinstance(message, MalformedMessage):
+                    raise self._uploads.malformed(message.refusal().args[0])
+                if message.WhichOneof("part") != "chunk":
+                    raise self._uploads.malformed("an upload carries exactly one header, first")
+                await asyncio.to_thread(self._uploads.append, session, message.chunk.offset, message.chunk.data)
+            update = await asyncio.to_thread(self._uploads.finish, session)
         offset = update.declared_size if update.state is UpdateState.ACCEPTED else session.offset
         return pb.UploadResponse(upload_id=update.upload_id, state=_UPLOAD_STATE[update.state],
                                  acknowledged_offset=offset)

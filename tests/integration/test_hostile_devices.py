@@ -4,6 +4,8 @@ are bounded, and the federation still commits. (Malformed uploads are in ``test_
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,10 +18,13 @@ from mlecs.codec import decode_tensors, encode_tensors
 from mlecs.model import tensor_modality
 from mlecs.proto.v1 import fleet_pb2 as pb
 from server.config import CoordinatorSettings
+from server.domain.models import UpdateState
+from server.services import staging
 from tests.integration.coordinator_harness import RunningCoordinator, running_coordinator, wait_for_round
 from tests.integration.test_upload_security import (
     Dev,
     Setup,
+    _chunk,
     _count,
     _delta,
     _enrol,
@@ -221,3 +226,157 @@ def test_a_garbage_frame_in_an_upload_is_refused_and_the_round_still_commits(
 
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     _commits_with_the_honest_update(coordinator, s, honest)
+
+
+# ---- streams and staged bytes ------------------------------------------------------------------------------
+
+IDLE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCoordinator]:
+    """A coordinator with few upload slots, a short idle timeout and 1 MiB of staging."""
+    settings = CoordinatorSettings(state_dir=tmp_path_factory.mktemp("tight"), scheduler_interval_s=0.2,
+                                   max_concurrent_uploads=2, upload_idle_timeout_s=IDLE_S,
+                                   max_staged_bytes=1024 * 1024, device_burst=200)
+    with running_coordinator(settings) as running:
+        yield running
+
+
+class IdleStreams:
+    """Upload streams that send nothing (or only a header) until released: a hostile device's tactic."""
+
+    def __init__(self, dev: Dev, first: list[pb.UploadMessage] | None = None) -> None:
+        self._release = threading.Event()
+        self._dev, self._first = dev, first or []
+        self.calls: list[Any] = []
+
+    def _messages(self) -> Iterator[pb.UploadMessage]:
+        yield from self._first
+        self._release.wait(60)
+
+    def open(self, count: int) -> None:
+        for _ in range(count):
+            self.calls.append(self._dev.stub.UploadUpdate.future(self._messages(), metadata=self._dev.metadata,
+                                                                 timeout=60))
+
+    def outcomes(self) -> list[grpc.StatusCode]:
+        self._release.set()
+        codes = []
+        for call in self.calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        return codes
+
+
+def _staged_bytes(c: RunningCoordinator) -> int:
+    assert c.coordinator.services is not None
+    return c.coordinator.services.ctx.blobs.staged_bytes()
+
+
+def test_idle_streams_of_one_device_are_capped_and_closed_and_nobody_else_waits(tight: RunningCoordinator) -> None:
+    federation = _federation(tight, min_updates=2)
+    mallory = _enrol(tight, federation, "mallory", ["image"])
+    eve = _enrol(tight, federation, "eve", ["image"])
+    honest = _enrol(tight, federation, "honest", ["image"])
+    s = _open_round(tight, federation, mallory, eve, honest)
+    # The attack that blocked every other upload: 20 streams that send nothing. Eve adds two of her own,
+    # so that together the idle streams outnumber the coordinator's two upload slots.
+    idle, idle_too = IdleStreams(mallory), IdleStreams(eve)
+    idle.open(20)
+    idle_too.open(2)
+    time.sleep(0.5)
+
+    payload = encode_tensors(_delta(s.base, ["image"]), "fp16")
+    started = time.monotonic()
+    assert honest.send(_messages(_header(s, honest, payload), payload)).state == pb.UPLOAD_STATE_ACCEPTED
+    honest_s = time.monotonic() - started
+    time.sleep(IDLE_S + 1)  # past the idle timeout: the admitted idle streams are closed by now
+
+    codes = idle.outcomes() + idle_too.outcomes()
+    # Bound: the honest upload does not wait for any idle stream (they hold no slot before their header).
+    assert honest_s < IDLE_S, honest_s
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 18  # mallory: 2 streams admitted, 18 refused
+    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 4    # the admitted ones, closed when idle
+    assert _count("mlecs_upload_streams_open") == 0
+
+
+def test_a_header_then_silence_is_closed_after_the_idle_timeout_and_frees_its_slot(tight: RunningCoordinator) -> None:
+    federation = _federation(tight, min_updates=1, round_deadline_s=30)
+    devices = [_enrol(tight, federation, name, ["image"]) for name in ("m1", "m2", "honest")]
+    s = _open_round(tight, federation, *devices)
+    payload = encode_tensors(_delta(s.base, ["image"]), "fp16")
+    stalled = []
+    for dev in devices[:2]:  # two headers, then nothing: both slots held until the idle timeout
+        streams = IdleStreams(dev, [pb.UploadMessage(header=_header(s, dev, payload))])
+        streams.open(1)
+        stalled.append(streams)
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    honest = devices[2]
+    assert honest.send(_messages(_header(s, honest, payload), payload)).state == pb.UPLOAD_STATE_ACCEPTED
+
+    # Bound: a slot held by a silent stream is back within the idle timeout (plus scheduling slack).
+    assert time.monotonic() - started < IDLE_S + 3
+    assert [code for streams in stalled for code in streams.outcomes()] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+
+
+def test_partial_uploads_are_capped_per_device_and_expire_with_their_round(tight: RunningCoordinator) -> None:
+    federation = _federation(tight, min_updates=1, round_deadline_s=30)
+    mallory = _enrol(tight, federation, "mallory", ["image"])
+    honest = _enrol(tight, federation, "honest", ["image"])
+    s = _open_round(tight, federation, mallory, honest)
+    # The attack that left 84 MB in staging: many upload ids, each declaring more than it sends.
+    declared = bytes(range(256)) * 1024  # 256 KiB declared; 16 KiB sent
+    for _ in range(6):
+        header = _header(s, mallory, declared)
+        response = mallory.send([pb.UploadMessage(header=header), _chunk(0, declared[:16 * 1024])])
+        assert response.state == pb.UPLOAD_STATE_PARTIAL
+    services = tight.coordinator.services
+    assert services is not None
+    updates = services.ctx.store.list_updates(s.task.round_id)
+    assert sum(u.state is UpdateState.PARTIAL for u in updates) == 2  # the device's two newest
+    assert sorted(u.rejection_reason for u in updates if u.state is UpdateState.REJECTED) == ["superseded"] * 4
+    assert _staged_bytes(tight) == 2 * 16 * 1024
+
+    _commits_with_the_honest_update(tight, s, honest)
+
+    assert _staged_bytes(tight) == 0
+    assert _count("mlecs_staged_bytes") == 0
+    after = services.ctx.store.list_updates(s.task.round_id)
+    assert not [u for u in after if u.state is UpdateState.PARTIAL]
+    assert sum(u.rejection_reason == "expired" for u in after) == 2
+
+
+def test_a_new_upload_that_would_overfill_staging_is_refused_until_room_is_made(tight: RunningCoordinator) -> None:
+    federation = _federation(tight, min_updates=1, round_deadline_s=30)
+    devices = [_enrol(tight, federation, f"d{i}", ["image"]) for i in range(3)]
+    s = _open_round(tight, federation, *devices)
+    big = bytes(600 * 1024)  # two of these pass the 1 MiB of staging
+    first = _header(s, devices[0], big)
+    assert devices[0].send([pb.UploadMessage(header=first), _chunk(0, big[:512 * 1024])]).state == \
+        pb.UPLOAD_STATE_PARTIAL
+
+    _expect_refused(s, devices[1], lambda: devices[1].send([pb.UploadMessage(header=_header(s, devices[1], big)),
+                                                            _chunk(0, big[:1024])]),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "staging_full", "max_staged_bytes")
+    assert _staged_bytes(tight) == 512 * 1024
+
+    _commits_with_the_honest_update(tight, s, devices[2])  # small, still fits
+    assert _staged_bytes(tight) == 0
+
+
+def test_the_sweep_removes_staged_files_no_open_upload_owns(tight: RunningCoordinator) -> None:
+    services = tight.coordinator.services
+    assert services is not None
+    blobs = services.ctx.blobs
+    orphan = uuid.uuid4().hex
+    blobs.append_staged(orphan, 0, b"left by a crash")
+
+    assert staging.sweep(services.ctx, min_age_s=0) >= 1
+    assert orphan not in [staging_id for staging_id, _, _ in blobs.staged_uploads()]
+    assert blobs.staged_bytes() == 0
