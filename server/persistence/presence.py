@@ -24,6 +24,7 @@ import redis
 from server.domain.errors import UnavailableError
 from server.domain.models import utcnow
 from server.domain.ports import PresenceStore
+from server.persistence.causes import logged_cause
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def _redis_errors(action: str) -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise UnavailableError(f"Redis is unavailable, could not {action}: {exc}") from exc
+        raise UnavailableError(f"Redis is unavailable, could not {action} [ref {logged_cause(exc)}]") from exc
 
 
 def _text(value: bytes | str) -> str:

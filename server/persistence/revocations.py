@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from server.domain.errors import UnavailableError
+from server.persistence.causes import logged_cause
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class RedisRevocationFeed:
         try:
             self._client.xadd(self._key, {"device": device_id}, maxlen=MAX_ENTRIES, approximate=True)
         except redis.RedisError as exc:
-            raise UnavailableError(f"Redis is unavailable, could not publish the revocation: {exc}") from exc
+            raise UnavailableError(
+                f"Redis is unavailable, could not publish the revocation [ref {logged_cause(exc)}]") from exc
 
     def poll(self) -> list[str]:
         try:
@@ -73,7 +75,8 @@ class RedisRevocationFeed:
                 return []
             replies: Any = self._client.xread({self._key: self._last_id}, count=MAX_ENTRIES)
         except redis.RedisError as exc:
-            raise UnavailableError(f"Redis is unavailable, could not read revocations: {exc}") from exc
+            raise UnavailableError(
+                f"Redis is unavailable, could not read revocations [ref {logged_cause(exc)}]") from exc
         devices = []
         for _stream, entries in replies or []:
             for entry_id, fields in entries:

@@ -74,6 +74,7 @@ from server.domain.models import (
 from server.domain.ports import Store
 from server.domain.rounds import RoundState, check_transition
 from server.persistence import mapping, statements
+from server.persistence.causes import logged_cause
 from server.persistence.database import create_engine_for
 from server.persistence.tables import (
     AdminTokenRow,
@@ -90,9 +91,9 @@ from server.persistence.tables import (
 )
 
 MAX_REFUSALS_LISTED = 1000
+"""The most refusals one ``list_refusals`` call returns."""
 _IDS_PER_QUERY = 500
 """Ids per IN (...) list: well under SQLite's limit on bound parameters."""
-"""The most refusals one ``list_refusals`` call returns."""
 _DEVICES, _FEDERATIONS, _ROUNDS = statements.DEVICES, statements.FEDERATIONS, statements.ROUNDS
 _UPDATES, _VERSIONS = statements.UPDATES, statements.VERSIONS
 
@@ -618,10 +619,12 @@ class SqlStore:
             raise
         except sa_exc.DataError as exc:  # a value the database cannot hold, e.g. a NUL byte in PostgreSQL text
             raise InvalidRequestError(
-                f"the {self._engine.dialect.name} database refused a value: {_reason(exc)}") from exc
+                f"the {self._engine.dialect.name} database cannot hold a value of this request (a NUL character, "
+                f"or a number or text too large); nothing was stored [ref {logged_cause(exc)}]") from exc
         except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
-            raise UnavailableError(
-                f"the {self._engine.dialect.name} database is unavailable: {_reason(exc)}") from exc
+            ref = logged_cause(exc)
+            dialect = self._engine.dialect.name
+            raise UnavailableError(f"the {dialect} database is unavailable; retry later [ref {ref}]") from exc
 
 
 def _cas_round(session: Session, round_: Round) -> None:
@@ -717,10 +720,6 @@ def _is_foreign_key_violation(exc: sa_exc.IntegrityError) -> bool:
             or getattr(exc.orig, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_FOREIGNKEY")
 
 
-def _reason(exc: Exception) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines()
-    return lines[0] if lines else type(cause).__name__
 
 
 if TYPE_CHECKING:  # mypy proves the class satisfies the port it implements

@@ -11,7 +11,9 @@ request that changes something, or tried to, lands in the audit log. Errors are 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -59,6 +61,8 @@ from server.transport.admin_schemas import (
     RoundOut,
     VersionOut,
 )
+
+log = logging.getLogger(__name__)
 
 _HTTP_STATUS: list[tuple[type[CoordinatorError], int]] = [
     (NotFoundError, 404),
@@ -151,6 +155,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = "invalid request: " + "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:5])
         note(request, detail)
         return _problem(422, "RequestValidationError", detail, errors=errors)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the caller's fault: the traceback goes to the log under a reference, the caller gets that
+        # reference as problem+json (Starlette would answer text/plain "Internal Server Error").
+        ref = uuid.uuid4().hex[:12]
+        log.error("admin API %s %s failed [ref %s]", request.method, request.url.path, ref, exc_info=exc)
+        note(request, f"internal error [ref {ref}]")
+        return _problem(500, "InternalError", f"internal error; the coordinator's log has the details [ref {ref}]")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -303,3 +303,22 @@ def test_a_cloud_model_deeper_than_the_devices_is_accepted_and_kept(c: RunningCo
 
     assert federation["config"]["cloud_model"] == {"backbone": "tiny"}
     assert federation["config"]["model"]["backbone_layers"] == 1
+
+
+def test_a_bug_behind_an_operation_is_a_problem_json_500_with_a_reference_and_no_internals(
+        c: RunningCoordinator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    services = c.coordinator.services
+    assert services is not None
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("secret internal state: postgresql://user:pw@db/mlecs")
+
+    monkeypatch.setattr(services.federations, "list_all", broken)  # fault injection: a bug in one service call
+    response = c.admin.get("/v1/federations")
+
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem = response.json()
+    assert "secret" not in response.text and "[ref " in problem["detail"]
+    ref = problem["detail"].split("[ref ")[1].rstrip("]")
+    assert any(ref in record.getMessage() and record.exc_info for record in caplog.records)

@@ -106,8 +106,10 @@ def test_a_value_the_database_cannot_hold_is_an_invalid_request_not_a_crash(stor
         with pytest.raises(NotFoundError):
             store.get_federation("a\x00b")
         return
-    with pytest.raises(InvalidRequestError, match=r"postgresql database refused a value: .*NUL"):
+    with pytest.raises(InvalidRequestError, match=r"postgresql database cannot hold a value .*\[ref [0-9a-f]{12}\]") \
+            as caught:
         store.get_federation("a\x00b")
+    assert "0x00" not in str(caught.value)  # the driver's own text stays in the log
     with pytest.raises(InvalidRequestError):
         store.add_audit_entry(_entry(actor="nul\x00"))
     assert store.list_audit_entries() == []

@@ -45,6 +45,7 @@ def test_an_unreachable_postgresql_server_raises_unavailable() -> None:
         with pytest.raises(UnavailableError, match="postgresql database is unavailable") as caught:
             store.get_federation("x")
         assert caught.value.retryable
+        assert "127.0.0.1" not in str(caught.value) and "[ref " in str(caught.value)  # the driver's text is logged
     finally:
         store.close()
 
