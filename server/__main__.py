@@ -193,9 +193,10 @@ def tokens_list() -> None:
 
 @tokens_cli.command("revoke")
 def tokens_revoke(token_id: str = typer.Argument(..., help="The token's id (from `tokens list`).")) -> None:
-    """Revoke an admin token: its next request is refused."""
+    """Revoke an admin token: its next request is refused. Unlike the admin API, this may revoke the last
+    admin token (create a new one with `tokens create`)."""
     with _token_service() as tokens:
-        token = tokens.revoke(token_id)
+        token = tokens.revoke(token_id, allow_last_admin=True)
     typer.echo(f"revoked token {token.id} {token.name!r}")
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from server.domain.errors import InsufficientScopeError, InvalidRequestError, UnauthenticatedError
+from server.domain.errors import ConflictError, InsufficientScopeError, InvalidRequestError, UnauthenticatedError
 from server.domain.models import AdminScope, AdminToken, utcnow
 from server.domain.ports import Store
 
@@ -49,6 +50,7 @@ def parse_scopes(values: Iterable[str]) -> frozenset[AdminScope]:
 
 class AdminTokenService:
     def __init__(self, store: Store, clock: Callable[[], datetime] = utcnow) -> None:
+        self._revoking = threading.Lock()  # two revocations at once cannot each leave the other as the last
         self._store = store
         self._clock = clock
 
@@ -103,10 +105,23 @@ class AdminTokenService:
     def list_all(self) -> list[AdminToken]:
         return self._store.list_admin_tokens()
 
-    def revoke(self, token_id: str) -> AdminToken:
-        """Revokes a token (its next request is refused); revoking it again changes nothing."""
-        token = self._store.get_admin_token(token_id)
-        if token.revoked_at is None:
-            token.revoked_at = self._clock()
-            self._store.save_admin_token(token)
-        return token
+    def revoke(self, token_id: str, *, allow_last_admin: bool = False) -> AdminToken:
+        """Revokes a token (its next request is refused); revoking it again changes nothing. Through the API
+        the last live token with the ``admin`` scope is not revoked: nobody could then manage tokens except on
+        the database. The database CLI (``allow_last_admin``), which can also create tokens, may."""
+        with self._revoking:
+            token = self._store.get_admin_token(token_id)
+            if token.revoked_at is None:
+                now = self._clock()
+                if not allow_last_admin and AdminScope.ADMIN in token.scopes and not any(
+                        other.id != token.id and AdminScope.ADMIN in other.scopes and self._live(other, now)
+                        for other in self._store.list_admin_tokens()):
+                    raise ConflictError(f"admin token {token.name!r} is the last live token with the admin scope; "
+                                        "create another admin token first, then revoke this one")
+                token.revoked_at = now
+                self._store.save_admin_token(token)
+            return token
+
+    @staticmethod
+    def _live(token: AdminToken, now: datetime) -> bool:
+        return token.revoked_at is None and (token.expires_at is None or token.expires_at > now)

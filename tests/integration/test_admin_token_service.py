@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from server.domain.errors import InsufficientScopeError, InvalidRequestError, NotFoundError, UnauthenticatedError
+from server.domain.errors import (
+    ConflictError,
+    InsufficientScopeError,
+    InvalidRequestError,
+    NotFoundError,
+    UnauthenticatedError,
+)
 from server.domain.models import AdminScope
 from server.persistence.sql_store import SqlStore
 from server.services.admin_tokens import TOKEN_PREFIX, TOUCH_INTERVAL, AdminTokenService
@@ -70,6 +76,7 @@ def test_unknown_expired_and_revoked_tokens_each_say_why(tokens: AdminTokenServi
     with pytest.raises(UnauthenticatedError, match="'short' expired at 2026-01-01T01:00:00"):
         tokens.authenticate(short.plaintext)
 
+    tokens.create("another admin", ["admin"], None, "t")
     kept = tokens.create("kept", ["admin"], None, "t")
     first = tokens.revoke(kept.token.id)
     clock.now += timedelta(minutes=5)
@@ -109,3 +116,20 @@ def test_an_invalid_token_request_is_refused_naming_the_problem(
     with pytest.raises(InvalidRequestError, match=message):
         tokens.create(name, scopes, lifetime, "t")
     assert store.list_admin_tokens() == []
+
+
+def test_the_last_live_admin_token_is_not_revoked_except_from_the_database_cli(tokens: AdminTokenService,
+                                                                               clock: Clock) -> None:
+    first = tokens.create("first", ["admin"], None, "t")
+    expiring = tokens.create("expiring", ["admin"], timedelta(minutes=1), "t")
+    tokens.create("reader", ["read", "operate"], None, "t")
+    assert tokens.revoke(first.token.id).revoked_at is not None  # "expiring" is still live
+
+    clock.now += timedelta(minutes=2)  # ... and now it is not: "last" is the only live admin token
+    last = tokens.create("last", ["admin"], None, "t")
+    with pytest.raises(ConflictError, match="'last' is the last live token with the admin scope; create another"):
+        tokens.revoke(last.token.id)
+    assert tokens.authorise(last.plaintext, AdminScope.ADMIN).id == last.token.id
+    assert expiring.token.id != last.token.id
+
+    assert tokens.revoke(last.token.id, allow_last_admin=True).revoked_at is not None

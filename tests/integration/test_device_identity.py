@@ -153,6 +153,21 @@ def test_a_certificate_naming_another_device_cannot_enrol_as_this_one(secure, pk
     assert _devices(secure, federation) == [] and _token_unused(secure, federation)
 
 
+def test_a_device_presenting_its_own_certificate_re_enrols_with_a_token_for_any_new_device(secure, pki):
+    # The rule the README states: the certificate proves the device, the token allows one more enrolment.
+    federation = _federation(secure)
+    old_client, device_id, _ = _enrolled(secure, pki, federation, "cam-1")
+    reinstalled = _client(secure, _material(pki, "cam-1"))
+
+    again, secret, _ = reinstalled.enrol(federation["name"], "cam-1", ["image"], _token(secure, federation["name"]))
+
+    assert again == device_id and [d.name for d in _devices(secure, federation)] == ["cam-1"]
+    reinstalled.authenticate(again, secret)
+    assert reinstalled.heartbeat(again) > 0
+    with pytest.raises(CredentialRejected, match="UNAUTHENTICATED"):  # the old secret stopped working
+        old_client.heartbeat(device_id)
+
+
 def test_device_a_cannot_act_as_device_b(secure, pki):
     federation = _federation(secure)
     alice, alice_id, alice_secret = _enrolled(secure, pki, federation, "cam-1")
