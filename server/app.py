@@ -181,6 +181,8 @@ class Coordinator:
                               upload_idle_timeout_s=self.settings.upload_idle_timeout_s,
                               max_downloads=self.settings.max_concurrent_downloads, changes=changes,
                               limiter=TokenBucketLimiter(self.settings.device_rate_per_s, self.settings.device_burst),
+                              failed_auth_limiter=TokenBucketLimiter(self.settings.failed_auth_rate_per_s,
+                                                                     self.settings.failed_auth_burst),
                               refusals=services.refusals,
                               mtls=device_credentials is not None)
         add_fleet_service(fleet, server)

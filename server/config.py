@@ -62,6 +62,14 @@ class CoordinatorSettings(BaseSettings):
     device_burst: int = Field(default=50, ge=1)
     """Requests one device may make at once before ``device_rate_per_s`` applies (a round's task, download,
     upload and report, retries included, fit several times over)."""
+    failed_auth_rate_per_s: float = Field(default=1.0, ge=0)
+    """Failed authentications (unknown credential, bad enrolment token) one peer address may cause per second
+    on average; past ``failed_auth_burst`` of them, every call from that address is refused
+    (RESOURCE_EXHAUSTED) before it costs a database read, until the bucket refills. Honest callers fail
+    rarely, and callers that authenticate are never charged. 0 turns the limit off."""
+    failed_auth_burst: int = Field(default=100, ge=1)
+    """Failed authentications one peer address may cause at once before ``failed_auth_rate_per_s`` applies
+    (generous: a fleet behind one NAT shares an address)."""
     refusal_record_interval_s: float = Field(default=10.0, ge=0)
     """A device refused for its rate, or a caller refused as unauthenticated or not permitted, is recorded at
     most once per this many seconds per device (or peer address) and method; every refusal is still counted."""

@@ -66,7 +66,9 @@ async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[in
     services = await asyncio.to_thread(build_services, settings, migrate_database=False)
     servicer = HeartbeatServicer(services.devices, limiter=TokenBucketLimiter(settings.device_rate_per_s,
                                                                                 settings.device_burst),
-                                 refusals=services.refusals, mtls=credentials is not None)
+                                 refusals=services.refusals, mtls=credentials is not None,
+                                 failed_auth_limiter=TokenBucketLimiter(settings.failed_auth_rate_per_s,
+                                                                        settings.failed_auth_burst))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024)])
     add_heartbeat_service(servicer, server)

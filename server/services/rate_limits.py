@@ -58,6 +58,17 @@ class TokenBucketLimiter:
                 self._buckets.popitem(last=False)
             return wait
 
+    def waiting(self, key: Hashable) -> float:
+        """Seconds until ``key`` has a token again (0.0: it has one); takes nothing."""
+        if not self.rate_per_s:
+            return 0.0
+        with self._lock:
+            if key not in self._buckets:
+                return 0.0
+            tokens, counted = self._buckets[key]
+            tokens = min(float(self.burst), tokens + (self._clock() - counted) * self.rate_per_s)
+            return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
     def check(self, key: Hashable, what: str) -> None:
         """Takes a token for ``key`` or raises RateLimitedError saying when to retry; ``what`` names the caller."""
         wait = self.take(key)

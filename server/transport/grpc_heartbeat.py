@@ -132,7 +132,8 @@ class HeartbeatServicer:
 
     def __init__(self, devices: DeviceService, *, control_threads: int = 4,
                  limiter: TokenBucketLimiter | None = None, refusals: RefusalRecorder | None = None,
-                 mtls: bool = False, heartbeat_port: int = 0) -> None:
+                 mtls: bool = False, heartbeat_port: int = 0,
+                 failed_auth_limiter: TokenBucketLimiter | None = None) -> None:
         self._devices = devices
         # Heartbeats and task polls get threads of their own, so they never queue behind the uploads and
         # aggregation that occupy the default pool: a busy round must not make live devices look dead.
@@ -140,6 +141,9 @@ class HeartbeatServicer:
         self._background: set[asyncio.Future[None]] = set()
         self._refresh_due: set[str] = set()
         self._limiter = limiter if limiter is not None else TokenBucketLimiter(0, 1)  # default: no limit
+        # Failed authentications per peer address: a caller guessing credentials costs a database read each
+        # time; once its address has failed too often, its calls are refused before any read.
+        self._failed_auth = failed_auth_limiter if failed_auth_limiter is not None else TokenBucketLimiter(0, 1)
         self._refusals = refusals
         # With mutual TLS every call carries a client certificate, and a device acts only as the one it names.
         self._mtls = mtls
@@ -176,9 +180,16 @@ class HeartbeatServicer:
         duration. ``caller`` is what the body learnt about the caller before it was refused."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        host = peer_host(context)
         try:
+            wait = self._failed_auth.waiting(host)
+            if wait:
+                raise RateLimitedError(f"too many failed authentications from {host}; retry in {wait:.1f} s",
+                                       retry_after_s=wait)
             return await body()
         except CoordinatorError as exc:
+            if isinstance(exc, UnauthenticatedError):
+                self._failed_auth.take(host)
             code = status_for(exc)
             await context.abort(code, str(exc), self._refused(method, exc, context, caller))
             raise  # unreachable: abort raises

@@ -65,9 +65,10 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
                  max_uploads: int = 16, max_downloads: int = 32, control_threads: int = 4,
                  max_upload_streams_per_device: int = 2, upload_idle_timeout_s: float = 30.0,
                  changes: ChangeSignal | None = None, limiter: TokenBucketLimiter | None = None,
-                 refusals: RefusalRecorder | None = None, mtls: bool = False, heartbeat_port: int = 0) -> None:
+                 refusals: RefusalRecorder | None = None, mtls: bool = False, heartbeat_port: int = 0,
+                 failed_auth_limiter: TokenBucketLimiter | None = None) -> None:
         super().__init__(devices, control_threads=control_threads, limiter=limiter, refusals=refusals, mtls=mtls,
-                         heartbeat_port=heartbeat_port)
+                         heartbeat_port=heartbeat_port, failed_auth_limiter=failed_auth_limiter)
         self._rounds = rounds
         self._uploads = uploads
         self._blob_reader = blob_reader

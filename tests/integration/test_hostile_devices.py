@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -380,3 +381,40 @@ def test_the_sweep_removes_staged_files_no_open_upload_owns(tight: RunningCoordi
     assert staging.sweep(services.ctx, min_age_s=0) >= 1
     assert orphan not in [staging_id for staging_id, _, _ in blobs.staged_uploads()]
     assert blobs.staged_bytes() == 0
+
+
+# ---- credential guessing ----------------------------------------------------------------------------------
+
+
+def test_an_address_that_keeps_failing_authentication_is_refused_before_any_database_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = CoordinatorSettings(state_dir=tmp_path, failed_auth_burst=5, failed_auth_rate_per_s=0.01)
+    with running_coordinator(settings) as c:
+        federation = _federation(c)
+        honest = _enrol(c, federation, "honest", ["image"])
+        for _ in range(20):  # calls that authenticate are never charged
+            assert honest.client.heartbeat(honest.id) > 0
+        services = c.coordinator.services
+        assert services is not None
+        reads: list[str] = []
+        real_get_device = services.ctx.store.get_device
+        monkeypatch.setattr(services.ctx.store, "get_device",  # a spy on the real store: counts database reads
+                            lambda device_id: reads.append(device_id) or real_get_device(device_id))
+        stub = honest.stub
+
+        def guess(i: int) -> grpc.StatusCode:
+            try:
+                stub.GetTask(pb.GetTaskRequest(device_id=f"guess-{i}"), timeout=10,
+                             metadata=(("authorization", f"Device guess-{i}:wrong"),))
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        codes = [guess(i) for i in range(8)]
+
+        assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+        assert len(reads) == 5  # the refused guesses cost no read
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetTask(pb.GetTaskRequest(), timeout=10, metadata=(("authorization", "Device x:y"),))
+        assert "too many failed authentications" in caught.value.details()
+        assert ("retry-after-ms" in dict(caught.value.trailing_metadata() or ()))

@@ -79,3 +79,17 @@ def test_bad_limits_are_refused_with_their_values() -> None:
         TokenBucketLimiter(1.0, 0)
     with pytest.raises(ValueError, match="rate_per_s >= 0"):
         TokenBucketLimiter(-1.0, 5)
+
+
+def test_waiting_tells_how_long_until_a_token_without_taking_one() -> None:
+    clock = Clock()
+    limiter = TokenBucketLimiter(2.0, 2, clock=clock)
+    assert limiter.waiting("host") == 0.0  # an unknown key has its whole burst
+    limiter.take("host")
+    limiter.take("host")
+
+    assert limiter.waiting("host") == pytest.approx(0.5)
+    assert limiter.waiting("host") == pytest.approx(0.5)  # asking took nothing
+    clock.now += 0.5
+    assert limiter.waiting("host") == 0.0
+    assert TokenBucketLimiter(0, 1).waiting("host") == 0.0  # rate 0: no limit
