@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -201,8 +202,15 @@ class Coordinator:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
         admin = create_admin_app(services.admin_services())
-        http = uvicorn.Server(uvicorn.Config(admin, host=self.settings.admin_host, port=self.settings.admin_port,
-                                             log_level="warning", lifespan="off"))
+        http = uvicorn.Server(uvicorn.Config(
+            admin, host=self.settings.admin_host, port=self.settings.admin_port, log_level="warning", lifespan="off",
+            ssl_certfile=self.settings.admin_tls_cert_file, ssl_keyfile=self.settings.admin_tls_key_file,
+            # uvicorn otherwise waits at shutdown for every open connection, a stalled client's included.
+            timeout_graceful_shutdown=5))
+        if not self.settings.admin_tls_enabled and not _is_loopback(self.settings.admin_host):
+            log.warning("!!! PLAINTEXT ADMIN API on %s:%d: admin tokens cross the network in the clear. Set "
+                        "MLECS_ADMIN_TLS_CERT_FILE and MLECS_ADMIN_TLS_KEY_FILE, or serve it on 127.0.0.1 behind a "
+                        "TLS proxy !!!", self.settings.admin_host, self.settings.admin_port)
         http_task = asyncio.create_task(http.serve())
         scheduler = asyncio.create_task(self._schedule(services))
         watcher = asyncio.create_task(self._watch(services, changes))
@@ -286,6 +294,15 @@ async def measure_loop_lag(interval_s: float = 0.1) -> None:
         started = loop.time()
         await asyncio.sleep(interval_s)
         metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - started - interval_s))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 async def _observe(services: Services, interval_s: float = OBSERVE_INTERVAL_S) -> None:

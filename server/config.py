@@ -117,6 +117,13 @@ class CoordinatorSettings(BaseSettings):
     tls_client_ca_file: Path | None = None
     """PEM CA certificate(s) that device client certificates must chain to. Each call is bound to the
     device the certificate names (CN = device name)."""
+    admin_tls_cert_file: Path | None = None
+    """PEM certificate the admin API presents (HTTPS); with ``admin_tls_key_file``, set both or neither. The
+    coordinator certificate ``mlecs certs init`` makes serves (its SANs name the coordinator's host). Without
+    it the admin API is plain HTTP, which carries bearer tokens in the clear: the coordinator warns at start
+    when that is on an address other than loopback."""
+    admin_tls_key_file: Path | None = None
+    """PEM private key of ``admin_tls_cert_file``."""
     allow_plaintext: bool = False
     """Serve the device port without TLS. For local development and benchmarks only (logged loudly): device
     secrets and updates then cross the network in the clear."""
@@ -167,6 +174,18 @@ class CoordinatorSettings(BaseSettings):
         if 0 < len(missing) < len(tls):
             raise ValueError(f"mutual TLS needs all of {', '.join(tls)}; missing {', '.join(missing)}")
         return self
+
+    @model_validator(mode="after")
+    def _admin_tls_files_go_together(self) -> CoordinatorSettings:
+        if (self.admin_tls_cert_file is None) != (self.admin_tls_key_file is None):
+            missing = "MLECS_ADMIN_TLS_KEY_FILE" if self.admin_tls_key_file is None else "MLECS_ADMIN_TLS_CERT_FILE"
+            raise ValueError(f"HTTPS on the admin API needs MLECS_ADMIN_TLS_CERT_FILE and MLECS_ADMIN_TLS_KEY_FILE; "
+                             f"missing {missing}")
+        return self
+
+    @property
+    def admin_tls_enabled(self) -> bool:
+        return self.admin_tls_cert_file is not None
 
     @model_validator(mode="after")
     def _heartbeat_process_needs_redis(self) -> CoordinatorSettings:

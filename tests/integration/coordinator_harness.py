@@ -71,7 +71,10 @@ def running_coordinator(settings: CoordinatorSettings) -> Iterator[RunningCoordi
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    admin = httpx.Client(base_url=f"http://127.0.0.1:{settings.admin_port}", timeout=60)
+    # HTTPS when the test configures it; the harness does not check the certificate (the test does, with its CA).
+    scheme = "https" if settings.admin_tls_enabled else "http"
+    admin = httpx.Client(base_url=f"{scheme}://127.0.0.1:{settings.admin_port}", timeout=60,
+                         verify=not settings.admin_tls_enabled)
     deadline = time.monotonic() + 60
     while True:
         if failure:

@@ -8,6 +8,7 @@ no update and no new model version.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 
@@ -403,3 +405,32 @@ def test_the_enrolment_token_command_prints_a_token_that_enrols_a_device(tmp_pat
             [sys.executable, "-m", "server", "enrolment-tokens", "create", "--federation", "no-such-federation"],
             capture_output=True, text=True, timeout=120, cwd=ROOT, env={**clean, "MLECS_STATE_DIR": str(state)})
         assert unknown.returncode == 1 and "no-such-federation" in unknown.stderr
+
+
+# ---- the admin API's transport ------------------------------------------------------------------------------
+
+def test_the_admin_api_serves_https_with_the_coordinator_certificate(tmp_path, pki):
+    layout = certs.CaLayout(pki)
+    settings = CoordinatorSettings(state_dir=tmp_path / "coordinator", admin_tls_cert_file=layout.coordinator.cert,
+                                   admin_tls_key_file=layout.coordinator.key)
+    with running_coordinator(settings) as c:
+        port = c.admin.base_url.port
+        trusted = ssl.create_default_context(cafile=layout.ca.cert)
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trusted, timeout=10) as verified:
+            response = verified.get("/v1/federations", headers={"Authorization": f"Bearer {c.admin_token}"})
+            assert response.status_code == 200, response.text
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served on it
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_half_an_admin_tls_configuration_is_refused_naming_what_is_missing(tmp_path, pki):
+    with pytest.raises(ValueError, match="missing MLECS_ADMIN_TLS_KEY_FILE"):
+        CoordinatorSettings(state_dir=tmp_path, admin_tls_cert_file=certs.CaLayout(pki).coordinator.cert)
+
+
+def test_a_plaintext_admin_api_off_loopback_is_warned_about_and_on_loopback_is_not(tmp_path, caplog):
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+        caplog.clear()
+        with running_coordinator(CoordinatorSettings(state_dir=tmp_path / host, admin_host=host)):
+            pass
+        assert any("PLAINTEXT ADMIN API" in r.getMessage() for r in caplog.records) == warned, host
