@@ -2,10 +2,16 @@
 
 An attacker trains like everyone else and then changes the adapter delta it uploads: ``scale10``
 multiplies it by 10 (a boosted update that drags a plain mean its way), ``signflip`` by -1 (it pushes
-the model back from where its data leads). Its fused features, and with them MMA's anchor-agreement
-factor, are uploaded as trained: the attack is on the model update, which is what the issue names and
-what the robust rules guard; poisoning the features too would let MMA's own weighting take part of
-the defence's credit.
+the model back from where its data leads). ``weight-inflation`` uploads the sign-flipped delta and claims
+2^31 - 1 samples, the count a device reports and nothing can check: against plain sample weights it
+takes the whole mean; the coordinator caps claimed counts (``max_weight_ratio``, applied here as there).
+``alie`` ("a little is enough", Baruch et al. 2019) is adaptive: the attackers collude and each uploads
+mu - z * sigma, per coordinate over every client's delta as trained (the attackers are assumed to know
+them, the attack's strongest form), with z = Phi^-1((n - s) / n), s = floor(n / 2 + 1) - m for m
+attackers of n: a shift small enough to stay inside what a median or trimmed mean accepts. An attacker's
+fused features, and with them MMA's anchor-agreement factor, are uploaded as trained: the attack is on the
+model update, which is what the robust rules guard; poisoning the features too would let MMA's own
+weighting take part of the defence's credit.
 
 A defence is the coordinator's composition (``server.services.aggregation``: ``_prepared`` then
 ``aggregate_robust``), built from the same ``mlecs.aggregation`` functions: every update clipped first,
@@ -30,8 +36,14 @@ from mlecs.aggregation.base import AggregationError
 from mlecs.aggregation.blockwise import SpilledUpdates, robust_aggregate
 from mlecs.aggregation.robust import check_cosine_threshold, check_trim, clip_update, update_norm
 
-ATTACKS: dict[str, float | None] = {"none": None, "scale10": 10.0, "signflip": -1.0}
-"""Each attack's factor on the uploaded delta (None: the client uploads what it trained)."""
+ATTACKS: dict[str, float | None] = {"none": None, "scale10": 10.0, "signflip": -1.0, "weight-inflation": -1.0,
+                                    "alie": None}
+"""Each attack's factor on the uploaded delta (None: the client uploads what it trained, or, ``alie``, what
+``alie_delta`` makes of every client's delta)."""
+INFLATED_SAMPLES = 2**31 - 1
+"""The sample count a ``weight-inflation`` attacker claims: the most an upload header may carry."""
+ADAPTIVE_ATTACKS = ("alie",)
+"""Attacks whose upload depends on the other clients' updates: made once the round's updates are in."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,9 @@ class Poisoning:
     defence: str = "none"
     fraction: float = 0.2
     """Share of the clients that attack (rounded, at least one when attacking)."""
+    weight_ratio: float = 2.0
+    """The coordinator's ``max_weight_ratio``: claimed sample counts are capped at this many times the round's
+    lower median count before any weights are taken (0: counts as claimed)."""
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:
@@ -126,6 +141,31 @@ def choose_attackers(num_clients: int, poisoning: Poisoning, seed: int) -> froze
     # A stream of its own, so the choice does not move the data partition's or training's draws.
     chosen = np.random.default_rng([seed, 0xA77AC]).choice(num_clients, size=count, replace=False)
     return frozenset(int(i) for i in chosen)
+
+
+def claimed_samples(samples: int, attack: str) -> int:
+    """The sample count an attacker reports for an update learned on ``samples``."""
+    return INFLATED_SAMPLES if attack == "weight-inflation" else samples
+
+
+def alie_z(num_clients: int, num_attackers: int) -> float:
+    """The ALIE shift in standard deviations: the largest that keeps the attackers' value inside the range a
+    majority-based rule accepts (Baruch et al. 2019, eq. 3)."""
+    from scipy.stats import norm
+
+    supporters = math.floor(num_clients / 2 + 1) - num_attackers
+    return float(norm.ppf((num_clients - supporters) / num_clients))
+
+
+def alie_delta(updates: Sequence[ClientUpdate], num_attackers: int) -> dict[str, np.ndarray]:
+    """mu - z * sigma per coordinate of each tensor, over the clients that hold it (float32)."""
+    z = alie_z(len(updates), num_attackers)
+    names = sorted({name for u in updates for name in u.tensors})
+    crafted = {}
+    for name in names:
+        stack = np.stack([np.asarray(u.tensors[name], dtype=np.float64) for u in updates if name in u.tensors])
+        crafted[name] = (stack.mean(axis=0) - z * stack.std(axis=0)).astype(np.float32)
+    return crafted
 
 
 def poison_delta(delta: dict[str, np.ndarray], attack: str) -> dict[str, np.ndarray]:

@@ -15,8 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.adversary import DEFENCES, Poisoning, aggregate_round, choose_attackers, poison_delta, round_record
+from benchmarks.adversary import (
+    ADAPTIVE_ATTACKS,
+    DEFENCES,
+    Poisoning,
+    aggregate_round,
+    alie_delta,
+    choose_attackers,
+    claimed_samples,
+    poison_delta,
+    round_record,
+)
 from mlecs.aggregation import ClientUpdate, fedavg_weights, mma_weights
+from mlecs.aggregation.claims import capped_sample_counts
 from mlecs.aggregation.lora_exact import average_lora_products
 from mlecs.aggregation.quality import agreement_weights, anchor_agreement
 from mlecs.codec import CodecKind, encode_tensors
@@ -267,12 +278,21 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
                 local_states[index] = {k: v.numpy() for k, v in model_for(client.modalities).shared_state().items()}
                 continue
             personal[index] = result.personal
-            delta = poison_delta(result.delta, poisoning.attack) if index in attackers else result.delta
+            attacking = index in attackers
+            delta = poison_delta(result.delta, poisoning.attack) if attacking else result.delta
             sizes.append(_update_bytes(delta, result.fused))
-            updates.append(ClientUpdate(client_id=str(index), tensors=delta,
-                                        num_samples=result.update_samples,
+            samples = claimed_samples(result.update_samples, poisoning.attack) if attacking else result.update_samples
+            updates.append(ClientUpdate(client_id=str(index), tensors=delta, num_samples=samples,
                                         modalities=frozenset(str(m) for m in client.modalities)))
             uploads.append((result.fused_ids, result.fused))
+        if method.federated and poisoning.attack in ADAPTIVE_ATTACKS and attackers:
+            crafted = alie_delta(updates, len(attackers))
+            updates = [replace(u, tensors={n: crafted[n] for n in u.tensors}) if int(u.client_id) in attackers else u
+                       for u in updates]
+        if method.federated:
+            # What the coordinator does with the claimed counts before any weight is taken.
+            capped = capped_sample_counts([u.num_samples for u in updates], poisoning.weight_ratio)
+            updates = [replace(u, num_samples=n) for u, n in zip(updates, capped, strict=True)]
         client_acc = float(np.nanmean(accs))
         record: dict[str, float] = {"round": float(round_number), "client_accuracy_mean": client_acc,
                                     "devices_s": time.perf_counter() - clock}

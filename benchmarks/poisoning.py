@@ -5,8 +5,11 @@
 
 For every (attack, defence, seed) it runs one in-process federation (``benchmarks.federation_sim``,
 method ``mlecs``: plain MMA when the defence is ``none``) in which a fixed 20% of the clients, drawn by
-the seed, upload their trained adapter delta times 10 (``scale10``) or times -1 (``signflip``) every
-round; ``none`` is the clean run. Defences (``benchmarks.adversary``) compose clipping, the
+the seed, upload their trained adapter delta times 10 (``scale10``) or times -1 (``signflip``), the
+sign-flipped delta claiming 2^31 - 1 samples (``weight-inflation``; the coordinator's sample-count cap,
+``--weight-ratio``, applies as it does there), or the adaptive ``alie`` update (mu - z sigma of every
+client's delta, inside what a median accepts) every round; ``none`` is the clean run.
+Defences (``benchmarks.adversary``) compose clipping, the
 coordinate-wise weighted median or trimmed mean and exclusion by anomaly score and/or by direction (cosine
 with the weighted median) as the coordinator does.
 It writes ``results.json`` (one record per run: attack, defence, seed, global_accuracy, ...),
@@ -72,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: all but clip+trimmed_mean; none = plain MMA)")
     parser.add_argument("--fraction", type=_fraction(0.01, 0.5, "--fraction"), default=0.2,
                         help="share of the clients that attack, at least one (default 0.2)")
+    parser.add_argument("--weight-ratio", type=_fraction(0.0, 1e6, "--weight-ratio"), default=2.0,
+                        help="the coordinator's max_weight_ratio: claimed sample counts capped at this many times "
+                             "the round's lower median (default 2, the coordinator's; 0: counts as claimed)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 4; --quick 1)")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run from this one up (default 0); e.g. two processes: --seeds 2 and "
@@ -102,6 +108,7 @@ def _record(attack: str, defence: str, seed: int, args: argparse.Namespace, roun
         "excluded_attackers": sum(r.get("excluded_attackers", 0.0) for r in result.history),
         "excluded_honest": sum(r.get("excluded_honest", 0.0) for r in result.history),
         "setting": args.setting, "p": args.p, "method": args.method, "fraction": args.fraction,
+        "weight_ratio": args.weight_ratio,
         "clients": args.clients, "rounds": rounds, "backbone": args.backbone,
         "seconds": round(result.seconds, 2),
         "history": result.history,
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for number, (seed, defence, attack) in enumerate(runs, start=1):
         print(f"[{number}/{len(runs)}] attack {attack} defence {defence} seed {seed} "
               f"({time.perf_counter() - started:.0f}s elapsed)", file=sys.stderr, flush=True)
-        config = replace(base, poisoning=Poisoning(attack=attack, defence=defence, fraction=args.fraction))
+        config = replace(base, poisoning=Poisoning(attack=attack, defence=defence, fraction=args.fraction,
+                                                   weight_ratio=args.weight_ratio))
         result = simulate(data, args.method, args.p, seed, config, text)
         records.append(_record(attack, defence, seed, args, rounds, result))
         excluded = records[-1]["excluded_attackers"], records[-1]["excluded_honest"]

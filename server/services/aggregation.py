@@ -26,7 +26,6 @@ their blobs with the capped ones; an honest round never pays for that.
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mlecs.aggregation.blockwise import SpilledUpdates, robust_aggregate
+from mlecs.aggregation.claims import capped_sample_counts
 from mlecs.aggregation.robust import clip_update
 from mlecs.aggregation.streaming import (
     StreamingAverage,
@@ -155,12 +155,9 @@ def capped_samples(config: FederationConfig, updates: Sequence[Update]) -> dict[
     """Update id -> its sample count capped at ``max_weight_ratio`` times the round's lower median count,
     for the updates the cap lowers (none: empty). The lower median, so that with two updates the honest
     one sets the bar; with fewer than half the round inflating its counts, an honest count sets it."""
-    ratio = config.max_weight_ratio
-    if not ratio or len(updates) < 2:
-        return {}
-    counts = {u.id: max(update_samples(config, u), 1) for u in updates}
-    ceiling = max(1, math.floor(ratio * statistics.median_low(counts.values())))
-    return {update_id: ceiling for update_id, count in counts.items() if count > ceiling}
+    counts = [max(update_samples(config, u), 1) for u in updates]
+    capped = capped_sample_counts(counts, config.max_weight_ratio)
+    return {u.id: cap for u, count, cap in zip(updates, counts, capped, strict=True) if cap < count}
 
 
 def own_weight(config: FederationConfig, update: Update, staleness: int,

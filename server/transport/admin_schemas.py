@@ -117,7 +117,7 @@ class FederationConfigBody(JsonBody):
         description="Reject (reason norm_bound) an update whose delta has a larger L2 norm, before it reaches "
                     "aggregation; 0: off")
     max_weight_ratio: float = _bounded(
-        "max_weight_ratio", 4.0,
+        "max_weight_ratio", 2.0,
         description="No update's claimed sample count weighs more than this many times the round's lower median "
                     "count; 0: counts as claimed")
     robust_rule: Literal["none", "median", "trimmed_mean"] = Field(

@@ -20,10 +20,13 @@ from benchmarks.adversary import (
     ATTACKS,
     DEFAULT_DEFENCES,
     DEFENCES,
+    INFLATED_SAMPLES,
     Defence,
     Poisoning,
     RoundAggregate,
     aggregate_round,
+    alie_delta,
+    alie_z,
     choose_attackers,
     poison_delta,
     round_record,
@@ -63,7 +66,8 @@ def test_poison_delta_scales_or_flips_every_tensor_and_leaves_clean_updates_alon
     np.testing.assert_array_equal(flipped["a"], [-1.0, 2.0])
     np.testing.assert_array_equal(flipped["b"], np.full((2, 2), -0.5))
     assert clean is delta
-    assert scaled["a"].dtype == np.float32 and set(ATTACKS) == {"none", "scale10", "signflip"}
+    assert scaled["a"].dtype == np.float32 and set(ATTACKS) == {"none", "scale10", "signflip",
+                                                                           "weight-inflation", "alie"}
 
 
 def test_twenty_percent_of_ten_clients_attack_chosen_by_the_seed() -> None:
@@ -288,6 +292,55 @@ def test_attackers_upload_their_trained_delta_changed_and_everyone_else_uploads_
     assert attacked.global_accuracy != clean.global_accuracy or attacked.history != clean.history
 
 
+@pytest.mark.parametrize(("ratio", "attacker_samples"), [(2.0, "capped"), (0.0, INFLATED_SAMPLES)])
+def test_a_weight_inflating_attacker_flips_its_delta_and_claims_2_31_samples_capped_as_the_coordinator_does(
+    tiny: AVMnist, monkeypatch: pytest.MonkeyPatch, ratio: float, attacker_samples: int | str
+) -> None:
+    seen = _spy_on_rounds(monkeypatch)
+    poisoning = Poisoning(attack="weight-inflation", weight_ratio=ratio)
+
+    result = simulate(tiny, "mlecs", 0.0, 0, replace(CONFIG, poisoning=poisoning), TEXT)
+
+    (attacker,) = result.attackers
+    (updates,) = seen
+    honest = sorted(u.num_samples for u in updates if u.client_id != str(attacker))
+    claimed = next(u.num_samples for u in updates if u.client_id == str(attacker))
+    expected = math.floor(ratio * sorted(u.num_samples for u in updates)[(len(updates) - 1) // 2]) \
+        if attacker_samples == "capped" else attacker_samples
+    assert claimed == expected and max(honest) < 10_000
+
+
+def test_alie_attackers_upload_the_mean_minus_z_sigma_of_every_clients_trained_delta() -> None:
+    rng = np.random.default_rng(0)
+    updates = [ClientUpdate(client_id=str(i), tensors={"w": rng.normal(0, 1, (3, 4)).astype(np.float32),
+                                                      **({"audio": np.ones(2, np.float32) * i} if i < 3 else {})},
+                            num_samples=10, modalities=frozenset({"image"})) for i in range(10)]
+    z = alie_z(10, 2)
+
+    crafted = alie_delta(updates, 2)
+
+    assert z == pytest.approx(0.2533, abs=1e-3)  # n = 10, m = 2: s = 4, z = Phi^-1(0.6)
+    stack = np.stack([u.tensors["w"] for u in updates])
+    np.testing.assert_allclose(crafted["w"], stack.mean(0) - z * stack.std(0), rtol=1e-5)
+    np.testing.assert_allclose(crafted["audio"], np.full(2, 1.0 - z * np.std([0, 1, 2])), rtol=1e-5)  # its holders
+
+
+def test_simulation_with_alie_replaces_each_attackers_update_with_the_crafted_one(
+    tiny: AVMnist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _spy_on_rounds(monkeypatch)
+
+    result = simulate(tiny, "mlecs", 0.0, 0, replace(CONFIG, poisoning=Poisoning(attack="alie")), TEXT)
+
+    (attacker,) = result.attackers
+    (updates,) = seen
+    poisoned = next(u for u in updates if u.client_id == str(attacker))
+    honest = [u for u in updates if u.client_id != str(attacker)]
+    shared = sorted(set.intersection(*(set(u.tensors) for u in updates)))
+    assert shared and not all(np.array_equal(poisoned.tensors[n], honest[0].tensors[n]) for n in shared)
+    assert 0.0 <= result.global_accuracy <= 1.0
+
+
 def test_simulation_with_exclusion_leaves_the_scaled_attacker_out_and_records_it(tiny: AVMnist) -> None:
     config = replace(CONFIG, poisoning=Poisoning(attack="scale10", defence="median+exclude"))
 
@@ -432,7 +485,8 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 def test_parser_defaults_are_the_issues_grid(tmp_path: Path) -> None:
     args = build_parser().parse_args(["--out", str(tmp_path)])
 
-    assert args.attacks == ["none", "scale10", "signflip"] and args.defences == list(DEFAULT_DEFENCES)
+    assert args.attacks == ["none", "scale10", "signflip", "weight-inflation", "alie"]
+    assert args.defences == list(DEFAULT_DEFENCES)
     assert set(DEFENCES) - set(DEFAULT_DEFENCES) == {"clip+trimmed_mean"}
     assert args.fraction == 0.2 and args.method == "mlecs" and args.setting == "canonical" and args.clients == 10
 
@@ -475,12 +529,12 @@ def test_quick_run_writes_a_record_per_attack_defence_and_seed(
     out = tmp_path / "run"
 
     code = poisoning_cli.main(["--quick", "--out", str(out), "--clients", "5", "--rounds", "1",
-                               "--defences", "none,median+exclude"])
+                               "--attacks", "none,scale10,weight-inflation", "--defences", "none,median+exclude"])
 
     assert code == 0
     records = json.loads((out / "results.json").read_text())
     assert {(r["attack"], r["defence"], r["seed"]) for r in records} == {
-        (a, d, 0) for a in ("none", "scale10", "signflip") for d in ("none", "median+exclude")
+        (a, d, 0) for a in ("none", "scale10", "weight-inflation") for d in ("none", "median+exclude")
     }
     for record in records:
         assert {"attack", "defence", "seed", "global_accuracy"} <= set(record)

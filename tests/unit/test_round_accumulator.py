@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mlecs.aggregation import ClientUpdate, fedavg_weights, mma_weights, weighted_average_per_tensor
+from mlecs.aggregation.claims import capped_sample_counts
 from mlecs.aggregation.lora_exact import average_lora_products
 from mlecs.aggregation.quality import agreement_weights
 from mlecs.codec import encode_tensors
@@ -167,3 +168,17 @@ def test_the_cap_counts_private_samples_when_the_upload_is_learned_on_them() -> 
 
     assert capped_samples(FederationConfig(max_weight_ratio=2.0), updates) == {updates[1].id: 200}
     assert capped_samples(FederationConfig(max_weight_ratio=2.0, upload_stage="public"), updates) == {}
+
+
+def test_the_default_ratio_keeps_a_fifth_of_inflating_clients_under_a_third_of_the_weight() -> None:
+    counts = [2**31 - 1, 2**31 - 1] + [200] * 8
+    capped = capped_sample_counts(counts, FederationConfig().max_weight_ratio)
+
+    assert capped[:2] == [400, 400]
+    assert sum(capped[:2]) / sum(capped) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("ratio", [-1.0, float("nan"), float("inf")])
+def test_a_ratio_that_is_not_a_finite_non_negative_number_is_refused(ratio: float) -> None:
+    with pytest.raises(ValueError, match="ratio must be a finite number >= 0"):
+        capped_sample_counts([1, 2], ratio)
