@@ -259,7 +259,7 @@ class CoordinatorProcess:
     """``python -m server serve`` in a subprocess on free ports, its log kept in its state directory."""
 
     def __init__(self, state_dir: Path, stores: BackingStores, heartbeat_s: int, presence_ttl_s: float,
-                 heartbeat_process: bool = True) -> None:
+                 heartbeat_process: bool = True, extra_env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
         # The heartbeat process shares presence with the coordinator through Redis: none without it.
         self.heartbeat_process = heartbeat_process and bool(stores.redis_url)
@@ -283,6 +283,7 @@ class CoordinatorProcess:
             "MLECS_OPEN_ENROLMENT": "true",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
         }
         for key, value in (("MLECS_DATABASE_URL", stores.database_url), ("MLECS_REDIS_URL", stores.redis_url),
                            ("MLECS_HEARTBEAT_PORT", "0" if self.heartbeat_process else None),
