@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import threading
@@ -100,7 +101,7 @@ class Sampler(threading.Thread):
 
 
 def summarise(timeline: list[dict[str, Any]], rounds: list[dict[str, Any]], upload_s: list[float],
-              hostile: dict[str, int]) -> dict[str, Any]:
+              hostile: dict[str, int], hostile_details: dict[str, str] | None = None) -> dict[str, Any]:
     samples = [s for s in timeline if "rss_mib" in s]
     settled = [s for s in samples if s["t_s"] >= WARM_UP_S]
     rss_growth = (max(s["rss_mib"] for s in settled) / settled[0]["rss_mib"] - 1) if len(settled) > 1 else None
@@ -118,6 +119,7 @@ def summarise(timeline: list[dict[str, Any]], rounds: list[dict[str, Any]], uplo
         "staged_bytes_after_rounds_max": max((r["staged_bytes_after"] for r in rounds), default=None),
         "staged_bytes_back_to_0": all(r["staged_bytes_after"] == 0 for r in rounds),
         "hostile_outcomes": hostile,
+        "hostile_details": hostile_details or {},
     }
 
 
@@ -176,17 +178,20 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop.set()
             sampler.stop.set()
-            outcomes: dict[str, int] = {}
+            reported: dict[str, Any] = {}
             if hostile_n and hostile.is_alive():
                 try:
-                    _, outcomes = results.get(timeout=60)
-                except Exception:
-                    outcomes = {}
+                    _, reported = results.get(timeout=60)
+                except Exception:  # the hostile process died: its counts are lost, the run's samples are not
+                    reported = {}
                 hostile.join(timeout=10)
             admin.close()
             engine.dispose()
             coordinator.stop()
-    summary = summarise(sampler.timeline, rounds, stats.latencies("UploadUpdate"), outcomes)
+            if coordinator.log_path.exists():  # the coordinator's warnings and errors, beside the results
+                shutil.copyfile(coordinator.log_path, args.out / "coordinator.log")
+    summary = summarise(sampler.timeline, rounds, stats.latencies("UploadUpdate"), reported.get("counts", {}),
+                        reported.get("details", {}))
     record = {"devices": args.devices, "hostile": hostile_n, "minutes": args.minutes, "payload_params": params,
               "summary": summary, "rounds": rounds, "timeline": sampler.timeline}
     (args.out / "results.json").write_text(json.dumps(record, indent=1))
@@ -207,7 +212,8 @@ def _report(record: dict[str, Any]) -> str:
         value = s[key]
         lines.append(f"| {key} | {value:.3g} |" if isinstance(value, float) else f"| {key} | {value} |")
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(s["hostile_outcomes"].items()))
-    lines += ["", f"Hostile calls by outcome: {outcomes or 'none'}"]
+    lines += ["", f"Hostile calls by outcome: {outcomes or 'none'}", ""]
+    lines += [f"- {key}: {detail}" for key, detail in sorted(s.get("hostile_details", {}).items())]
     return "\n".join(lines) + "\n"
 
 

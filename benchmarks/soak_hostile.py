@@ -52,6 +52,8 @@ class _Hostile:
     device_id: str = ""
     metadata: tuple[tuple[str, str], ...] = ()
     outcomes: Counter[str] = field(default_factory=Counter)
+    details: dict[str, str] = field(default_factory=dict)
+    """The first answer's detail for each outcome, so a report can say what the coordinator said."""
 
 
 async def _attempt(device: _Hostile, tactic: str, call: Any) -> None:
@@ -60,7 +62,9 @@ async def _attempt(device: _Hostile, tactic: str, call: Any) -> None:
         await call
         device.outcomes[f"{tactic}:OK"] += 1
     except grpc.aio.AioRpcError as exc:
-        device.outcomes[f"{tactic}:{exc.code().name}"] += 1
+        key = f"{tactic}:{exc.code().name}"
+        device.outcomes[key] += 1
+        device.details.setdefault(key, (exc.details() or "")[:300])
     except (TimeoutError, asyncio.CancelledError):
         device.outcomes[f"{tactic}:timeout"] += 1
 
@@ -70,10 +74,13 @@ async def _silent() -> Any:
     yield pb.UploadMessage()
 
 
-async def _open_round(device: _Hostile) -> str:
+async def _open_round(device: _Hostile) -> tuple[str, str]:
+    """The open round the device is invited to and its base version, or empty strings."""
     reply = await device.stub.GetTask(pb.GetTaskRequest(device_id=device.device_id, wait_s=0),
                                       metadata=device.metadata, timeout=30)
-    return reply.train.round_id if reply.WhichOneof("task") == "train" else ""
+    if reply.WhichOneof("task") != "train":
+        return "", ""
+    return reply.train.round_id, reply.train.global_version_id
 
 
 async def _cycle(device: _Hostile, options: HostileOptions, raw: grpc.aio.Channel) -> None:
@@ -81,14 +88,14 @@ async def _cycle(device: _Hostile, options: HostileOptions, raw: grpc.aio.Channe
         await device.stub.Heartbeat(pb.HeartbeatRequest(device_id=device.device_id), metadata=device.metadata,
                                     timeout=30)
     try:
-        round_id = await _open_round(device)
+        round_id, base_version_id = await _open_round(device)
     except grpc.aio.AioRpcError:
-        round_id = ""
+        round_id = base_version_id = ""
     if "staging" in options.tactics and round_id:
         # First, one after another: concurrent with the idle streams they would find the device's two stream
         # slots taken (refused without staging anything), which tests the stream limit, not staging.
         for _ in range(4):
-            await _attempt(device, "staging", _partial_upload(device, round_id))
+            await _attempt(device, "staging", _partial_upload(device, round_id, base_version_id))
     calls = []
     if "idle" in options.tactics:
         calls += [_attempt(device, "idle", device.stub.UploadUpdate(_silent(), metadata=device.metadata,
@@ -112,12 +119,12 @@ async def _garbage_frames() -> Any:
     yield GARBAGE
 
 
-async def _partial_upload(device: _Hostile, round_id: str) -> pb.UploadResponse:
+async def _partial_upload(device: _Hostile, round_id: str, base_version_id: str) -> pb.UploadResponse:
     data = os.urandom(SENT_BYTES)
     header = pb.UploadHeader(
         round_id=round_id, device_id=device.device_id, upload_id=uuid.uuid4().hex, codec=pb.CODEC_FP16_ZSTD,
         total_size=DECLARED_BYTES, sha256=hashlib.sha256(data).hexdigest(), modalities=[pb.MODALITY_IMAGE],
-        samples=pb.SampleCounts(public_samples=10, private_samples=10))
+        samples=pb.SampleCounts(public_samples=10, private_samples=10), base_version_id=base_version_id)
 
     async def messages() -> Any:
         yield pb.UploadMessage(header=header)
@@ -145,9 +152,12 @@ async def _run(options: HostileOptions, stop: Any, results: Any) -> None:
         await asyncio.wait(cycles, timeout=options.cycle_s)
         await asyncio.sleep(max(0.0, options.cycle_s - (loop.time() - started)))
     totals: Counter[str] = Counter()
+    details: dict[str, str] = {}
     for device in devices:
         totals.update(device.outcomes)
-    results.put(("done", dict(totals)))
+        for key, detail in device.details.items():
+            details.setdefault(key, detail)
+    results.put(("done", {"counts": dict(totals), "details": details}))
     await channel.close(grace=1)
     await raw.close(grace=1)
 

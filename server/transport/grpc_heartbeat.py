@@ -180,16 +180,11 @@ class HeartbeatServicer:
         duration. ``caller`` is what the body learnt about the caller before it was refused."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
-        host = peer_host(context)
         try:
-            wait = self._failed_auth.waiting(host)
-            if wait:
-                raise RateLimitedError(f"too many failed authentications from {host}; retry in {wait:.1f} s",
-                                       retry_after_s=wait)
             return await body()
         except CoordinatorError as exc:
             if isinstance(exc, UnauthenticatedError):
-                self._failed_auth.take(host)
+                self._failed_auth.take(peer_host(context))
             code = status_for(exc)
             await context.abort(code, str(exc), self._refused(method, exc, context, caller))
             raise  # unreachable: abort raises
@@ -238,12 +233,32 @@ class HeartbeatServicer:
             return await handler(request, context)
         return checked
 
+    def check_failed_authentications(self, host: str) -> None:
+        """Refuses a call from ``host`` while its failed authentications are over their limit: such a call
+        would cost a database read (the credential is not remembered, or it is an enrolment)."""
+        wait = self._failed_auth.waiting(host)
+        if wait:
+            raise RateLimitedError(f"too many failed authentications from {host}; retry in {wait:.1f} s",
+                                   retry_after_s=wait)
+
+    def _authenticate(self, device_id: str, secret: str, certificate: str | None, host: str) -> Device:
+        """The device whose credential this is. A remembered credential answers at once, whatever its address
+        did; one that needs the database is refused first while the address is over its failed-authentication
+        limit, so that a flood of guesses neither reaches the database nor locks out the devices sharing its
+        address (a NAT)."""
+        device = self._devices.authenticate_cached(device_id, secret, certificate)
+        if device is not None:
+            return device
+        self.check_failed_authentications(host)
+        return self._devices.authenticate(device_id, secret, certificate)
+
     async def _device(self, context: grpc.aio.ServicerContext, caller: Caller | None = None) -> Device:
         """The authenticated caller, admitted by its rate limit."""
         device_id, secret = device_credential(context)
         if caller is not None:
             caller.claimed_device_id = device_id
-        device = await self._light(self._devices.authenticate, device_id, secret, self._certificate_name(context))
+        device = await self._light(self._authenticate, device_id, secret, self._certificate_name(context),
+                                   peer_host(context))
         self._admit(device, caller)
         return device
 
@@ -267,7 +282,8 @@ class HeartbeatServicer:
             device = self._devices.authenticate_cached(device_id, secret, certificate)
             if device is None:
                 return pb.HeartbeatResponse(
-                    next_heartbeat_s=await self._light(self._beat, device_id, secret, caller, certificate),
+                    next_heartbeat_s=await self._light(self._beat, device_id, secret, caller, certificate,
+                                                       peer_host(context)),
                     heartbeat_port=self.heartbeat_port)
             self._admit(device, caller)
             if self._devices.credential_due_for_refresh(device.id):
@@ -276,8 +292,8 @@ class HeartbeatServicer:
                                         heartbeat_port=self.heartbeat_port)
         return await self._call("Heartbeat", context, body, caller)
 
-    def _beat(self, device_id: str, secret: str, caller: Caller, certificate: str | None) -> int:
-        device = self._devices.authenticate(device_id, secret, certificate)
+    def _beat(self, device_id: str, secret: str, caller: Caller, certificate: str | None, host: str) -> int:
+        device = self._authenticate(device_id, secret, certificate, host)
         self._admit(device, caller)
         return self._devices.heartbeat(device)
 

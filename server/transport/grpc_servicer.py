@@ -43,6 +43,7 @@ from server.transport.grpc_heartbeat import (
     HeartbeatServicer,
     MalformedMessage,
     check_claim,
+    peer_host,
     status_for,
     tolerant_deserializer,
 )
@@ -91,6 +92,7 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
     async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolResponse:
         async def body() -> pb.EnrolResponse:
             # No identity yet: the limit is per name asked for (not per address, which a fleet behind NAT shares).
+            self.check_failed_authentications(peer_host(context))  # every enrolment reads the database
             self._limiter.check(("Enrol", request.federation, request.device_name),
                                 f"enrolment of {request.device_name[:128]!r} in {request.federation[:128]!r}")
             try:
@@ -112,12 +114,13 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
 
         async def body() -> pb.GetTaskResponse:
             device_id, secret, certificate = self._claimed(context, request.device_id, caller)
+            host = peer_host(context)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(request.wait_s, MAX_TASK_WAIT_S)
             admit: Caller | None = caller  # one poll is one request, however often a held one looks again
             while True:
                 change = self._changes.current()
-                assignment = await self._light(self._task, device_id, secret, admit, certificate)
+                assignment = await self._light(self._task, device_id, secret, admit, certificate, host)
                 admit = None
                 if not isinstance(assignment, WaitAssignment) or loop.time() >= deadline:
                     return assignment_to_proto(assignment)
@@ -126,9 +129,10 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
                     return assignment_to_proto(WaitAssignment(0, assignment.reason))
         return await self._call("GetTask", context, body, caller)
 
-    def _task(self, device_id: str, secret: str, admit: Caller | None, certificate: str | None) -> Assignment:
+    def _task(self, device_id: str, secret: str, admit: Caller | None, certificate: str | None,
+              host: str) -> Assignment:
         """The device's assignment; ``admit``: take a request from its rate limit first (the first look)."""
-        device = self._devices.authenticate(device_id, secret, certificate)
+        device = self._authenticate(device_id, secret, certificate, host)
         if admit is not None:
             self._admit(device, admit)
         try:

@@ -418,3 +418,6 @@ def test_an_address_that_keeps_failing_authentication_is_refused_before_any_data
             stub.GetTask(pb.GetTaskRequest(), timeout=10, metadata=(("authorization", "Device x:y"),))
         assert "too many failed authentications" in caught.value.details()
         assert ("retry-after-ms" in dict(caught.value.trailing_metadata() or ()))
+        # A device behind the same address (a NAT) whose credential is remembered is not locked out.
+        assert honest.client.heartbeat(honest.id) > 0
+        assert len(reads) == 5
