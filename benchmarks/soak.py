@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rounds close at this deadline when hostile devices never finish (default 20)")
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples (default 5)")
     parser.add_argument("--device-procs", type=int, default=2, help="processes for the honest devices (default 2)")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                        help="PostgreSQL server to create the run's database on")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--database-url", default=None,
+                        help="database to use as given (default: a fresh database on the local PostgreSQL, dropped "
+                             "afterwards)")
+    parser.add_argument("--redis-url", default=None,
+                        help="Redis to use (default: the local one, under a key prefix of the run's own)")
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, soak.png")
     return parser
 
