@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,14 @@ def _order(records: Sequence[dict[str, Any]], key: str) -> list[str]:
     return list(dict.fromkeys(r[key] for r in records))
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) else "–"
+def _mean_std(values: Sequence[float], seeds: int = 0) -> str:
+    """mean ± std; a cell with fewer runs than the table's ``seeds`` says how many it has."""
+    if not len(values):
+        return "–"
+    if len(values) == 1 and seeds > 1:
+        return f"{values[0]:.1f} (1 seed)"
+    cell = f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+    return cell if len(values) >= seeds else f"{cell} ({len(values)} seeds)"
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
@@ -55,6 +61,8 @@ class OptionCheck:
     """Per attack: its clean run minus its attacked run (positive: accuracy lost to the attack)."""
     clean_loss: float
     """Plain MMA's clean run minus this option's clean run."""
+    seeds: dict[str, int] = field(default_factory=dict)
+    """Per attack: the seeds its drop is averaged over."""
 
     @property
     def worst_drop(self) -> float:
@@ -83,7 +91,7 @@ def option_checks(records: Sequence[dict[str, Any]]) -> list[OptionCheck]:
         if not all(drops.values()):
             continue
         checks.append(OptionCheck(defence, {a: float(np.mean(d)) for a, d in drops.items()},
-                                  float(np.mean(_paired(plain, clean)))))
+                                  float(np.mean(_paired(plain, clean))), {a: len(d) for a, d in drops.items()}))
     return checks
 
 
@@ -101,11 +109,11 @@ def markdown_report(records: Sequence[dict[str, Any]]) -> str:
     cells = _cells(records)
     attacks, defences = _order(records, "attack"), _order(records, "defence")
     seeds = len({r["seed"] for r in records})
-    out = [f"Global accuracy (%, test split), mean ± std over {seeds} seed(s):\n",
+    out = [f"Global accuracy (%, test split), mean ± std over {seeds} seed(s) (fewer where a cell says so):\n",
            "| defence | " + " | ".join(f"attack {a}" for a in attacks) + " |",
            "|---|" + "---|" * len(attacks)]
     for defence in defences:
-        row = [_mean_std(list(cells.get((defence, a), {}).values())) for a in attacks]
+        row = [_mean_std(list(cells.get((defence, a), {}).values()), seeds) for a in attacks]
         out.append(f"| {defence} | " + " | ".join(row) + " |")
     excluded = _exclusions(records)
     if excluded:
@@ -129,8 +137,11 @@ def markdown_report(records: Sequence[dict[str, Any]]) -> str:
                 "minus its attacked run, clean loss = plain MMA's clean run minus its clean run:", "",
                 "| defence | " + " | ".join(f"drop {a}" for a in attack_names) + " | clean loss |",
                 "|---|" + "---:|" * (len(attack_names) + 1)]
+        most = max(n for check in checks for n in check.seeds.values()) if checks[0].seeds else 0
         for check in checks:
-            drops = " | ".join(f"{check.drops[a]:+.1f}" for a in attack_names)
+            drops = " | ".join(f"{check.drops[a]:+.1f}" + (f" ({check.seeds[a]} seed{'s' * (check.seeds[a] > 1)})"
+                                                           if check.seeds.get(a, most) < most else "")
+                               for a in attack_names)
             out.append(f"| {check.defence} | {drops} | {check.clean_loss:+.1f} |")
         best = best_option(checks) or checks[0]  # never None: checks is not empty
         out += ["", f"Best option (smallest worst-case drop): `{best.defence}`.",

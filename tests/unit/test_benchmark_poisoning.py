@@ -401,7 +401,7 @@ def test_report_tables_accuracy_by_defence_and_attack_in_percent() -> None:
     report = markdown_report(GRID)
 
     lines = report.splitlines()
-    assert lines[0] == "Global accuracy (%, test split), mean ± std over 2 seed(s):"
+    assert lines[0] == "Global accuracy (%, test split), mean ± std over 2 seed(s) (fewer where a cell says so):"
     assert lines[2] == "| defence | attack none | attack scale10 | attack signflip |"
     assert lines[4] == "| none | 91.0 ± 1.0 | 25.0 ± 5.0 | 85.0 ± 0.0 |"
     assert lines[5] == "| median | 89.0 ± 1.0 | 88.5 ± 1.5 | 87.0 ± 1.0 |"
@@ -575,3 +575,14 @@ def test_main_passes_the_grid_and_the_options_to_the_simulation(
     method, p, _, config = calls[0]
     assert (method, p, config.poisoning.fraction) == ("mlecs-no-mma", 0.4, 0.25)
     assert (config.num_clients, config.rounds, config.model.backbone) == (8, 3, "tiny")
+
+
+def test_cells_and_drops_with_fewer_seeds_than_the_table_say_how_many_they_have() -> None:
+    records = [{"attack": attack, "defence": defence, "seed": seed, "global_accuracy": 0.9}
+               for defence in ("none", "median") for seed in (0, 1)
+               for attack in (("none", "scale10", "alie") if seed == 0 else ("none", "scale10"))]
+
+    report = markdown_report(records)
+
+    assert "| median | 90.0 ± 0.0 | 90.0 ± 0.0 | 90.0 (1 seed) |" in report
+    assert "| median | +0.0 | +0.0 (1 seed) | +0.0 |" in report
