@@ -158,7 +158,7 @@ class UploadService:
             staging.retire(self._ctx, oldest, "superseded")
         staged, limit = self._ctx.blobs.staged_bytes(), settings.max_staged_bytes
         if staged + size > limit:
-            metrics.UPDATE_REJECTIONS.labels("staging_full").inc()
+            self._count_rejection("staging_full")
             raise ResourceLimitError(
                 "staging_full", f"the coordinator is staging {staged} bytes of unfinished uploads; {size} more "
                 f"would pass its limit of {limit} (max_staged_bytes): retry later", retry_after_s=30.0)
