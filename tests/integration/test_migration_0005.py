@@ -4,7 +4,6 @@ on SQLite and PostgreSQL; the downgrade gives an older coordinator rows it can r
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from sqlalchemy import text
 
 from server.persistence.database import create_engine_for, current_revision, downgrade, migrate
 from server.persistence.sql_store import SqlStore
+from tests.integration.migration_helpers import database_at, insert_federation
 
 OLD_CONFIG = {"min_updates": 2, "public_epochs": 5, "model": {"backbone": "tiny"}}
 NEW_CONFIG = {"min_updates": 1, "upload_stage": "private", "model": {"backbone": "tiny", "fused_skip": True}}
@@ -19,25 +19,9 @@ NEW_CONFIG = {"min_updates": 1, "upload_stage": "private", "model": {"backbone":
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_at_0004(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    else:
-        make_postgres_database: Callable[[], str] = request.getfixturevalue("make_postgres_database")
-        url = make_postgres_database()
-    migrate(url, "0004")
-    _execute(url, "INSERT INTO federations (id, name, state, config, created_at) "
-                  "VALUES (:id, :name, 'active', :config, CURRENT_TIMESTAMP)",
-             id="f-old", name="old", config=json.dumps(OLD_CONFIG))
+    url = database_at(request, tmp_path, "0004")
+    insert_federation(url, "f-old", "old", json.dumps(OLD_CONFIG))
     return url
-
-
-def _execute(url: str, sql: str, **params: object) -> None:
-    engine = create_engine_for(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(sql), params)
-    finally:
-        engine.dispose()
 
 
 def _config(url: str, federation_id: str) -> dict:
@@ -68,9 +52,7 @@ def test_a_federation_from_before_keeps_the_public_upload_and_the_head_it_had(da
 
 def test_the_downgrade_gives_the_older_coordinator_the_config_it_wrote(database_at_0004: str) -> None:
     migrate(database_at_0004)
-    _execute(database_at_0004, "INSERT INTO federations (id, name, state, config, created_at) "
-                               "VALUES (:id, :name, 'active', :config, CURRENT_TIMESTAMP)",
-             id="f-new", name="new", config=json.dumps(NEW_CONFIG))
+    insert_federation(database_at_0004, "f-new", "new", json.dumps(NEW_CONFIG))
 
     downgrade(database_at_0004, "0004")
 

@@ -5,15 +5,14 @@ break it loads again, and one inside the bounds is left as it was."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from server.domain.models import CONFIG_BOUNDS, FederationConfig
-from server.persistence.database import create_engine_for, current_revision, downgrade, migrate
+from server.persistence.database import current_revision, downgrade, migrate
 from server.persistence.sql_store import SqlStore
+from tests.integration.migration_helpers import database_at, insert_federation
 
 BROKEN = {"seed": 2**80 + 7, "round_deadline_s": 1e308, "batch_size": 2**70, "public_epochs": 2**62,
           "clients_per_round": 3, "min_updates": 5, "upload_stage": "private", "model": {"backbone": "tiny"}}
@@ -23,26 +22,10 @@ SOUND = {"seed": 42, "round_deadline_s": 900.0, "min_updates": 2, "upload_stage"
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_at_0005(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    else:
-        make_postgres_database: Callable[[], str] = request.getfixturevalue("make_postgres_database")
-        url = make_postgres_database()
-    migrate(url, "0005")
+    url = database_at(request, tmp_path, "0005")
     for federation_id, config in (("f-broken", BROKEN), ("f-sound", SOUND)):
-        _execute(url, "INSERT INTO federations (id, name, state, config, created_at) "
-                      "VALUES (:id, :name, 'active', :config, CURRENT_TIMESTAMP)",
-                 id=federation_id, name=federation_id, config=json.dumps(config))
+        insert_federation(url, federation_id, federation_id, json.dumps(config))
     return url
-
-
-def _execute(url: str, sql: str, **params: object) -> None:
-    engine = create_engine_for(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(sql), params)
-    finally:
-        engine.dispose()
 
 
 def _load(url: str, federation_id: str) -> FederationConfig:
