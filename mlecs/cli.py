@@ -12,6 +12,7 @@ import typer
 
 from mlecs.admin_cli import register as register_admin_commands
 from mlecs.certs_cli import certs_app
+from mlecs.data_cli import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mlecs: federated multimodal learning between a coordinator and edge devices.")
@@ -24,6 +25,7 @@ def _root() -> None:
 
 
 app.add_typer(certs_app, name="certs")
+app.add_typer(data_app, name="data")
 register_admin_commands(app)  # federations, rounds, devices, enrolment-tokens, versions, tokens, audit
 
 

@@ -1,0 +1,1 @@
+"""The task files shipped with mlecs (read with importlib.resources)."""
