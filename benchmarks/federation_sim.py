@@ -167,7 +167,7 @@ def _tail_mean(history: list[dict[str, float]], key: str, window: int) -> float 
     return float(np.mean(values)) if values else None
 
 
-def _zero_filled(split: AVMnistSplit, modalities: frozenset[Modality]) -> AVMnistSplit:
+def _zero_filled(split: AVMnistSplit, modalities: frozenset[str]) -> AVMnistSplit:
     images = split.images if Modality.IMAGE in modalities else np.zeros_like(split.images)
     audio = split.audio if Modality.AUDIO in modalities else np.zeros_like(split.audio)
     return replace(split, images=images, audio=audio)
@@ -241,9 +241,9 @@ def simulate(data: AVMnist, method_name: str, p: float, seed: int, config: SimCo
     clients = client_data(data, config, p, seed, method.zero_fill)
     attackers = choose_attackers(len(clients), poisoning, seed)
     test, unseen = eval_sets(data, config)
-    models: dict[frozenset[Modality], EdgeModel] = {}
+    models: dict[frozenset[str], EdgeModel] = {}
 
-    def model_for(modalities: frozenset[Modality]) -> EdgeModel:
+    def model_for(modalities: frozenset[str]) -> EdgeModel:
         if modalities not in models:
             models[modalities] = build_edge_model(config.model, modalities, seed)
         return models[modalities]
@@ -369,7 +369,7 @@ def _weights(method: Method, updates: list[ClientUpdate], uploads: list[tuple[np
 
 
 def _local_global_accuracy(clients: list[AmtData], states: list[dict[str, np.ndarray]],
-                           model_for: Callable[[frozenset[Modality]], EdgeModel], test: AVMnistSplit) -> float:
+                           model_for: Callable[[frozenset[str]], EdgeModel], test: AVMnistSplit) -> float:
     """Local-only has no global model: the mean test accuracy of the clients' own models, own modalities."""
     scores = []
     for client, state in zip(clients, states, strict=True):

@@ -20,7 +20,8 @@ from collections.abc import Callable
 import numpy as np
 
 from benchmarks.federation_sim import SimConfig, SimResult, client_data, eval_sets, has_flattened
-from mlecs.data.avmnist import AVMnist, AVMnistSplit, concatenate_splits
+from mlecs.data.avmnist import AVMnist
+from mlecs.data.split import LabelledSplit
 from mlecs.learning import evaluate
 from mlecs.learning.seccl import alignment_loss
 from mlecs.learning.supervised import train_groups
@@ -33,13 +34,13 @@ P_INDEPENDENT: frozenset[str] = frozenset({"centralised-full", "cloud-alone"})
 
 
 def pooled_groups(data: AVMnist, config: SimConfig, p: float, seed: int,
-                  full: bool) -> list[tuple[AVMnistSplit, frozenset[Modality]]]:
+                  full: bool) -> list[tuple[LabelledSplit, frozenset[str]]]:
     """Every client's public shard and private training data, grouped by the modalities fed."""
-    by_modalities: dict[frozenset[Modality], list[AVMnistSplit]] = defaultdict(list)
+    by_modalities: dict[frozenset[str], list[LabelledSplit]] = defaultdict(list)
     for client in client_data(data, config, p, seed):
         modalities = frozenset(Modality) if full else client.modalities
         by_modalities[modalities] += [client.public, client.private_train]
-    return [(concatenate_splits(parts), modalities) for modalities, parts in sorted(
+    return [(type(parts[0]).concatenate(parts), modalities) for modalities, parts in sorted(
         by_modalities.items(), key=lambda item: sorted(str(m) for m in item[0]))]
 
 
@@ -49,13 +50,14 @@ def run_reference(data: AVMnist, name: str, p: float, seed: int, config: SimConf
     if name not in REFERENCES:
         raise ValueError(f"unknown reference {name!r}; choose from {', '.join(REFERENCES)}")
     started = time.perf_counter()
-    every = frozenset(Modality)
+    every: frozenset[str] = frozenset(Modality)
     test, _ = eval_sets(data, config)
     recipe = config.recipe
     extra = None
     if name == "cloud-alone":
         model = build_edge_model(config.cloud_model or config.model, every, seed)
-        public = concatenate_splits([c.public for c in client_data(data, config, p, seed)])
+        publics = [c.public for c in client_data(data, config, p, seed)]
+        public = type(publics[0]).concatenate(publics)
         groups = [(public, every)]
         extra = alignment_loss(public.sample_ids, targets=None, class_text=text_anchors,
                                fused_dim=model.config.fused_dim, weight=config.cloud.seccl_weight,

@@ -135,7 +135,7 @@ class AgentSettings(BaseModel):
     @field_validator("modalities")
     @classmethod
     def _known_modalities(cls, value: list[str]) -> list[str]:
-        return sorted(m.value for m in parse_modalities(value))
+        return sorted(parse_modalities(value))
 
 
 def load_settings(path: Path) -> AgentSettings:

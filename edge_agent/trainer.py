@@ -18,7 +18,7 @@ from edge_agent.config import AgentSettings
 from edge_agent.tasks import TrainTask
 from mlecs.data.avmnist import AVMnistSplit, load_avmnist
 from mlecs.data.partition import PartitionSpec, client_shard
-from mlecs.modality import Modality, parse_modalities
+from mlecs.modality import parse_modalities
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class TrainingInterrupted(Exception):
 
 @dataclass(frozen=True)
 class LocalData:
-    modalities: frozenset[Modality]
+    modalities: frozenset[str]
     public: AVMnistSplit
     private_train: AVMnistSplit
     private_heldout: AVMnistSplit

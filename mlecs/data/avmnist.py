@@ -72,6 +72,16 @@ class AVMnistSplit:
             sample_ids=self.sample_ids[index],
         )
 
+    def input_arrays(self) -> dict[str, np.ndarray]:
+        return {"image": self.images, "audio": self.audio}
+
+    def presence(self) -> dict[str, np.ndarray]:
+        return {}  # every pair has both modalities
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[AVMnistSplit]) -> AVMnistSplit:
+        return concatenate_splits(parts)
+
 
 def concatenate_splits(parts: Sequence[AVMnistSplit]) -> AVMnistSplit:
     """Joins splits row-wise, in order (e.g. a device's private data and its public shard)."""

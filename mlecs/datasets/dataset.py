@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from mlecs.data.split import numeric_sample_ids
 from mlecs.datasets.readers import InputError, read_input
 from mlecs.tasks.spec import RESERVED_COLUMNS, TaskSpec
 
@@ -58,6 +59,11 @@ class MultimodalData:
     """modality -> float32 [N, *shape]; zeros where the sample lacks the modality."""
     present: Mapping[str, np.ndarray]
     """modality -> bool [N]: whether the sample has it."""
+    sample_ids: np.ndarray = field(init=False)
+    """int64 [N]: the ids as the wire carries them (:func:`mlecs.data.split.numeric_sample_id`)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_ids", numeric_sample_ids(self.ids))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -70,6 +76,28 @@ class MultimodalData:
 
     def split(self, name: str) -> MultimodalData:
         return self.subset(np.nonzero(self.splits == name)[0])
+
+    def input_arrays(self) -> Mapping[str, np.ndarray]:
+        return self.inputs
+
+    def presence(self) -> Mapping[str, np.ndarray]:
+        return self.present
+
+    def holds(self) -> frozenset[str]:
+        """The modalities at least one sample has."""
+        return frozenset(m for m, mask in self.present.items() if mask.any())
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[MultimodalData]) -> MultimodalData:
+        if not parts:
+            raise ValueError("concatenate needs at least one part")
+        names = set(parts[0].inputs)
+        if any(set(part.inputs) != names for part in parts):
+            raise ValueError("parts of different tasks cannot be concatenated")
+        return cls(ids=np.concatenate([p.ids for p in parts]), labels=np.concatenate([p.labels for p in parts]),
+                   splits=np.concatenate([p.splits for p in parts]),
+                   inputs={m: np.concatenate([p.inputs[m] for p in parts]) for m in names},
+                   present={m: np.concatenate([p.present[m] for p in parts]) for m in names})
 
     def modality_groups(self) -> list[tuple[frozenset[str], np.ndarray]]:
         """Samples grouped by the exact set of modalities they have (training feeds each group its own)."""

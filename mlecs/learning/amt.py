@@ -22,7 +22,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from mlecs.data.avmnist import AVMnistSplit, concatenate_splits
+from mlecs.data.split import LabelledSplit
 from mlecs.learning.seccl import Anchors, alignment_loss
 from mlecs.learning.supervised import (
     ExtraLoss,
@@ -31,7 +31,6 @@ from mlecs.learning.supervised import (
     fused_representations,
     train_supervised,
 )
-from mlecs.modality import Modality
 from mlecs.model.edge import EdgeModel
 
 # The classifier head is the device's personal part: it learns the device's own label mix on top of the
@@ -103,10 +102,10 @@ class AmtRecipe:
 class AmtData:
     """A device's data: its public shard, private training data and a private held-out split."""
 
-    modalities: frozenset[Modality]
-    public: AVMnistSplit
-    private_train: AVMnistSplit
-    private_heldout: AVMnistSplit
+    modalities: frozenset[str]
+    public: LabelledSplit
+    private_train: LabelledSplit
+    private_heldout: LabelledSplit
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +125,7 @@ class AmtResult:
     """Samples the uploaded change was learned on: the sample count an aggregator weighs it by."""
 
 
-def _anchor_loss(model: EdgeModel, split: AVMnistSplit, anchors: Anchors | None, recipe: AmtRecipe,
+def _anchor_loss(model: EdgeModel, split: LabelledSplit, anchors: Anchors | None, recipe: AmtRecipe,
                  use_sample_anchors: bool) -> ExtraLoss | None:
     """The SE-CCL term for a stage (cloud -> edge), or None when it has nothing to act on."""
     if anchors is None:
@@ -154,8 +153,8 @@ def run_amt_round(
     # (b) update stage: the shared tensors only; its result is what travels
     if recipe.upload_stage == "private":
         # The public shard rides along: it is where the cloud's sample anchors apply (SE-CCL).
-        update_split = concatenate_splits([part for part in (data.private_train, data.public) if len(part)]
-                                          or [data.private_train])
+        parts = [part for part in (data.private_train, data.public) if len(part)] or [data.private_train]
+        update_split = type(parts[0]).concatenate(parts)
         update_epochs, personal_epochs = recipe.private_epochs, recipe.personal_epochs
         personal_split = data.private_train
     else:

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlecs.data.avmnist import AVMnistSplit
+from mlecs.data.split import LabelledSplit
 from mlecs.learning.seccl import Anchors, alignment_loss
 from mlecs.learning.supervised import TrainStats, fused_representations, train_supervised
-from mlecs.modality import Modality
 from mlecs.model.config import ModelConfig
 from mlecs.model.edge import EdgeModel
 
@@ -51,7 +50,7 @@ def mean_edge_fused(uploads: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[n
 def tune_cloud(
     model: EdgeModel,
     global_tensors: Mapping[str, np.ndarray],
-    public: AVMnistSplit,
+    public: LabelledSplit,
     *,
     recipe: CloudRecipe,
     seed: int,
@@ -64,7 +63,7 @@ def tune_cloud(
     ``edge_config``: the devices' model, when the cloud's differs from it (see :func:`adopt_global`).
     """
     adopt_global(model, global_tensors, edge_config)
-    every = frozenset(Modality)
+    every = frozenset(model.config.modality_names)
     targets = None
     if edge_fused is not None and len(edge_fused[0]) >= 2:
         targets = Anchors(edge_fused[0], edge_fused[1])  # edge -> cloud: the edges' mean z per public id
@@ -91,7 +90,7 @@ def adopt_global(model: EdgeModel, global_tensors: Mapping[str, np.ndarray], edg
         model.load_matching_shared_state(tensors, exclude=("head.",))
 
 
-def generate_anchors(model: EdgeModel, public: AVMnistSplit, text_anchors: np.ndarray | None) -> Anchors:
+def generate_anchors(model: EdgeModel, public: LabelledSplit, text_anchors: np.ndarray | None) -> Anchors:
     """One pass of the cloud model over the public set: the sample anchors (plus the text anchors)."""
-    fused = fused_representations(model, public, frozenset(Modality)).numpy().astype(np.float32)
+    fused = fused_representations(model, public, frozenset(model.config.modality_names)).numpy().astype(np.float32)
     return Anchors(sample_ids=public.sample_ids.astype(np.int64), fused=fused, text=text_anchors)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-
-from mlecs.modality import Modality
-
-# Slot order in the fused input; fixed for the whole federation so that shapes agree on every device.
-ALL_MODALITIES: tuple[Modality, ...] = tuple(sorted(Modality, key=lambda m: m.value))
 
 # Soft tokens are scaled down so they stay small next to the backbone's own position embeddings: the
 # frozen pretrained LM then starts in a smooth regime where its gradients agree from batch to batch
@@ -39,10 +34,10 @@ class FusionCore(nn.Module):
     ``fused_dim -> num_tokens * hidden`` projection).
     """
 
-    def __init__(self, feature_dim: int, fused_dim: int, num_tokens: int, hidden_size: int) -> None:
+    def __init__(self, num_slots: int, feature_dim: int, fused_dim: int, num_tokens: int, hidden_size: int) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        self.fuse = nn.Linear(len(ALL_MODALITIES) * (feature_dim + 1), fused_dim)
+        self.fuse = nn.Linear(num_slots * (feature_dim + 1), fused_dim)
         self.fuse_norm = nn.LayerNorm(fused_dim)
         self.token_proj = nn.Linear(fused_dim // num_tokens, hidden_size)
         self.token_embed = nn.Parameter(torch.randn(num_tokens, hidden_size) * 0.02)
@@ -56,27 +51,38 @@ class FusionCore(nn.Module):
 
 
 class Connector(nn.Module):
-    """Per-modality slot projections (only for the modalities held) around a shared :class:`FusionCore`."""
+    """Per-modality slot projections (only for the modalities held) around a shared :class:`FusionCore`.
 
-    def __init__(self, slots: Mapping[Modality, SlotProjection], core: FusionCore, feature_dim: int) -> None:
+    ``slot_order`` lists every modality of the federation (sorted): each has a fixed slot in the fused
+    input, so shapes agree on every device whichever modalities it holds.
+    """
+
+    def __init__(self, slot_order: Sequence[str], slots: Mapping[str, SlotProjection], core: FusionCore,
+                 feature_dim: int) -> None:
         super().__init__()
-        self.slots = nn.ModuleDict({str(m): slots[m] for m in ALL_MODALITIES if m in slots})
+        self.slot_order = tuple(slot_order)
+        self.slots = nn.ModuleDict({m: slots[m] for m in self.slot_order if m in slots})
         self.core = core
         self.feature_dim = feature_dim
 
-    def forward(self, features: Mapping[Modality, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: Mapping[str, torch.Tensor],
+                present: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (fused z [N, fused_dim], soft tokens [N, T, hidden]) from the present modalities' features.
 
         A missing modality's slot is zero and its mask bit 0, so the fusion layer can tell "absent"
-        from any real feature value.
+        from any real feature value. ``present[m]`` (bool [N]) marks the samples that have modality ``m``
+        when samples of one batch differ; a modality given without one is present in every sample.
         """
         batch = next(iter(features.values())).shape[0]
         reference = next(iter(features.values()))
         slots, mask = [], []
-        for modality in ALL_MODALITIES:
+        for modality in self.slot_order:
             if modality in features:
-                slots.append(self.slots[str(modality)](features[modality]))
-                mask.append(torch.ones(batch, 1, dtype=reference.dtype, device=reference.device))
+                has = present.get(modality) if present is not None else None
+                bit = (torch.ones(batch, 1, dtype=reference.dtype, device=reference.device) if has is None
+                       else has.to(reference.dtype).reshape(batch, 1))
+                slots.append(self.slots[modality](features[modality]) * bit)
+                mask.append(bit)
             else:
                 slots.append(reference.new_zeros(batch, self.feature_dim))
                 mask.append(reference.new_zeros(batch, 1))

@@ -18,10 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mlecs.modality import Modality
 from mlecs.model.backbone import build_backbone, encode_tokens, hidden_size, lora_parameters
 from mlecs.model.config import ModelConfig
-from mlecs.model.connector import ALL_MODALITIES, Connector, FusionCore, SlotProjection
+from mlecs.model.connector import Connector, FusionCore, SlotProjection
 from mlecs.model.extractors import build_extractor
 from mlecs.model.seeding import seeded
 
@@ -33,15 +32,15 @@ class ModelOutput(NamedTuple):
     """[N, num_classes] class scores."""
     fused: torch.Tensor
     """[N, fused_dim] the fused representation z (exchanged with the cloud for public samples)."""
-    features: Mapping[Modality, torch.Tensor] = MappingProxyType({})
-    """[N, feature_dim] per present modality: the extractor outputs CCL aligns."""
+    features: Mapping[str, torch.Tensor] = MappingProxyType({})
+    """[N, feature_dim] per modality fed: the extractor outputs CCL aligns."""
 
 
-def tensor_modality(name: str) -> Modality | None:
+def tensor_modality(name: str) -> str | None:
     """Returns the modality a shared tensor belongs to (only devices with it hold it), or None if common."""
     for prefix in _MODALITY_PREFIXES:
         if name.startswith(prefix):
-            return Modality(name[len(prefix) :].split(".", 1)[0])
+            return name[len(prefix) :].split(".", 1)[0]
     return None
 
 
@@ -51,32 +50,37 @@ class EdgeModel(nn.Module):
     def __init__(
         self,
         config: ModelConfig,
-        modalities: Iterable[Modality],
+        modalities: Iterable[str],
         *,
         seed: int = 0,
         load_pretrained: bool = True,
     ) -> None:
         super().__init__()
-        held = frozenset(Modality(m) for m in modalities)
+        held = frozenset(str(m) for m in modalities)
         if not held:
             raise ValueError("modalities must name at least one modality")
+        unknown = sorted(held - set(config.modality_names))
+        if unknown:
+            raise ValueError(f"the model has no input {', '.join(map(repr, unknown))} "
+                             f"(it reads {', '.join(config.modality_names)})")
         self.config = config
-        self.modalities: frozenset[Modality] = held
-        ordered = [m for m in ALL_MODALITIES if m in held]
+        self.modalities: frozenset[str] = held
+        ordered = [m for m in config.modality_names if m in held]
         # Each part draws from its own seeded stream: a tensor is identical on every device holding it.
         extractors = {}
         slots = {}
         for modality in ordered:
             with seeded(seed, f"extractors.{modality}"):
-                extractors[str(modality)] = build_extractor(modality, config.feature_dim)
+                extractors[modality] = build_extractor(config.input_spec(modality), config.feature_dim)
             with seeded(seed, f"connector.slots.{modality}"):
                 slots[modality] = SlotProjection(config.feature_dim)
         self.extractors = nn.ModuleDict(extractors)
         self.backbone = build_backbone(config, seed, load_pretrained=load_pretrained)
         width = hidden_size(self.backbone)
         with seeded(seed, "connector.core"):
-            core = FusionCore(config.feature_dim, config.fused_dim, config.num_soft_tokens, width)
-        self.connector = Connector(slots, core, config.feature_dim)
+            core = FusionCore(len(config.modality_names), config.feature_dim, config.fused_dim,
+                              config.num_soft_tokens, width)
+        self.connector = Connector(config.modality_names, slots, core, config.feature_dim)
         with seeded(seed, "head"):
             self.head = nn.Linear(width + (config.fused_dim if config.fused_skip else 0), config.num_classes)
         self._shared = self._collect_shared()
@@ -93,8 +97,13 @@ class EdgeModel(nn.Module):
             raise RuntimeError("trainable parameters and shared tensors disagree; check the LoRA setup")
         return named
 
-    def forward(self, inputs: Mapping[Modality, torch.Tensor]) -> ModelOutput:
-        """Classifies a batch from the modalities present in ``inputs`` (absent ones are simply missing)."""
+    def forward(self, inputs: Mapping[str, torch.Tensor],
+                present: Mapping[str, torch.Tensor] | None = None) -> ModelOutput:
+        """Classifies a batch from the modalities in ``inputs`` (absent ones are simply missing).
+
+        ``present[m]`` (bool [N]) marks which samples have modality ``m`` when that differs within the batch
+        (the input rows of the others are ignored); without it every sample has every modality given.
+        """
         if not inputs:
             raise ValueError("inputs must hold at least one modality")
         unknown = set(inputs) - self.modalities
@@ -103,8 +112,8 @@ class EdgeModel(nn.Module):
         sizes = {int(x.shape[0]) for x in inputs.values()}
         if len(sizes) != 1:
             raise ValueError(f"all modalities must have the same batch size, got {sorted(sizes)}")
-        features = {m: self.extractors[str(m)](x) for m, x in inputs.items()}
-        fused, tokens = self.connector(features)
+        features = {str(m): self.extractors[str(m)](x) for m, x in inputs.items()}
+        fused, tokens = self.connector(features, present)
         pooled = encode_tokens(self.backbone, tokens)
         # The skip path: z reaches the head directly as well as through the backbone (ModelConfig.fused_skip).
         head_input = torch.cat([pooled, fused], dim=1) if self.config.fused_skip else pooled
@@ -123,11 +132,9 @@ class EdgeModel(nn.Module):
         for name in tensors:
             if name in self._shared:
                 continue
-            try:
-                modality = tensor_modality(name)
-            except ValueError:
-                modality = None
-            if modality is None or modality in self.modalities:
+            modality = tensor_modality(name)
+            # Only a tensor of a modality of this federation that this device lacks is skipped.
+            if modality is None or modality in self.modalities or modality not in self.config.modality_names:
                 raise ValueError(f"unknown shared tensor {name!r}")
         self._copy_into(self._shared, tensors)
 
@@ -176,7 +183,7 @@ class EdgeModel(nn.Module):
                 param.copy_(tensors[name])
 
 
-def build_edge_model(config: ModelConfig, modalities: Iterable[Modality], seed: int) -> EdgeModel:
+def build_edge_model(config: ModelConfig, modalities: Iterable[str], seed: int) -> EdgeModel:
     """Creates an edge model whose tensors depend only on (config, seed, tensor name)."""
     return EdgeModel(config, modalities, seed=seed)
 
@@ -185,7 +192,7 @@ def build_edge_model(config: ModelConfig, modalities: Iterable[Modality], seed: 
 def _meta_model_facts(config: ModelConfig) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
     # Built on the meta device: shapes and counts without allocating or loading any weights.
     with torch.device("meta"):
-        model = EdgeModel(config, ALL_MODALITIES, load_pretrained=False)
+        model = EdgeModel(config, config.modality_names, load_pretrained=False)
     schema = tuple((name, tuple(p.shape)) for name, p in model._shared.items())
     return schema, sum(p.numel() for p in model.parameters())
 

@@ -14,11 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlecs.model.config import ModelConfig
+from mlecs.model.config import EXTRACTOR_ENTRY_POINTS, INPUT_KINDS, InputSpec, ModelConfig
 
-KINDS: tuple[str, ...] = ("image", "audio", "series", "vector")
-EXTRACTOR_ENTRY_POINTS = "mlecs.extractors"
-"""Entry-point group through which a package registers extractors a task may name (``extractor = "..."``)."""
+KINDS: tuple[str, ...] = INPUT_KINDS
 
 RESERVED_COLUMNS = frozenset({"id", "label", "split"})
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -184,8 +182,13 @@ class TaskSpec(BaseModel):
         return self
 
     def edge_model_config(self) -> ModelConfig:
-        """The model's :class:`ModelConfig` (sizes from ``[model]``, classes from ``labels``)."""
-        return ModelConfig.from_dict({**self.model, "num_classes": len(self.labels)})
+        """The model's :class:`ModelConfig`: sizes from ``[model]``, inputs from ``modalities``, classes from
+        ``labels``."""
+        if "inputs" in self.model:
+            raise ValueError("[model] must not list inputs: they come from [modalities]")
+        inputs = [InputSpec(name, spec.kind, spec.shape, spec.mean, spec.std, spec.extractor)
+                  for name, spec in sorted(self.modalities.items())]
+        return ModelConfig.from_dict({**self.model, "num_classes": len(self.labels), "inputs": inputs})
 
     def label_index(self) -> dict[str, int]:
         return {label: i for i, label in enumerate(self.labels)}

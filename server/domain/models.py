@@ -232,7 +232,7 @@ class FederationConfig:
             problems.append(f"mode must be 'sync' or 'async', not {self.mode!r}")
         if self.cloud_model is not None and not isinstance(self.cloud_model, dict):
             problems.append("cloud_model must be an object of model settings, or null for the devices' model")
-        problems.extend(_modality_set_problems(self.eligible_modality_sets))
+        problems.extend(_modality_set_problems(self.eligible_modality_sets, self.modality_names()))
         problems.extend(self._robust_problems())
         if problems:
             raise ValueError("; ".join(problems))
@@ -257,6 +257,15 @@ class FederationConfig:
             problems.append("robust_rule works coordinate by coordinate on the deltas; lora_mode 'exact' averages "
                             "products of LoRA factors: use lora_mode 'separate' with a robust rule")
         return problems
+
+    def modality_names(self) -> tuple[str, ...] | None:
+        """The modalities of this federation's model (its task's), or None while ``model`` is invalid."""
+        from mlecs.model.config import ModelConfig
+
+        try:
+            return ModelConfig.from_dict(dict(self.model)).modality_names
+        except (TypeError, ValueError):
+            return None
 
     def eligible(self, modalities: frozenset[str]) -> bool:
         """Whether a device with these modalities may take part in this federation's rounds."""
@@ -284,13 +293,13 @@ def _bounds_problems(config: FederationConfig) -> list[str]:
 _FIELD_DEFAULTS.update({f.name: f.default for f in fields(FederationConfig)})
 
 
-def _modality_set_problems(sets: list[list[str]]) -> list[str]:
+def _modality_set_problems(sets: list[list[str]], known: tuple[str, ...] | None) -> list[str]:
     from mlecs.modality import parse_modalities
 
     problems = []
     for allowed in sets:
         try:
-            if not allowed or len(parse_modalities(list(allowed))) != len(allowed):
+            if not allowed or len(parse_modalities(list(allowed), known)) != len(allowed):
                 raise ValueError("empty or repeated")
         except ValueError as exc:
             problems.append(f"eligible_modality_sets: {allowed!r} is not a set of modality names ({exc})")

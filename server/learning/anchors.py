@@ -73,7 +73,6 @@ class CloudTuner:
         from mlecs.data.partition import split_public
         from mlecs.learning import evaluate
         from mlecs.learning.cloud import CloudRecipe, adopt_global, generate_anchors, mean_edge_fused, tune_cloud
-        from mlecs.modality import Modality
         from mlecs.model import ModelConfig, build_edge_model
 
         with self._lock:
@@ -87,7 +86,7 @@ class CloudTuner:
             key = repr(own) + f"/{config.seed}"
             model = self._models.get(key)
             if model is None:
-                model = build_edge_model(own, frozenset(Modality), config.seed)
+                model = build_edge_model(own, own.modality_names, config.seed)
                 self._models[key] = model
             edge_config = None if own == devices else devices
             text = text_anchors()
@@ -102,6 +101,6 @@ class CloudTuner:
                 metrics["cloud_train_loss"] = stats.loss
             else:
                 adopt_global(model, global_tensors, edge_config)
-            metrics["cloud_accuracy"] = evaluate(model, self._data.test, frozenset(Modality))
+            metrics["cloud_accuracy"] = evaluate(model, self._data.test, frozenset(own.modality_names))
             anchors = generate_anchors(model, public, text)
             return CloudRoundResult(anchors=encode_tensors(anchors.to_tensors(), CodecKind.FP32), metrics=metrics)

@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from mlecs.modality import Modality
-
 
 def _model_config(model: Mapping[str, Any]) -> Any:
     from mlecs.model import ModelConfig
@@ -26,7 +24,8 @@ def initial_global_state(model: Mapping[str, Any], seed: int) -> dict[str, np.nd
     """The shared tensors of a freshly initialised full-modality edge model (version 0 of a federation)."""
     from mlecs.model import build_edge_model
 
-    edge = build_edge_model(_model_config(model), frozenset(Modality), seed)
+    config = _model_config(model)
+    edge = build_edge_model(config, config.modality_names, seed)
     return {name: t.numpy() for name, t in edge.shared_state().items()}
 
 
@@ -88,8 +87,7 @@ def owning_modality(tensor_name: str) -> str | None:
     """The modality whose devices alone hold this tensor (an extractor or connector slot), else None."""
     from mlecs.model import tensor_modality
 
-    owner = tensor_modality(tensor_name)
-    return None if owner is None else owner.value
+    return tensor_modality(tensor_name)
 
 
 def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -127,15 +125,16 @@ class GlobalEvaluator:
         with self._lock:
             if self._test is None:
                 self._test = load_avmnist(self.dataset_dir, setting=self.setting).test  # type: ignore[arg-type]
-            key = repr(sorted(dict(model).items()))
+            config = _model_config(model)
+            key = repr(config)
             edge = self._models.get(key)
             if edge is None:
-                edge = build_edge_model(_model_config(model), frozenset(Modality), seed)
+                edge = build_edge_model(config, config.modality_names, seed)
                 self._models[key] = edge
             edge.load_shared_state({name: torch.from_numpy(np.asarray(v)) for name, v in tensors.items()})
-            both = frozenset(Modality)
-            return {
-                "accuracy": evaluate(edge, self._test, both),
-                "accuracy_image": evaluate(edge, self._test, frozenset({Modality.IMAGE})),
-                "accuracy_audio": evaluate(edge, self._test, frozenset({Modality.AUDIO})),
-            }
+            every = frozenset(config.modality_names)
+            # With every modality, then with each alone (a device that holds only that one).
+            result = {"accuracy": evaluate(edge, self._test, every)}
+            for modality in config.modality_names:
+                result[f"accuracy_{modality}"] = evaluate(edge, self._test, frozenset({modality}))
+            return result

@@ -72,7 +72,7 @@ class DeviceService:
             raise InvalidRequestError("device_name must be 1-128 characters")
         _check_certificate(device_name, certificate_name)
         try:
-            mods = frozenset(m.value for m in parse_modalities(modalities))
+            mods = parse_modalities(modalities, federation.config.modality_names())
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from exc
         grant = self._enrolment_grant(federation.id, device_name, enrolment_token)

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client import Gauge
 
-from mlecs.modality import Modality
 from server import metrics
 from server.domain.errors import UnavailableError
 from server.domain.models import FederationConfig, Update
@@ -55,7 +54,8 @@ def observe_round(config: FederationConfig, accepted: Sequence[Update], stalenes
     are still counted here)."""
     count = len(accepted)
     coverage = Counter(m for u in accepted for m in u.modalities)
-    _set_all(metrics.MODALITY_COVERAGE, {m.value: coverage[m.value] / count for m in Modality} if count else {},
+    names = config.modality_names() or tuple(coverage)
+    _set_all(metrics.MODALITY_COVERAGE, {m: coverage[m] / count for m in names} if count else {},
              _seen.setdefault("coverage", set()))
     _set_all(metrics.AGGREGATION_WEIGHT_SHARE, weight_shares(config, accepted, staleness),
              _seen.setdefault("weights", set()))

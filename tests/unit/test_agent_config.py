@@ -33,9 +33,11 @@ def test_a_missing_file_says_which_path(tmp_path):
         load_settings(tmp_path / "nope.toml")
 
 
-def test_an_unknown_modality_is_named_with_the_known_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"modalities.*'lidar'.*image, audio"):
-        load_settings(_write(tmp_path, GOOD.replace('["image"]', '["lidar"]')))
+def test_a_badly_spelled_modality_is_refused_while_the_federation_decides_which_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"modalities.*'Li Dar'.*lower-case letters"):
+        load_settings(_write(tmp_path, GOOD.replace('["image"]', '["Li Dar"]')))
+    # Which modalities exist is the federation's task's to say: the coordinator refuses at enrolment.
+    assert load_settings(_write(tmp_path, GOOD.replace('["image"]', '["lidar"]'))).modalities == ["lidar"]
 
 
 def test_a_client_index_outside_the_partition_is_refused(tmp_path):

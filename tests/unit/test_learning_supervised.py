@@ -144,9 +144,9 @@ def test_groups_train_on_every_sample_each_with_its_own_modalities(data: AVMnist
     seen: list[frozenset[Modality]] = []
     forward = model.forward
 
-    def recording(inputs):  # type: ignore[no-untyped-def]
+    def recording(inputs, present=None):  # type: ignore[no-untyped-def]
         seen.append(frozenset(inputs))
-        return forward(inputs)
+        return forward(inputs, present)
 
     model.forward = recording  # type: ignore[method-assign]
     stats = train_groups(model, [(image_only, IMAGE), (both, BOTH)], epochs=1, batch_size=20, learning_rate=1e-3,

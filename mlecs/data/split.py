@@ -1,0 +1,58 @@
+"""What training and evaluation need of a set of labelled samples, whatever it was read from.
+
+Two kinds implement it: :class:`mlecs.data.avmnist.AVMnistSplit` (the bundled AV-MNIST arrays, every sample
+with both modalities) and :class:`mlecs.datasets.MultimodalData` (a dataset directory, samples missing
+modalities one by one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Protocol, Self
+
+import numpy as np
+
+_INTEGER = re.compile(r"^-?\d{1,18}$")
+_HASHED_BIT = 1 << 62  # hashed ids sit above every plausible integer id, so the two never collide
+
+
+class LabelledSplit(Protocol):
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 [N] class indices."""
+        ...
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """int64 [N] stable ids: the same sample has the same id on every device and on the coordinator."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def subset(self, index: np.ndarray) -> Self: ...
+
+    def input_arrays(self) -> Mapping[str, np.ndarray]:
+        """Modality -> float32 [N, *shape]."""
+        ...
+
+    def presence(self) -> Mapping[str, np.ndarray]:
+        """Modality -> bool [N], for the modalities some samples lack; absent key: every sample has it."""
+        ...
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Self]) -> Self: ...
+
+
+def numeric_sample_id(sample_id: str) -> int:
+    """A dataset's text id as the int64 the wire carries: integers as themselves, anything else hashed."""
+    text = sample_id.strip()
+    if _INTEGER.match(text):
+        return int(text)
+    digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    return (digest & (_HASHED_BIT - 1)) | _HASHED_BIT
+
+
+def numeric_sample_ids(ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    return np.asarray([numeric_sample_id(str(i)) for i in ids], dtype=np.int64)
