@@ -3,7 +3,8 @@
 Exit codes (systemd's RestartPreventExitStatus uses the configuration ones):
   0  stopped: the coordinator ended the federation, or SIGTERM/SIGINT
   1  unexpected failure (restart me)
-  2  configuration error: fix the config file (restarting will not help)
+  2  configuration error: fix the config file (restarting will not help); also when the dataset
+     directory has no usable sample (the report says why)
   3  refused by the coordinator: unknown federation, revoked device, or a missing, used or expired
      enrolment token
 """
@@ -57,6 +58,7 @@ def run(
     from edge_agent.agent import Agent
     from edge_agent.client import CoordinatorClient
     from edge_agent.errors import CredentialRejected, RequestRefused
+    from mlecs.datasets import DatasetError
 
     tls = settings.tls_material()  # checked by load_settings already
     if tls is None:
@@ -70,6 +72,11 @@ def run(
         agent.run()
     except (FileNotFoundError, ConfigError) as exc:
         typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    except DatasetError as exc:
+        typer.echo(f"no usable data: {exc}; every problem (also logged above):", err=True)
+        for problem in exc.report.problems:
+            typer.echo(f"  {problem.describe()}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
     except (CredentialRejected, RequestRefused) as exc:
         typer.echo(f"refused by the coordinator: {exc}", err=True)

@@ -64,7 +64,7 @@ class Agent:
         if identity is None:
             token = s.enrolment_token_value()
             device_id, secret, interval = self._retry(
-                lambda: self._client.enrol(s.federation, s.device_name, s.modalities, token), "enrol")
+                lambda: self._client.enrol(s.federation, s.device_name, self._modalities(), token), "enrol")
             identity = Identity(s.coordinator, s.federation, device_id, secret)
             self._state.save_identity(identity)
             self._heartbeat_s = interval or self._heartbeat_s
@@ -72,6 +72,11 @@ class Agent:
         self._client.authenticate(identity.device_id, identity.device_secret)
         self._identity = identity
         return identity
+
+    def _modalities(self) -> list[str]:
+        """The modalities this device trains on: those its data holds (of the configured ones)."""
+        assert self._data is not None
+        return sorted(self._data.modalities)
 
     def _device_id(self) -> str:
         assert self._identity is not None
@@ -138,7 +143,7 @@ class Agent:
     def _upload(self, pending: PendingUpload, payload: bytes) -> None:
         request = UploadRequest(
             round_id=pending.round_id, device_id=self._device_id(), upload_id=pending.upload_id,
-            codec=pending.codec, sha256=pending.sha256, modalities=list(self.settings.modalities),
+            codec=pending.codec, sha256=pending.sha256, modalities=self._modalities(),
             public_samples=pending.public_samples, private_samples=pending.private_samples,
             base_version_id=pending.base_version_id,
             metrics={k: v for k, v in pending.metrics.items() if k != "chunk_bytes"},

@@ -16,6 +16,13 @@ from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 
 _MODALITY = {"image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO}
+
+
+def _legacy_modalities(names: list[str]) -> list[pb.Modality.ValueType]:
+    """The enum spelling coordinators before 0.2 read (AV-MNIST's two modalities only)."""
+    return [_MODALITY[m] for m in names if m in _MODALITY]
+
+
 _CODEC = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.CODEC_INT8_ZSTD}
 _CODEC_NAME = {v: k for k, v in _CODEC.items()}
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -115,7 +122,8 @@ class CoordinatorClient:
         try:
             reply = self._stub.Enrol(pb.EnrolRequest(
                 federation=federation, device_name=device_name, enrolment_token=enrolment_token,
-                modalities=[_MODALITY[m] for m in modalities], agent_version="0.1.0"), timeout=self._timeout)
+                modalities=_legacy_modalities(modalities), modality_names=list(modalities),
+                agent_version="0.2.0"), timeout=self._timeout)
         except grpc.RpcError as exc:
             raise translate(exc) from exc
         self._use_heartbeat_port(reply.heartbeat_port)
@@ -207,7 +215,7 @@ class CoordinatorClient:
         header = pb.UploadHeader(
             round_id=request.round_id, device_id=request.device_id, upload_id=request.upload_id,
             codec=_CODEC[request.codec], total_size=len(payload), sha256=request.sha256,
-            modalities=[_MODALITY[m] for m in request.modalities],
+            modalities=_legacy_modalities(request.modalities), modality_names=list(request.modalities),
             samples=pb.SampleCounts(public_samples=request.public_samples, private_samples=request.private_samples),
             resume_offset=resume_offset, base_version_id=request.base_version_id, metrics=request.metrics,
             fused_sample_ids=request.fused_sample_ids)

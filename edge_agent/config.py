@@ -18,13 +18,25 @@ class ConfigError(Exception):
 
 
 class DataSettings(BaseModel):
+    """Where the device's data is: its own dataset directory (``dataset`` + ``task``), or a partition of the
+    bundled AV-MNIST file (``dir`` + ``[partition]``, for benchmarks and demos)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    dataset: Path | None = None
+    """This device's dataset directory (``manifest.csv`` and its files, docs/datasets.md). The agent reads
+    nothing else; its ``split`` column marks the held-out samples."""
+    task: str | None = None
+    """The federation's task: a built-in name (``avmnist``) or the path of its task file. Needed with ``dataset``."""
+    public: Path | None = None
+    """Optional, with ``dataset``: a copy of the federation's public set as a dataset directory (the SE-CCL
+    sample anchors and the fused representations act on it)."""
     dir: Path | None = None
-    """AV-MNIST directory; unset uses MLECS_DATA_DIR or the repository's shared data."""
+    """Partition mode: the AV-MNIST directory; unset uses MLECS_DATA_DIR or the repository's shared data."""
     setting: Literal["canonical", "hard"] = "canonical"
+    """Partition mode: the AV-MNIST setting."""
     heldout_fraction: float = Field(0.15, gt=0, lt=1)
-    """Share of the private data kept aside to evaluate the personalised model."""
+    """Partition mode: share of the private data kept aside to evaluate the personalised model."""
 
 
 class PartitionSettings(BaseModel):
@@ -74,14 +86,16 @@ class AgentSettings(BaseModel):
     ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` (calls are spread over them and fail over when one is down)."""
     federation: str
     device_name: str = Field(min_length=1, max_length=128)
-    modalities: list[str]
-    """The sensors this device has, e.g. ["image", "audio"]."""
+    modalities: list[str] | None = None
+    """The sensors this device has, e.g. ["image", "audio"]. Partition mode: required. With a dataset:
+    default the modalities its samples have; if set, only these are used."""
     state_dir: Path = Path("/var/lib/mlecs-agent")
     """Durable state: identity, personalised model, pending uploads."""
     torch_threads: int = Field(1, ge=1)
     max_backoff_s: float = Field(30.0, gt=0)
     data: DataSettings = Field(default_factory=DataSettings)
-    partition: PartitionSettings
+    partition: PartitionSettings | None = None
+    """Partition mode only: which shard of the bundled AV-MNIST this device holds."""
     tls: TlsSettings | None = None
     """Mutual TLS to the coordinator; required unless ``allow_plaintext``."""
     allow_plaintext: bool = False
@@ -134,8 +148,29 @@ class AgentSettings(BaseModel):
 
     @field_validator("modalities")
     @classmethod
-    def _known_modalities(cls, value: list[str]) -> list[str]:
-        return sorted(parse_modalities(value))
+    def _known_modalities(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else sorted(parse_modalities(value))
+
+
+def _check_data_source(path: Path, settings: AgentSettings) -> None:
+    data = settings.data
+    if data.dataset is not None:
+        if settings.partition is not None:
+            raise ConfigError(f"{path}: [partition] picks a shard of the bundled AV-MNIST; with data.dataset the "
+                              "device reads only its own directory: remove [partition]")
+        if data.task is None:
+            raise ConfigError(f"{path}: data.task is missing: name the federation's task (a built-in such as "
+                              "\"avmnist\", or the path of its task file)")
+        return
+    if data.task is not None or data.public is not None:
+        raise ConfigError(f"{path}: data.task and data.public go with data.dataset (the device's dataset directory)")
+    if settings.partition is None:
+        raise ConfigError(f"{path}: no data: set data.dataset (this device's dataset directory) and data.task, or "
+                          "a [partition] of the bundled AV-MNIST")
+    if settings.modalities is None:
+        raise ConfigError(f"{path}: modalities is missing: list the modalities this device holds")
+    if settings.partition.client_index >= settings.partition.num_clients:
+        raise ConfigError(f"{path}: partition.client_index must be below partition.num_clients")
 
 
 def load_settings(path: Path) -> AgentSettings:
@@ -151,8 +186,7 @@ def load_settings(path: Path) -> AgentSettings:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
-    if settings.partition.client_index >= settings.partition.num_clients:
-        raise ConfigError(f"{path}: partition.client_index must be below partition.num_clients")
+    _check_data_source(path, settings)
     if settings.tls is None and not settings.allow_plaintext:
         raise ConfigError(f"{path}: no [tls] section: set tls.ca_file, tls.cert_file and tls.key_file (from `mlecs "
                           "certs`), or allow_plaintext = true for local development only")

@@ -14,11 +14,13 @@ from typing import Literal
 
 import numpy as np
 
-from edge_agent.config import AgentSettings
+from edge_agent.config import AgentSettings, ConfigError
 from edge_agent.tasks import TrainTask
-from mlecs.data.avmnist import AVMnistSplit, load_avmnist
+from mlecs.data.avmnist import load_avmnist
 from mlecs.data.partition import PartitionSpec, client_shard
+from mlecs.data.split import LabelledSplit
 from mlecs.modality import parse_modalities
+from mlecs.model.config import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,25 @@ class TrainingInterrupted(Exception):
     """The agent was asked to stop while training."""
 
 
+class TaskMismatch(ConfigError):
+    """The federation's model reads other inputs than this device's task declares: a configuration error."""
+
+
+def _describe(inputs: tuple[InputSpec, ...]) -> str:
+    return ", ".join(f"{spec.name} ({spec.kind} {list(spec.shape)}, mean {spec.mean:g}, std {spec.std:g})"
+                     for spec in inputs)
+
+
 @dataclass(frozen=True)
 class LocalData:
     modalities: frozenset[str]
-    public: AVMnistSplit
-    private_train: AVMnistSplit
-    private_heldout: AVMnistSplit
+    public: LabelledSplit
+    private_train: LabelledSplit
+    private_heldout: LabelledSplit
+    skipped_rows: int = 0
+    """Rows of the dataset directory left out for a problem (logged at start, reported with every update)."""
+    model_inputs: tuple[InputSpec, ...] | None = None
+    """With a dataset directory: the inputs its task declares (the federation's model must read the same)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,11 @@ class RoundOutcome:
 
 
 def load_local_data(settings: AgentSettings) -> LocalData:
-    """This device's public shard and private data (split into train and held-out), from its partition."""
+    """This device's public data and private data (split into train and held-out): from its dataset directory,
+    or in partition mode from its shard of the bundled AV-MNIST."""
+    if settings.data.dataset is not None:
+        return _from_dataset(settings)
+    assert settings.partition is not None and settings.modalities is not None  # load_settings checked
     data = load_avmnist(settings.data.dir, setting=settings.data.setting)
     p = settings.partition
     spec = PartitionSpec(num_clients=p.num_clients, scheme=p.scheme, alpha=p.alpha,
@@ -62,6 +81,40 @@ def load_local_data(settings: AgentSettings) -> LocalData:
         private_train=data.train.subset(np.sort(private[n_heldout:])),
         private_heldout=data.train.subset(np.sort(private[:n_heldout])),
     )
+
+
+def _from_dataset(settings: AgentSettings) -> LocalData:
+    """Reads the device's dataset directory as its task says; raises DatasetError when no row is usable."""
+    from mlecs.datasets import DatasetReport, MultimodalData, load_dataset
+    from mlecs.tasks import TaskError, load_task
+
+    assert settings.data.dataset is not None and settings.data.task is not None
+    try:
+        task = load_task(settings.data.task)
+    except TaskError as exc:
+        raise ConfigError(f"data.task: {exc}") from exc
+
+    def loaded(what: str, directory: Path) -> tuple[MultimodalData, DatasetReport]:
+        data, report = load_dataset(directory, task, progress=lambda rows: log.info("%s: %d rows read", what, rows))
+        log.info("%s %s: %d of %d rows usable; per split and modality %s", what, directory, report.usable,
+                 report.rows, report.per_modality)
+        for problem in report.problems:
+            log.warning("%s: %s", what, problem.describe())
+        return data, report
+
+    private, report = loaded("dataset", settings.data.dataset)
+    held = private.holds()
+    if settings.modalities is not None:
+        held = held & parse_modalities(settings.modalities, task.modalities)
+    if not held:
+        raise ConfigError(f"data.dataset {settings.data.dataset}: no sample holds any of the modalities "
+                          f"{settings.modalities}")
+    public = private.subset(np.zeros(0, dtype=np.int64))
+    if settings.data.public is not None:
+        public, _ = loaded("public set", settings.data.public)
+    return LocalData(modalities=frozenset(held), public=public,
+                     private_train=private.split("train"), private_heldout=private.split("heldout"),
+                     skipped_rows=report.skipped, model_inputs=task.edge_model_config().inputs)
 
 
 class AmtTrainer:
@@ -103,6 +156,10 @@ class AmtTrainer:
         started = time.perf_counter()
         data = self._data
         config = ModelConfig.from_dict(task.model)
+        if data.model_inputs is not None and config.inputs != data.model_inputs:
+            raise TaskMismatch(
+                f"the federation's model reads {_describe(config.inputs)}, but this device's data.task declares "
+                f"{_describe(data.model_inputs)}: configure the federation's task")
         model = build_edge_model(config, data.modalities, task.seed)
         stage: Literal["private", "public"] = "public" if task.upload_stage == "public" else "private"
         recipe = AmtRecipe(
@@ -137,6 +194,7 @@ class AmtTrainer:
         metrics = dict(result.metrics)
         metrics["train_seconds"] = time.perf_counter() - started
         metrics["personal_restored"] = 1.0 if personal else 0.0
+        metrics["skipped_rows"] = float(data.skipped_rows)
         log.info("round %d trained (%s upload stage): update acc %.3f, personalised held-out acc %.3f in %.1fs",
                  task.round_number, stage, metrics["update_accuracy"], metrics.get("personal_accuracy", float("nan")),
                  metrics["train_seconds"])

@@ -22,6 +22,7 @@ from server.domain.errors import UnavailableError
 from server.heartbeat_process import HeartbeatProcess
 from server.learning.anchors import CloudTuner
 from server.learning.global_model import GlobalEvaluator
+from server.learning.task_data import TaskData
 from server.persistence.blobs import FileBlobStore
 from server.persistence.database import create_engine_for, migrate
 from server.persistence.presence import create_presence_store
@@ -95,13 +96,14 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
     url = settings.resolved_database_url()
     if migrate_database:
         migrate(url)
+    task_data = TaskData(settings.data_dir, settings.eval_setting, settings.task_data)
     ctx = ServiceContext(
         settings=settings,
         store=SqlStore(create_engine_for(url)),
         blobs=FileBlobStore(settings.blob_dir),
         presence=create_presence_store(settings.redis_url, settings.redis_prefix, settings.presence_flush_interval_s),
-        evaluator=GlobalEvaluator(settings.data_dir, settings.eval_setting),
-        cloud=CloudTuner(settings.data_dir, settings.eval_setting),
+        evaluator=GlobalEvaluator(task_data),
+        cloud=CloudTuner(task_data),
         revocations=create_revocation_feed(settings.redis_url, settings.redis_prefix),
     )
     locks = RoundLocks()

@@ -154,6 +154,11 @@ class CoordinatorSettings(BaseSettings):
     data_dir: Path | None = None
     """AV-MNIST directory for server-side evaluation (default: the data loader's search path)."""
     eval_setting: str = "canonical"
+    """The AV-MNIST setting (canonical or hard) for federations without a task."""
+    task_data: dict[str, Path] = Field(default_factory=dict)
+    """The coordinator's data for federations with a task: a JSON object from task name to a directory holding
+    ``public/`` and ``test/`` dataset directories, e.g. ``{"avmnist": "/data/fleet-data"}`` (what ``mlecs data
+    export-avmnist`` writes). A task without an entry is aggregated only: no evaluation, no cloud tuning."""
     log_level: str = "INFO"
 
     @property

@@ -32,11 +32,16 @@ def embed_texts(texts: Sequence[str]) -> np.ndarray:
 
 
 def class_text_anchors() -> np.ndarray:
+    """AV-MNIST's class anchors: :func:`text_anchors_of` its digit descriptions."""
+    return text_anchors_of(class_descriptions())
+
+
+def text_anchors_of(descriptions: Sequence[str]) -> np.ndarray:
     """One anchor per class: embeddings of the descriptions with their mean removed, re-normalised.
 
-    The raw descriptions sit close together (mean cosine ~0.8) because they share "the digit";
+    The raw descriptions sit close together (AV-MNIST's: mean cosine ~0.8, as they share "the digit");
     removing the common direction leaves what tells the classes apart.
     """
-    raw = embed_texts(class_descriptions())
+    raw = embed_texts(descriptions)
     centred = raw - raw.mean(axis=0, keepdims=True)
     return (centred / np.linalg.norm(centred, axis=1, keepdims=True)).astype(np.float32)

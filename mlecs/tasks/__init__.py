@@ -14,6 +14,7 @@ from mlecs.tasks.spec import (
     TaskSpec,
     VectorInput,
     builtin_task_names,
+    builtin_task_text,
     load_task,
     parse_task,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "TaskSpec",
     "VectorInput",
     "builtin_task_names",
+    "builtin_task_text",
     "load_task",
     "parse_task",
 ]

@@ -208,6 +208,13 @@ def builtin_task_names() -> list[str]:
                   if p.name.endswith(".toml"))
 
 
+def builtin_task_text(name: str) -> str | None:
+    """The text of the built-in task ``name``, or None when there is no such built-in."""
+    if name not in builtin_task_names():
+        return None
+    return resources.files("mlecs.tasks.builtin").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
 def parse_task(text: str, source: str = "task") -> TaskSpec:
     """Parses a task file's text; raises :class:`TaskError` naming ``source`` and the bad field."""
     try:
@@ -225,8 +232,9 @@ def parse_task(text: str, source: str = "task") -> TaskSpec:
 def load_task(name_or_path: str | Path) -> TaskSpec:
     """Loads a built-in task by name (``avmnist``) or a task file by path."""
     text = str(name_or_path)
-    if text in builtin_task_names():
-        return parse_task(resources.files("mlecs.tasks.builtin").joinpath(f"{text}.toml").read_text(), text)
+    builtin = builtin_task_text(text)
+    if builtin is not None:
+        return parse_task(builtin, text)
     path = Path(name_or_path)
     if not path.is_file():
         raise TaskError(f"no task {text!r}: not a file, and not a built-in task "

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Literal
 
 from server.domain.rounds import RoundState
@@ -198,6 +199,9 @@ class FederationConfig:
     inflating devices under a third of the weight (a weighted robust rule needs them under half; 4 would
     give them half), while honest AV-MNIST partitions stay under 1.5 times the median. 0: counts as claimed
     (trusted devices only)."""
+    task: str | None = None
+    """The federation's task file (TOML text, docs/datasets.md), frozen at creation: the modalities the model
+    reads, their input specs and the label names. None: the bundled AV-MNIST with ``model``'s defaults."""
     robust_rule: Literal["none", "median", "trimmed_mean"] = "none"
     """``median`` or ``trimmed_mean``: per coordinate over the round's updates, weighted by the rule's
     (MMA or FedAvg) weights, instead of the weighted mean. The coordinator spills the round's updates to
@@ -258,6 +262,10 @@ class FederationConfig:
                             "products of LoRA factors: use lora_mode 'separate' with a robust rule")
         return problems
 
+    def task_spec(self) -> Any:
+        """The parsed :class:`mlecs.tasks.TaskSpec` of ``task`` (None without one); raises TaskError."""
+        return None if self.task is None else _parsed_task(self.task)
+
     def modality_names(self) -> tuple[str, ...] | None:
         """The modalities of this federation's model (its task's), or None while ``model`` is invalid."""
         from mlecs.model.config import ModelConfig
@@ -271,6 +279,13 @@ class FederationConfig:
         """Whether a device with these modalities may take part in this federation's rounds."""
         return not self.eligible_modality_sets or any(
             frozenset(m.strip().lower() for m in allowed) == modalities for allowed in self.eligible_modality_sets)
+
+
+@lru_cache(maxsize=32)
+def _parsed_task(text: str) -> Any:
+    from mlecs.tasks import parse_task
+
+    return parse_task(text, "task")
 
 
 _FIELD_DEFAULTS: dict[str, Any] = {}  # filled below, once the class exists

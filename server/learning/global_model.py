@@ -8,10 +8,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from server.learning.task_data import TaskData
 
 
 def _model_config(model: Mapping[str, Any]) -> Any:
@@ -101,31 +102,30 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
 
 @dataclass
 class GlobalEvaluator:
-    """Evaluates a global adapter on the held-out test split, with every modality and with each alone.
+    """Evaluates a global adapter on the federation's test split, with every modality and with each alone.
 
-    Loading data and the backbone is slow, so both are cached for the evaluator's lifetime; a lock
-    keeps concurrent aggregations from sharing one model instance.
+    The backbone is slow to load, so models are cached for the evaluator's lifetime; a lock keeps
+    concurrent aggregations from sharing one model instance. No test split: no metrics.
     """
 
-    dataset_dir: Path | None = None
-    setting: str = "canonical"
+    data: TaskData
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._test: Any = None
         self._models: dict[str, Any] = {}
 
-    def evaluate(self, model: Mapping[str, Any], seed: int, tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, federation_config: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
         import torch
 
-        from mlecs.data.avmnist import load_avmnist
         from mlecs.learning import evaluate
         from mlecs.model import build_edge_model
 
+        test = self.data.for_config(federation_config).test
+        if test is None:
+            return {}
+        seed = federation_config.seed
         with self._lock:
-            if self._test is None:
-                self._test = load_avmnist(self.dataset_dir, setting=self.setting).test  # type: ignore[arg-type]
-            config = _model_config(model)
+            config = _model_config(federation_config.model)
             key = repr(config)
             edge = self._models.get(key)
             if edge is None:
@@ -134,7 +134,7 @@ class GlobalEvaluator:
             edge.load_shared_state({name: torch.from_numpy(np.asarray(v)) for name, v in tensors.items()})
             every = frozenset(config.modality_names)
             # With every modality, then with each alone (a device that holds only that one).
-            result = {"accuracy": evaluate(edge, self._test, every)}
+            result = {"accuracy": evaluate(edge, test, every)}
             for modality in config.modality_names:
-                result[f"accuracy_{modality}"] = evaluate(edge, self._test, frozenset({modality}))
+                result[f"accuracy_{modality}"] = evaluate(edge, test, frozenset({modality}))
             return result

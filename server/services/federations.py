@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -24,6 +25,30 @@ log = logging.getLogger(__name__)
 GLOBAL_CODEC = CodecKind.FP32
 
 
+def with_task(config: FederationConfig) -> FederationConfig:
+    """The config with its task resolved: a built-in name becomes that file's text (frozen with the federation),
+    and the model reads the task's modalities and classes. Raises InvalidRequestError naming the problem."""
+    if config.task is None:
+        return config
+    from mlecs.tasks import TaskError, builtin_task_text, parse_task
+
+    text = builtin_task_text(config.task.strip()) or config.task
+    try:
+        task = parse_task(text, "task")
+    except TaskError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    derived = task.edge_model_config().to_dict()
+    for part in ("model", "cloud_model"):
+        given = getattr(config, part)
+        if given is None:
+            continue
+        clash = sorted(key for key in ("inputs", "num_classes") if key in given and given[key] != derived[key])
+        if clash:
+            raise InvalidRequestError(f"{part}.{clash[0]} comes from the task; leave it out")
+    cloud = None if config.cloud_model is None else {**derived, **config.cloud_model}
+    return replace(config, task=text, model={**derived, **config.model}, cloud_model=cloud)
+
+
 class FederationService:
     def __init__(self, ctx: ServiceContext, on_change: Callable[[], None] = lambda: None) -> None:
         self._ctx = ctx
@@ -37,15 +62,16 @@ class FederationService:
         store = self._ctx.store
         if store.find_federation_by_name(name) is not None:
             raise ConflictError(f"a federation named {name!r} already exists")
+        config = with_task(config)
         try:
             tensors = initial_global_state(config.model, config.seed)
             check_cloud_model(config.model, config.cloud_model)
         except ValueError as exc:
             raise InvalidRequestError(f"invalid model configuration: {exc}") from exc
         federation = Federation(name=name, config=config)
-        version = self.store_version(federation.id, 0, tensors)
+        version = self.store_version(federation.id, 0, tensors, encoded_text_anchors(config))
         if config.server_learning:
-            version.metrics = self._ctx.evaluator.evaluate(config.model, config.seed, tensors)
+            version.metrics = self._ctx.evaluator.evaluate(config, tensors)
         store.add_federation(federation)
         store.add_version(version)
         federation.current_version_id = version.id
@@ -54,13 +80,12 @@ class FederationService:
         return federation
 
     def store_version(self, federation_id: str, round_number: int, tensors: Mapping[str, np.ndarray],
-                      anchors: bytes | None = None) -> ModelVersion:
+                      anchors: bytes) -> ModelVersion:
         """Stores a global adapter and its anchors content-addressed; returns the (unsaved) version record.
 
-        Without ``anchors`` (version 0) the version carries the text anchors alone.
+        Version 0 carries the text anchors alone.
         """
         data = encode_tensors(tensors, GLOBAL_CODEC)
-        anchors = anchors if anchors is not None else encoded_text_anchors()
         return ModelVersion(
             federation_id=federation_id,
             round_number=round_number,

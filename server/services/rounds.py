@@ -46,6 +46,7 @@ from server.domain.models import (
 )
 from server.domain.rounds import RoundState, check_transition
 from server.domain.scheduling import Action, Decision, decide, invitation_count, select_participants
+from server.learning.anchors import encoded_text_anchors
 from server.learning.global_model import full_model_bytes
 from server.services import staging
 from server.services.aggregation import RoundAccumulators, aggregate, version_staleness
@@ -322,13 +323,14 @@ class RoundService:
         result = aggregate(config, base, accepted, staleness, lambda u: blobs.get(_accepted_blob(u)),
                            accumulator=self._accumulators.take(round_.id), spill_dir=settings.state_dir / "spill",
                            block_bytes=settings.robust_block_bytes)
-        anchors, evaluation = None, {}
         if config.server_learning:
             cloud = self._ctx.cloud.run_round(config, result.tensors, result.fused,
                                               seed=config.seed * 1_000_003 + round_.number)
             anchors = cloud.anchors
-            evaluation = self._ctx.evaluator.evaluate(config.model, config.seed, result.tensors) | cloud.metrics
-        version = self._federations.store_version(federation.id, round_.number, result.tensors, anchors=anchors)
+            evaluation = self._ctx.evaluator.evaluate(config, result.tensors) | cloud.metrics
+        else:
+            anchors, evaluation = encoded_text_anchors(config), {}
+        version = self._federations.store_version(federation.id, round_.number, result.tensors, anchors)
         version.metrics = evaluation
 
         round_.metrics = self._round_metrics(federation, round_, accepted, evaluation)

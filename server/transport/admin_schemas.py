@@ -77,6 +77,11 @@ class FederationConfigBody(JsonBody):
     upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
     max_chunk_bytes: int = _bounded("max_chunk_bytes", 256 * 1024)
     seed: int = _bounded("seed", 0)
+    task: str | None = Field(
+        None, max_length=65536,
+        description="The federation's task: a built-in name (avmnist, avmnist-hard) or a task file's TOML text "
+                    "(docs/datasets.md). The model reads its modalities and classes; stored with the federation. "
+                    "null: the bundled AV-MNIST")
     model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {\"lora_rank\": 8}")
     cloud_model: dict[str, Any] | None = Field(
         None, description="The cloud's own ModelConfig when it differs from the devices' (e.g. devices "

@@ -16,9 +16,21 @@ _UPLOAD_STAGE: dict[str, pb.UploadStage.ValueType] = {"private": pb.UPLOAD_STAGE
                                                       "public": pb.UPLOAD_STAGE_PUBLIC}
 
 
+_MAX_MODALITY_NAMES = 16  # as many as a task may declare: one more is refused by the validator anyway
+_MAX_MODALITY_NAME = 64
+
+
 def modality_names(values: object) -> list[str]:
     """Proto modality enums -> names; unknown numbers become a name the validator will refuse."""
     return [_MODALITY_TO_NAME.get(v, f"unknown({v})") for v in values]  # type: ignore[attr-defined]
+
+
+def requested_modalities(msg: pb.EnrolRequest | pb.UploadHeader) -> list[str]:
+    """The modalities a device names: ``modality_names`` (any task's) when set, else the AV-MNIST enum values
+    of agents before 0.2. Bounded in count and length, so a hostile list costs nothing to refuse."""
+    if msg.modality_names:
+        return [name[:_MAX_MODALITY_NAME] for name in msg.modality_names[: _MAX_MODALITY_NAMES + 1]]
+    return modality_names(msg.modalities)
 
 
 def codec_to_proto(name: str) -> pb.Codec.ValueType:
@@ -33,7 +45,7 @@ def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
         codec=_CODEC_TO_NAME.get(msg.codec, f"unknown({msg.codec})"),
         total_size=msg.total_size,
         sha256=msg.sha256,
-        modalities=frozenset(modality_names(msg.modalities)),
+        modalities=frozenset(requested_modalities(msg)),
         public_samples=msg.samples.public_samples,
         private_samples=msg.samples.private_samples,
         resume_offset=msg.resume_offset,

@@ -34,7 +34,7 @@ from server.services.uploads import UploadService
 from server.transport.grpc_convert import (
     assignment_to_proto,
     codec_to_proto,
-    modality_names,
+    requested_modalities,
     upload_header_from_proto,
 )
 from server.transport.grpc_heartbeat import (
@@ -97,7 +97,7 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
                                 f"enrolment of {request.device_name[:128]!r} in {request.federation[:128]!r}")
             try:
                 enrolment = await self._light(
-                    self._devices.enrol, request.federation, request.device_name, modality_names(request.modalities),
+                    self._devices.enrol, request.federation, request.device_name, requested_modalities(request),
                     request.enrolment_token, self._certificate_name(context))
             except CoordinatorError:
                 metrics.ENROLMENTS.labels("refused").inc()

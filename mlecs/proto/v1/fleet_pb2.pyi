@@ -136,6 +136,7 @@ class EnrolRequest(_message.Message):
     MODALITIES_FIELD_NUMBER: _builtins.int
     ENROLMENT_TOKEN_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    MODALITY_NAMES_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
     """federation name"""
     device_name: _builtins.str
@@ -144,7 +145,13 @@ class EnrolRequest(_message.Message):
     """one-time token from the operator (unless the coordinator allows open enrolment)"""
     agent_version: _builtins.str
     @_builtins.property
-    def modalities(self) -> _containers.RepeatedScalarFieldContainer[Global___Modality.ValueType]: ...
+    def modalities(self) -> _containers.RepeatedScalarFieldContainer[Global___Modality.ValueType]:
+        """AV-MNIST's enum spelling; the coordinator reads modality_names when set"""
+
+    @_builtins.property
+    def modality_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the modalities as the federation's task names them (since 0.2)"""
+
     def __init__(
         self,
         *,
@@ -153,10 +160,11 @@ class EnrolRequest(_message.Message):
         modalities: _abc.Iterable[Global___Modality.ValueType] | None = ...,
         enrolment_token: _builtins.str = ...,
         agent_version: _builtins.str = ...,
+        modality_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "device_name", b"device_name", "enrolment_token", b"enrolment_token", "federation", b"federation", "modalities", b"modalities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "device_name", b"device_name", "enrolment_token", b"enrolment_token", "federation", b"federation", "modalities", b"modalities", "modality_names", b"modality_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -601,6 +609,7 @@ class UploadHeader(_message.Message):
     BASE_VERSION_ID_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     FUSED_SAMPLE_IDS_FIELD_NUMBER: _builtins.int
+    MODALITY_NAMES_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     device_id: _builtins.str
     upload_id: _builtins.str
@@ -623,6 +632,10 @@ class UploadHeader(_message.Message):
     def fused_sample_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """public sample ids of the rows of the update's "fused.z" tensor"""
 
+    @_builtins.property
+    def modality_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """as in EnrolRequest: read instead of `modalities` when set"""
+
     def __init__(
         self,
         *,
@@ -638,10 +651,11 @@ class UploadHeader(_message.Message):
         base_version_id: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         fused_sample_ids: _abc.Iterable[_builtins.int] | None = ...,
+        modality_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version_id", b"base_version_id", "codec", b"codec", "device_id", b"device_id", "fused_sample_ids", b"fused_sample_ids", "metrics", b"metrics", "modalities", b"modalities", "resume_offset", b"resume_offset", "round_id", b"round_id", "samples", b"samples", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version_id", b"base_version_id", "codec", b"codec", "device_id", b"device_id", "fused_sample_ids", b"fused_sample_ids", "metrics", b"metrics", "modalities", b"modalities", "modality_names", b"modality_names", "resume_offset", b"resume_offset", "round_id", b"round_id", "samples", b"samples", "sha256", b"sha256", "total_size", b"total_size", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
