@@ -23,14 +23,16 @@ T = TypeVar("T")
 class Agent:
     """``run()`` blocks until the coordinator says stop or ``shutdown()`` is called (SIGTERM)."""
 
-    def __init__(self, settings: AgentSettings, client: Coordinator) -> None:
+    def __init__(self, settings: AgentSettings, client: Coordinator, data: LocalData | None = None) -> None:
+        """``data``: the device's data when already loaded (else ``run`` reads it from ``settings``)."""
         self.settings = settings
         self._client = client
         self._state = AgentState(settings.state_dir)
         self._stop = threading.Event()
         self._identity: Identity | None = None
         self._heartbeat_s = 5
-        self._data: LocalData | None = None
+        self._data: LocalData | None = data
+        self._refused_rounds: set[str] = set()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -92,7 +94,8 @@ class Agent:
     # ---- main loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        self._data = load_local_data(self.settings)
+        if self._data is None:
+            self._data = load_local_data(self.settings)
         self._enrol()
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
@@ -108,6 +111,11 @@ class Agent:
                     return
                 if isinstance(task, Wait):
                     self._stop.wait(task.seconds)
+                    continue
+                if task.round_id in self._refused_rounds:
+                    # The coordinator offers a round whose update it refused: training it again would be
+                    # refused again, so wait for the next round (or the round to close) instead.
+                    self._stop.wait(self._heartbeat_s)
                     continue
                 self._train(task)
         except CoordinatorUnavailable:
@@ -166,8 +174,9 @@ class Agent:
                     return
         except RequestRefused as exc:
             # The round closed or the update is invalid: nothing to resume, the next task supersedes it.
-            log.warning("upload for round %s refused: %s", pending.round_id, exc)
+            log.warning("upload for round %s refused: %s; waiting for the next round", pending.round_id, exc)
             self._state.clear_pending()
+            self._refused_rounds = {pending.round_id}
 
     def _report(self, pending: PendingUpload) -> None:
         try:

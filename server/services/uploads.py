@@ -240,8 +240,9 @@ class UploadService:
             problems.append("sha256 must be 64 lowercase hex digits")
         if not header.modalities:
             problems.append("modalities must not be empty")
-        if header.public_samples <= 0:
-            problems.append("public_samples must be > 0")
+        if header.public_samples + header.private_samples <= 0:
+            # A device without a copy of the public set learns on private data alone: either count will do.
+            problems.append("public_samples + private_samples must be > 0")
         for name in ("public_samples", "private_samples"):
             if getattr(header, name) > MAX_SAMPLE_COUNT:
                 problems.append(f"{name} must be at most {MAX_SAMPLE_COUNT}")
