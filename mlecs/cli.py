@@ -13,6 +13,7 @@ import typer
 from mlecs.admin_cli import register as register_admin_commands
 from mlecs.certs_cli import certs_app
 from mlecs.data_cli import data_app
+from mlecs.model_cli import model_app, predict
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mlecs: federated multimodal learning between a coordinator and edge devices.")
@@ -26,6 +27,8 @@ def _root() -> None:
 
 app.add_typer(certs_app, name="certs")
 app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+app.command("predict", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(predict)
 register_admin_commands(app)  # federations, rounds, devices, enrolment-tokens, versions, tokens, audit
 
 
@@ -69,14 +72,17 @@ def fleet(
     backbone: str = typer.Option("minilm", help="Edge backbone: minilm (all-MiniLM-L6-v2) or tiny (tests)."),
     seed: int = typer.Option(0, help="Seed for partitions, modality sets and initialisation."),
     workdir: Path | None = typer.Option(None, help="Keep state and logs here instead of a temporary folder."),
+    model_out: Path | None = typer.Option(
+        None, "--model-out", help="Write the last global version here as a model directory (mlecs predict)."),
 ) -> None:
     """Run a local federation: a coordinator and N agents as separate processes on loopback.
 
-    Agents get a mix of modality sets (image+audio, image only, audio only) and a Dirichlet
-    label-skewed shard of AV-MNIST. Each round every agent trains the global model on its private data
-    and uploads the change (AMT), then personalises it; each round prints participants, global test accuracy, mean
-    personalised client accuracy, bytes uploaded per client, the upload as a share of the full edge
-    model in fp32, and the round's wall time.
+    AV-MNIST is first exported as dataset directories (the workdir's data/, as `mlecs data export-avmnist`
+    writes them); agents get a mix of modality sets (image+audio, image only, audio only) and a Dirichlet
+    label-skewed share, and read only their own folder. Each round every agent trains the global model on
+    its private data and uploads the change (AMT), then personalises it; each round prints participants,
+    global test accuracy, mean personalised client accuracy, bytes uploaded per client, the upload as a
+    share of the full edge model in fp32, and the round's wall time.
 
     It runs the secure setup: a development CA and certificates under the workdir's certs/, mutual TLS on
     the device port, and a one-time enrolment token per agent.
@@ -96,7 +102,7 @@ def fleet(
         setting=setting, aggregation=aggregation, public_fraction=public_fraction, upload_stage=upload_stage,
         public_epochs=public_epochs, private_epochs=private_epochs, personal_epochs=personal_epochs,
         upload_codec=codec, seed=seed, model={"backbone": backbone},
-        workdir=workdir)
+        workdir=workdir, model_out=model_out)
 
     def say(line: str) -> None:
         typer.echo(line, err=True)

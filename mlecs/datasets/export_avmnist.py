@@ -1,8 +1,10 @@
 """Writes AV-MNIST as dataset directories, so the example runs through the same path as a user's own data.
 
 ``DIR/public/`` is the public set (every training pair the partition calls public), ``DIR/test/`` the test
-split, ``DIR/device-K/`` device K's private shard with its held-out share marked ``heldout``; each is a
-manifest plus PNG images and WAV clips. ``DIR/task.toml`` is the matching built-in task.
+split, ``DIR/device-K/`` device K's private shard with its held-out share marked ``heldout``, and
+``DIR/device-K/public/`` device K's share of the public set (what it holds until the coordinator serves
+public shards); each is a manifest plus PNG images and WAV clips. ``DIR/task.toml`` is the matching
+built-in task.
 
 Canonical: the stored 8-bit images and the untouched 16-bit clips, so the features computed on a device
 equal the loader's. Hard: the corrupted images are stored as 8-bit PNG (the noise is quantised to 1/255)
@@ -67,6 +69,8 @@ class ExportSummary:
     task: str
     directories: dict[str, int]
     """Directory name -> samples written."""
+    device_modalities: dict[str, list[str]]
+    """Device directory name -> the modalities its samples have."""
 
 
 class _Writer:
@@ -148,10 +152,15 @@ def export_avmnist(out: Path, devices: int, *, setting: Setting = "canonical", m
     public = np.sort(np.concatenate([shard.public_index for shard in shards]))
     emit("public", train_rows[public], np.full(len(public), "train"))
     emit("test", test_rows, np.full(len(test_rows), "heldout"))
+    held: dict[str, list[str]] = {}
     for shard in shards:
+        name = f"device-{shard.client_index}"
         private = np.random.default_rng([seed, shard.client_index]).permutation(shard.private_index)
         n_heldout = max(1, round(len(private) * heldout_fraction))
         order = np.concatenate([np.sort(private[n_heldout:]), np.sort(private[:n_heldout])])
         splits = np.array(["train"] * (len(private) - n_heldout) + ["heldout"] * n_heldout)
-        emit(f"device-{shard.client_index}", train_rows[order], splits, shard.modalities)
-    return ExportSummary(task=task_name, directories=written)
+        emit(name, train_rows[order], splits, shard.modalities)
+        emit(f"{name}/public", train_rows[shard.public_index], np.full(len(shard.public_index), "train"),
+             shard.modalities)
+        held[name] = sorted(str(m) for m in shard.modalities)
+    return ExportSummary(task=task_name, directories=written, device_modalities=held)

@@ -3,6 +3,10 @@
 Used by ``mlecs fleet`` and by the end-to-end test. The coordinator and agents are started as
 ``python -m server`` / ``python -m edge_agent`` so this module imports neither.
 
+Its agents read dataset directories, as real devices do: AV-MNIST is exported first (``mlecs data
+export-avmnist``) into ``<workdir>/data`` and each agent gets its ``device-K`` folder; the coordinator gets
+the public set and test split through ``MLECS_TASK_DATA``.
+
 It runs the secure setup a newcomer should copy: a development CA and certificates in ``<workdir>/certs``
 (``mlecs certs``), mutual TLS on the device port, and one one-time enrolment token per agent, made with
 ``mlecs-coordinator enrolment-tokens create`` and handed to the agent in a file. Its own admin calls use an
@@ -26,7 +30,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mlecs.certs import CaLayout, CertificateError, init_directory, issue_device_files
-from mlecs.data.partition import assign_modality_sets
 from mlecs.fleet.admin_client import AdminApiError, AdminClient
 
 
@@ -55,6 +58,8 @@ class FleetOptions:
     model: dict[str, Any] = field(default_factory=dict)
     round_timeout_s: float = 600.0
     workdir: Path | None = None
+    model_out: Path | None = None
+    """Write the last global version here as a model directory (``mlecs predict --model``)."""
 
 
 @dataclass
@@ -102,6 +107,9 @@ class LocalFleet:
         self.admin = AdminClient(f"http://127.0.0.1:{self.admin_port}")
         self.federation = f"fleet-{int(time.time())}-{os.getpid()}"
         self.certs = CaLayout(self.workdir / "certs")
+        self.data = self.workdir / "data"
+        self.task_name = ""
+        self.device_modalities: dict[str, list[str]] = {}
         self._coordinator_env: dict[str, str] = {}
 
     def __enter__(self) -> LocalFleet:
@@ -126,13 +134,30 @@ class LocalFleet:
                 raise FleetError(f"{name} exited with code {proc.returncode}; last log lines:\n"
                                  f"{_tail(self.logs / f'{name}.log')}\n(logs in {self.logs})")
 
+    def export_data(self) -> None:
+        """Writes AV-MNIST as the devices' and the coordinator's dataset directories under ``<workdir>/data``."""
+        from mlecs.datasets.export_avmnist import export_avmnist
+
+        o = self.options
+        try:
+            summary = export_avmnist(self.data, o.clients, setting=o.setting,  # type: ignore[arg-type]
+                                     seed=o.seed, scheme=o.partition_scheme,  # type: ignore[arg-type]
+                                     alpha=o.alpha, public_fraction=o.public_fraction, data_dir=o.data_dir)
+        except (OSError, ValueError) as exc:
+            raise FleetError(f"could not export AV-MNIST to {self.data}: {exc}") from exc
+        self.task_name, self.device_modalities = summary.task, summary.device_modalities
+        self.say(f"exported AV-MNIST ({summary.task}) to {self.data}: public, test and {o.clients} device folders")
+
     def start_coordinator(self) -> None:
         o = self.options
+        if not self.task_name:
+            self.export_data()
         env = {
             "MLECS_STATE_DIR": str(self.workdir / "coordinator"),
             "MLECS_GRPC_PORT": str(self.grpc_port),
             "MLECS_ADMIN_PORT": str(self.admin_port),
             "MLECS_EVAL_SETTING": o.setting,
+            "MLECS_TASK_DATA": json.dumps({self.task_name: str(self.data)}),
             "OMP_NUM_THREADS": "2",
             "MLECS_TLS_CERT_FILE": str(self.certs.coordinator.cert),
             "MLECS_TLS_KEY_FILE": str(self.certs.coordinator.key),
@@ -168,6 +193,7 @@ class LocalFleet:
             "personal_epochs": o.personal_epochs, "upload_codec": o.upload_codec, "seed": o.seed,
             "public_fraction": o.public_fraction,
             "round_deadline_s": o.round_timeout_s, "model": o.model,
+            "task": (self.data / "task.toml").read_text(encoding="utf-8"),
         }
         try:
             federation: dict[str, Any] = self.admin.post("/v1/federations", {"name": self.federation, "config": config})
@@ -203,37 +229,29 @@ class LocalFleet:
         return tokens
 
     def start_agents(self) -> list[list[str]]:
-        o = self.options
-        modality_sets = assign_modality_sets(o.clients, o.seed)
-        device_names = [f"edge-{index}" for index in range(len(modality_sets))]
+        """Starts one agent per exported device folder; returns each one's modalities."""
+        device_names = [f"edge-{index}" for index in range(self.options.clients)]
         tokens = self.enrolment_tokens(device_names)
-        for index, mods in enumerate(modality_sets):
-            names = sorted(m.value for m in mods)
+        for index, device_name in enumerate(device_names):
             try:
-                device_files = issue_device_files(self.certs.root, device_names[index], force=True)
+                device_files = issue_device_files(self.certs.root, device_name, force=True)
             except CertificateError as exc:
-                raise FleetError(f"could not issue the certificate of {device_names[index]}: {exc}") from exc
+                raise FleetError(f"could not issue the certificate of {device_name}: {exc}") from exc
             token_file = self.workdir / f"agent-{index}.token"
             token_file.touch(mode=0o600)
             token_file.write_text(tokens[index] + "\n")
+            folder = self.data / f"device-{index}"
             lines = [
                 f'coordinator = "127.0.0.1:{self.grpc_port}"',
                 f'federation = "{self.federation}"',
-                f'device_name = "{device_names[index]}"',
-                f"modalities = {json.dumps(names)}",
+                f'device_name = "{device_name}"',
                 f'state_dir = "{self.workdir / f"agent-{index}"}"',
                 "torch_threads = 1",
                 f'enrolment_token_file = "{token_file}"',
                 "[data]",
-                f'setting = "{o.setting}"',
-                *([f'dir = "{o.data_dir}"'] if o.data_dir else []),
-                "[partition]",
-                f"num_clients = {o.clients}",
-                f"client_index = {index}",
-                f'scheme = "{o.partition_scheme}"',
-                f"alpha = {o.alpha}",
-                f"public_fraction = {o.public_fraction}",
-                f"seed = {o.seed}",
+                f'dataset = "{folder}"',
+                f'task = "{self.data / "task.toml"}"',
+                f'public = "{folder / "public"}"',
                 "[tls]",
                 f'ca_file = "{self.certs.ca.cert}"',
                 f'cert_file = "{device_files.cert}"',
@@ -243,7 +261,7 @@ class LocalFleet:
             path.write_text("\n".join(lines) + "\n")
             self._spawn(f"agent-{index}", ["edge_agent", "--config", str(path)],
                         {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-        return [sorted(m.value for m in mods) for mods in modality_sets]
+        return [self.device_modalities[f"device-{index}"] for index in range(self.options.clients)]
 
     def wait_for_devices(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
@@ -330,6 +348,14 @@ def run_fleet(options: FleetOptions, say: Callable[[str], None] = print,
             if result.state != "committed":
                 break
         versions = fleet.admin.get(f"/v1/federations/{fleet.federation}/versions")
+        if options.model_out is not None:
+            from mlecs.model_export import export_version
+
+            try:
+                export_version(fleet.admin, versions[-1]["id"], options.model_out)
+            except (ValueError, OSError) as exc:
+                raise FleetError(f"could not export the model to {options.model_out}: {exc}") from exc
+            say(f"wrote the last global version (round {versions[-1]['round_number']}) to {options.model_out}")
         fleet.stop_federation()
         return {
             "federation": fleet.federation,
