@@ -17,11 +17,11 @@ import re
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.domain.errors import CoordinatorError, InvalidRequestError, NotFoundError
+from server.domain.errors import ConflictError, CoordinatorError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from server.domain.ports import BlobStore
@@ -30,6 +30,7 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 # Staging ids are update ids (uuid hex, possibly dashed): nothing that could name another path.
 _STAGING_ID = re.compile(r"[0-9A-Fa-f][0-9A-Fa-f-]{7,63}")
 _READ_BLOCK = 1024 * 1024
+_DISCARDED_REMEMBERED = 16384  # far more uploads than close within one stream's idle timeout
 
 
 class CorruptBlobError(CoordinatorError):
@@ -47,6 +48,9 @@ class FileBlobStore:
         self._staging.mkdir(parents=True, exist_ok=True)
         self._guard = threading.Lock()
         self._staging_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        # Staged uploads discarded lately: a stream still sending to one must not recreate its file (its round
+        # closed, or a newer upload replaced it, between the stream's last check and its next chunk).
+        self._discarded: OrderedDict[str, None] = OrderedDict()
         # Bytes staged under this root, kept as they change (scanned once here), so admission is O(1).
         self._staged_total = sum(size for _, size, _ in self.staged_uploads())
 
@@ -105,6 +109,11 @@ class FileBlobStore:
         """
         path = self._staged_path(staging_id)
         with self._staging_lock(staging_id):
+            with self._guard:
+                discarded = staging_id in self._discarded
+            if discarded:
+                raise ConflictError(f"staged upload {staging_id} was closed (its round ended or a newer upload "
+                                    "replaced it); take the next task")
             current = self.staged_size(staging_id)
             if offset < 0 or offset > current:
                 raise InvalidRequestError(
@@ -189,6 +198,10 @@ class FileBlobStore:
                 pass
             else:
                 self._count_staged(-size)
+            with self._guard:
+                self._discarded[staging_id] = None
+                while len(self._discarded) > _DISCARDED_REMEMBERED:
+                    self._discarded.popitem(last=False)
         self._forget_lock(staging_id)
 
     # ---- paths ------------------------------------------------------------------------------

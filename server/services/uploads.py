@@ -147,6 +147,10 @@ class UploadService:
         except AlreadyAcceptedError:
             raise AlreadyAcceptedError(f"an update from this device for round {round_.number} was already "
                                        "accepted") from None
+        if not store.get_round(round_.id).state.accepts_uploads:
+            # The round closed between the check above and the row: its expiry may have missed the row.
+            staging.retire(self._ctx, update, "expired")
+            raise LateUpdateError(f"round {round_.number} closed while the upload started; take the next task")
         return UploadSession(update=update, offset=0, federation_id=round_.federation_id)
 
     def _make_room(self, device: Device, round_: Round, size: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.domain.errors import InvalidRequestError, NotFoundError
+from server.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.persistence.blobs import CorruptBlobError, FileBlobStore
 
 
@@ -142,3 +142,18 @@ def test_concurrent_appends_to_one_upload_never_interleave_bytes(blobs: FileBlob
     for thread in threads:
         thread.join()
     assert blobs.read_staged(staging_id) in (b"a" * 100_000, b"b" * 100_000)
+
+
+def test_a_discarded_upload_takes_no_more_chunks(blobs: FileBlobStore, staging_id: str) -> None:
+    # A stream still sending when its round closed (or a newer upload replaced it) must not recreate the
+    # file its expiry just deleted, not even from offset 0.
+    blobs.append_staged(staging_id, 0, b"abcd")
+    blobs.discard_staged(staging_id)
+    with pytest.raises(ConflictError, match="was closed"):
+        blobs.append_staged(staging_id, 0, b"abcd")
+    assert blobs.staged_size(staging_id) == 0 and blobs.staged_bytes() == 0
+    other = uuid.uuid4().hex
+    blobs.discard_staged(other)  # discarded before its first chunk: the race the tombstone closes
+    with pytest.raises(ConflictError):
+        blobs.append_staged(other, 0, b"x")
+    assert blobs.staged_bytes() == 0

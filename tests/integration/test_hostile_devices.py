@@ -20,6 +20,7 @@ from mlecs.model import tensor_modality
 from mlecs.proto.v1 import fleet_pb2 as pb
 from server.config import CoordinatorSettings
 from server.domain.models import UpdateState
+from server.domain.rounds import RoundState
 from server.services import staging
 from tests.integration.coordinator_harness import RunningCoordinator, running_coordinator, wait_for_round
 from tests.integration.test_upload_security import (
@@ -351,6 +352,35 @@ def test_partial_uploads_are_capped_per_device_and_expire_with_their_round(tight
     after = services.ctx.store.list_updates(s.task.round_id)
     assert not [u for u in after if u.state is UpdateState.PARTIAL]
     assert sum(u.rejection_reason == "expired" for u in after) == 2
+
+
+def test_an_upload_starting_as_its_round_closes_leaves_nothing_staged(
+        tight: RunningCoordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in the soak: a partial row written just after the round's expiry listed its partials survived the
+    # close, and its stream staged 4 MiB into a closed round. The round closes here between the check and the row.
+    federation = _federation(tight, min_updates=1, round_deadline_s=30)
+    mallory = _enrol(tight, federation, "late", ["image"])
+    s = _open_round(tight, federation, mallory)
+    services = tight.coordinator.services
+    assert services is not None
+    store = services.ctx.store
+    add_update = store.add_update
+
+    def add_then_close(update: Any) -> None:
+        add_update(update)
+        round_ = store.get_round(update.round_id)
+        round_.state = RoundState.FAILED
+        store.save_round(round_)
+
+    monkeypatch.setattr(store, "add_update", add_then_close)
+    payload = bytes(64 * 1024)
+    with pytest.raises(grpc.RpcError) as info:
+        mallory.send([pb.UploadMessage(header=_header(s, mallory, payload)), _chunk(0, payload[:16 * 1024])])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    assert "closed while the upload started" in str(info.value.details())
+    assert _staged_bytes(tight) == 0
+    [update] = store.list_updates(s.task.round_id)
+    assert (update.state, update.rejection_reason) == (UpdateState.REJECTED, "expired")
 
 
 def test_a_new_upload_that_would_overfill_staging_is_refused_until_room_is_made(tight: RunningCoordinator) -> None:

@@ -3,6 +3,7 @@ processes reading their dataset directories, a real coordinator evaluating on it
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from edge_agent.client import CoordinatorClient
 from edge_agent.errors import RequestRefused
+from mlecs.cli import app
+from mlecs.inference import load_model
 from server.config import CoordinatorSettings
 from tests.integration.coordinator_harness import running_coordinator, wait_for_round
 
@@ -65,6 +69,11 @@ def _write_dataset(directory: Path, size: int, seed: int, *, split_heldout: floa
         (directory / "accel" / f"broken-{i}.csv").write_text("1,2\n3\n")
         rows.append(f"broken-{i},ok,train,accel/broken-{i}.csv,")
     (directory / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    np.save(path, array)
+    return path
 
 
 def _agent_config(root: Path, name: str, address: str, federation: str, dataset: Path) -> Path:
@@ -149,6 +158,29 @@ def test_a_sensor_task_federates_from_dataset_directories(fleet_data: Path) -> N
         assert accuracies[-1] > 0.8 > initial["metrics"]["accuracy"], (initial["metrics"], accuracies)
         assert "line 152, column accel, accel/broken-0.csv: the CSV rows have different numbers" in outputs[0]
         assert "150 of 151 rows usable" in outputs[0]
+
+        # The last version as a model directory, run outside the federation.
+        version = c.admin.get(f"/v1/federations/{name}/versions").json()[-1]
+        runner = CliRunner()
+        exported = runner.invoke(app, ["model", "export", version["id"], "--out", str(fleet_data / "model"),
+                                       "--url", str(c.admin.base_url), "--token", c.admin_token])
+        assert exported.exit_code == 0, exported.output
+    evaluated = runner.invoke(app, ["predict", "--model", str(fleet_data / "model"), "--dataset",
+                                    str(fleet_data / "coordinator" / "test"), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    result = json.loads(evaluated.output)
+    assert result["samples"] == 120
+    assert abs(result["accuracy"] - version["metrics"]["accuracy"]) < 0.01  # the coordinator's own evaluation
+    model = load_model(fleet_data / "model")
+    assert model.labels == ["ok", "worn", "broken"] and model.source["version_id"] == version["id"]
+    broken = np.zeros(8, dtype=np.float32)
+    broken[0] = 4.0  # the spectrum of a broken bearing, alone
+    single = runner.invoke(app, ["predict", "--model", str(fleet_data / "model"), "--spectrum",
+                                 str(_save(fleet_data / "one.npy", broken)), "--json"])
+    assert single.exit_code == 0, single.output
+    answer = json.loads(single.output)
+    assert answer["label"] == "broken" and len(answer["probabilities"]) == 3
+    assert abs(sum(answer["probabilities"]) - 1) < 1e-5
 
 
 def test_an_agent_whose_dataset_has_no_usable_row_stops_with_exit_code_2(fleet_data: Path) -> None:
