@@ -54,10 +54,17 @@ def create(
     name: Annotated[str, typer.Argument(help="Letters, digits, '-', '_' or '.'; at most 64.")],
     config: Annotated[Path | None, typer.Option("--config", help="The full config as a .json or .toml file "
                                                                  "(omitted fields take their defaults).")] = None,
+    task: Annotated[str | None, typer.Option(
+        "--task", help="The federation's task: a built-in name (avmnist, avmnist-hard) or a task file, sent as "
+                       "its text (docs/datasets.md). Default: the bundled AV-MNIST.")] = None,
     url: Url = DEFAULT_URL, token: Token = None, as_json: Json = False,
 ) -> None:
     """Create a federation and its initial global version. Scope: operate."""
-    body = {"name": name, "config": read_config(config) if config else {}}
+    settings: dict[str, Any] = dict(read_config(config)) if config else {}
+    if task is not None:
+        path = Path(task)
+        settings["task"] = path.read_text(encoding="utf-8") if path.is_file() else task
+    body = {"name": name, "config": settings}
     with api(url, token) as client:
         show(client.post("/v1/federations", body), as_json, _federation)
 

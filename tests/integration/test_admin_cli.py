@@ -176,3 +176,24 @@ def test_the_first_admin_token_comes_from_the_coordinator_cli_on_its_database(
         time.sleep(0.01)
         assert root.get("/v1/tokens").status_code == 401  # revoked on the database: refused on the next request
     assert CliRunner().invoke(coordinator_cli, ["tokens", "revoke", "nope"], env=env).exit_code == 1
+
+
+def test_a_federation_names_its_task_by_built_in_name_or_file(c: RunningCoordinator, tmp_path: Path) -> None:
+    operator = c.token_for("operate")
+    by_name = mlecs_json(c, "federations", "create", f"t-{uuid.uuid4().hex[:6]}", "--task", "avmnist",
+                         token=operator)
+    assert 'name = "avmnist"' in by_name["config"]["task"]  # frozen as text, not a name that may change
+    assert [i["name"] for i in by_name["config"]["model"]["inputs"]] == ["audio", "image"]
+    task = tmp_path / "pair.toml"
+    task.write_text('name = "pair"\nlabels = ["a", "b"]\n[modalities.v]\nkind = "vector"\ndim = 3\n'
+                    '[model]\nbackbone = "tiny"\n')
+    by_file = mlecs_json(c, "federations", "create", f"t-{uuid.uuid4().hex[:6]}", "--task", str(task),
+                         token=operator)
+    assert by_file["config"]["model"]["num_classes"] == 2
+    assert by_file["config"]["model"]["inputs"] == [
+        {"name": "v", "kind": "vector", "shape": [3], "mean": 0.0, "std": 1.0, "extractor": "builtin"}]
+    task.write_text('name = "pair"\nlabels = ["a"]\n[modalities.v]\nkind = "vector"\ndim = 3\n')
+    env = {"MLECS_ADMIN_URL": str(c.admin.base_url), "MLECS_ADMIN_TOKEN": operator}
+    refused = CliRunner().invoke(app, ["federations", "create", "t-bad", "--task", str(task)], env=env)
+    assert refused.exit_code == 1
+    assert "labels: List should have at least 2 items" in refused.output
