@@ -19,7 +19,10 @@ ROUND_DURATION = Histogram(
     "mlecs_round_duration_seconds", "Wall time from open to commit/failure",
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
 )
-ROUND_PARTICIPANTS = Gauge("mlecs_round_participants", "Participants of the latest round", ["kind"])
+# Gauges of "the latest round" or "the current version" carry the federation's name: with several
+# federations, one value per process would be whichever committed last.
+ROUND_PARTICIPANTS = Gauge("mlecs_round_participants", "Participants of the federation's latest round",
+                           ["federation", "kind"])
 UPDATES = Counter("mlecs_updates_total", "Uploaded updates by outcome", ["outcome"])
 UPDATE_REJECTIONS = Counter("mlecs_update_rejections_total", "Refused updates by reason", ["reason"])
 REFUSALS = Counter("mlecs_refusals_total", "Device requests refused on purpose, by RPC and reason",
@@ -30,8 +33,10 @@ REFUSALS_UNRECORDED = Counter(
     "or store_error", ["cause"])
 UPLOAD_BYTES = Counter("mlecs_upload_bytes_total", "Update bytes received from devices")
 DOWNLOAD_BYTES = Counter("mlecs_download_bytes_total", "Global adapter/anchor bytes sent to devices")
-GLOBAL_ACCURACY = Gauge("mlecs_global_accuracy", "Test accuracy of the current global version", ["modalities"])
-CLIENT_ACCURACY = Gauge("mlecs_client_accuracy_mean", "Mean personalised accuracy reported in the latest round")
+GLOBAL_ACCURACY = Gauge("mlecs_global_accuracy", "Test accuracy of the federation's current global version",
+                        ["federation", "modalities"])
+CLIENT_ACCURACY = Gauge("mlecs_client_accuracy_mean", "Mean personalised accuracy reported in the federation's "
+                        "latest round", ["federation"])
 AGGREGATION_SECONDS = Histogram(
     "mlecs_aggregation_seconds", "Time to aggregate and evaluate a round",
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
@@ -50,13 +55,14 @@ DEVICES_ENROLLED = Gauge("mlecs_devices_enrolled", "Enrolled, unrevoked devices"
 REVOCATIONS = Counter("mlecs_device_revocations_total", "Devices revoked by an operator")
 ROUNDS_IN_STATE = Gauge("mlecs_rounds_in_state", "Unfinished rounds (every federation) by state", ["state"])
 MODALITY_COVERAGE = Gauge(
-    "mlecs_round_modality_coverage", "Share of the latest committed round's updates that carry each modality",
-    ["modality"])
+    "mlecs_round_modality_coverage",
+    "Share of the federation's latest committed round's updates that carry each modality", ["federation", "modality"])
 AGGREGATION_WEIGHT_SHARE = Gauge(
     "mlecs_round_aggregation_weight_share",
-    "Share of the latest committed round's aggregation weight (MMA or FedAvg, with staleness and agreement "
-    "factors) held by each modality set", ["modalities"])
-ROUND_UPLOAD_BYTES = Gauge("mlecs_round_upload_bytes", "Bytes of the updates the latest committed round aggregated")
+    "Share of the federation's latest committed round's aggregation weight (MMA or FedAvg, with staleness and "
+    "agreement factors) held by each modality set", ["federation", "modalities"])
+ROUND_UPLOAD_BYTES = Gauge("mlecs_round_upload_bytes",
+                           "Bytes of the updates the federation's latest committed round aggregated", ["federation"])
 UPDATE_WIRE_BYTES = Counter("mlecs_update_wire_bytes_total", "Bytes of accepted updates as uploaded (encoded)")
 UPDATE_RAW_BYTES = Counter(
     "mlecs_update_raw_bytes_total",

@@ -64,7 +64,8 @@ def parse_duration(text: str) -> int:
 
 def substitute(expr: str, *, range_s: int, step_s: int, rate_interval: str) -> str:
     """``expr`` with Grafana's built-in variables replaced as Grafana would for this range and step."""
-    values = {"$__rate_interval": rate_interval, "$__interval": f"{step_s}s", "$__range": f"{range_s}s"}
+    values = {"$__rate_interval": rate_interval, "$__interval": f"{step_s}s", "$__range": f"{range_s}s",
+              "$federation": ".*"}  # the dashboards' federation selector, at its default: all of them
     for variable, value in values.items():  # $__rate_interval before $__range: neither is a prefix issue
         expr = expr.replace(variable, value)
     if "$" in expr:

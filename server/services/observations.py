@@ -37,29 +37,32 @@ def weight_shares(config: FederationConfig, updates: Sequence[Update], staleness
     return {label: value / whole for label, value in totals.items()} if whole > 0 else {}
 
 
-def _set_all(gauge: Gauge, values: dict[str, float], seen: set[str]) -> None:
-    """Sets one sample per label and zeroes labels set before but absent now (a gauge keeps them otherwise)."""
+def _set_all(gauge: Gauge, values: dict[str, float], seen: set[str], *prefix: str) -> None:
+    """Sets one sample per label and zeroes labels set before but absent now (a gauge keeps them otherwise);
+    ``prefix`` holds the labels before the varying one (the federation)."""
     for label in seen - set(values):
-        gauge.labels(label).set(0)
+        gauge.labels(*prefix, label).set(0)
     for label, value in values.items():
-        gauge.labels(label).set(value)
+        gauge.labels(*prefix, label).set(value)
     seen |= set(values)
 
 
-_seen: dict[str, set[str]] = {}
+_seen: dict[tuple[str, str], set[str]] = {}
+"""(federation, gauge) -> the labels set so far; the fleet gauges span every federation ("")."""
 
 
-def observe_round(config: FederationConfig, accepted: Sequence[Update], staleness: Sequence[int]) -> None:
-    """Called as a round commits, with the updates it aggregated (under a robust rule, outliers it left out
-    are still counted here)."""
+def observe_round(federation: str, config: FederationConfig, accepted: Sequence[Update],
+                  staleness: Sequence[int]) -> None:
+    """Called as a round of ``federation`` commits, with the updates it aggregated (under a robust rule,
+    outliers it left out are still counted here)."""
     count = len(accepted)
     coverage = Counter(m for u in accepted for m in u.modalities)
     names = config.modality_names() or tuple(coverage)
     _set_all(metrics.MODALITY_COVERAGE, {m: coverage[m] / count for m in names} if count else {},
-             _seen.setdefault("coverage", set()))
+             _seen.setdefault((federation, "coverage"), set()), federation)
     _set_all(metrics.AGGREGATION_WEIGHT_SHARE, weight_shares(config, accepted, staleness),
-             _seen.setdefault("weights", set()))
-    metrics.ROUND_UPLOAD_BYTES.set(sum(u.declared_size for u in accepted))
+             _seen.setdefault((federation, "weights"), set()), federation)
+    metrics.ROUND_UPLOAD_BYTES.labels(federation).set(sum(u.declared_size for u in accepted))
 
 
 def observe_fleet(ctx: ServiceContext) -> None:
@@ -80,9 +83,9 @@ def observe_fleet(ctx: ServiceContext) -> None:
             label = modality_set_label(device.modalities)
             enrolled[label] += 1
             online[label] += device.id in live
-    _set_all(metrics.DEVICES_ENROLLED, dict(enrolled), _seen.setdefault("enrolled", set()))
+    _set_all(metrics.DEVICES_ENROLLED, dict(enrolled), _seen.setdefault(("", "enrolled"), set()))
     if presence_known:
-        _set_all(metrics.DEVICES_ONLINE, dict(online), _seen.setdefault("online", set()))
+        _set_all(metrics.DEVICES_ONLINE, dict(online), _seen.setdefault(("", "online"), set()))
 
 
 def observe_dependencies(database: bool, redis: bool) -> None:

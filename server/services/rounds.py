@@ -124,8 +124,8 @@ class RoundService:
         round_.opened_at = utcnow()
         round_.deadline_at = round_.opened_at + timedelta(seconds=config.round_deadline_s)
         store.add_round(round_)  # a unique (federation, number) index: two replicas cannot both open it
-        metrics.ROUND_PARTICIPANTS.labels("invited").set(len(participants))
-        metrics.ROUND_PARTICIPANTS.labels("target").set(target)
+        metrics.ROUND_PARTICIPANTS.labels(federation.name, "invited").set(len(participants))
+        metrics.ROUND_PARTICIPANTS.labels(federation.name, "target").set(target)
         log.info("round %d of %s opened (%s): %d participant(s), target %d", number, federation.name,
                  config.mode, len(participants), target)
         return round_
@@ -361,27 +361,30 @@ class RoundService:
         store.commit_round(round_, version, fence)  # one transaction, refused if the lease moved on
         federation.current_version_id = version.id
 
-        self._observe_commit(round_, accepted, version.metrics, time.perf_counter() - started)
-        observe_round(config, accepted, staleness)
+        self._observe_commit(federation.name, round_, accepted, version.metrics, time.perf_counter() - started)
+        observe_round(federation.name, config, accepted, staleness)
         log.info("round %d committed: accuracy %.4f from %d update(s)", round_.number,
                  version.metrics.get("accuracy", float("nan")), len(accepted))
         staging.expire_partials(self._ctx, round_)
         return round_
 
     @staticmethod
-    def _observe_commit(round_: Round, accepted: list[Update], evaluation: dict[str, float], seconds: float) -> None:
+    def _observe_commit(federation: str, round_: Round, accepted: list[Update], evaluation: dict[str, float],
+                        seconds: float) -> None:
         metrics.ROUNDS.labels("committed").inc()
         metrics.AGGREGATION_SECONDS.observe(seconds)
         if round_.opened_at is not None and round_.closed_at is not None:
             metrics.ROUND_DURATION.observe((round_.closed_at - round_.opened_at).total_seconds())
-        metrics.ROUND_PARTICIPANTS.labels("accepted").set(len(accepted))
-        metrics.ROUND_PARTICIPANTS.labels("stragglers").set(round_.metrics.get("stragglers", 0))
-        for key, label in (("accuracy", "all"), ("accuracy_image", "image"), ("accuracy_audio", "audio"),
-                           ("cloud_accuracy", "cloud")):
+        metrics.ROUND_PARTICIPANTS.labels(federation, "accepted").set(len(accepted))
+        metrics.ROUND_PARTICIPANTS.labels(federation, "stragglers").set(round_.metrics.get("stragglers", 0))
+        # "all", "cloud", and one series per modality alone (accuracy_<modality>: whatever the task names).
+        labels = {"accuracy": "all", "cloud_accuracy": "cloud"} | {
+            key: key.removeprefix("accuracy_") for key in evaluation if key.startswith("accuracy_")}
+        for key, label in labels.items():
             if key in evaluation:
-                metrics.GLOBAL_ACCURACY.labels(label).set(evaluation[key])
+                metrics.GLOBAL_ACCURACY.labels(federation, label).set(evaluation[key])
         if "client_accuracy_mean" in round_.metrics:
-            metrics.CLIENT_ACCURACY.set(round_.metrics["client_accuracy_mean"])
+            metrics.CLIENT_ACCURACY.labels(federation).set(round_.metrics["client_accuracy_mean"])
 
     def _round_metrics(self, federation: Federation, round_: Round, accepted: list[Update],
                        evaluation: dict[str, float]) -> dict[str, float]:

@@ -102,4 +102,9 @@ def test_a_config_error_exits_with_code_2_and_says_what_is_wrong(tmp_path):
     result = subprocess.run([sys.executable, "-m", "edge_agent", "--config", str(path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "device_name" in result.stderr and "partition" in result.stderr
+    assert "device_name: Field required" in result.stderr
+    path.write_text('federation = "x"\ndevice_name = "d"\nallow_plaintext = true\n')
+    result = subprocess.run([sys.executable, "-m", "edge_agent", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "no data: set data.dataset" in result.stderr

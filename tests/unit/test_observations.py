@@ -35,12 +35,24 @@ def test_agreement_scales_only_within_a_modality_set_so_each_sets_best_update_ke
 
 def test_a_round_sets_coverage_and_shares_and_zeroes_modality_sets_it_no_longer_has():
     config = FederationConfig(aggregation="mma")
-    observe_round(config, [_update({"audio"}, 10), _update({"audio", "image"}, 10)], [0, 0])
+    observe_round("one", config, [_update({"audio"}, 10), _update({"audio", "image"}, 10)], [0, 0])
     sample = REGISTRY.get_sample_value
-    assert sample("mlecs_round_modality_coverage", {"modality": "audio"}) == 1.0
-    assert sample("mlecs_round_modality_coverage", {"modality": "image"}) == 0.5
-    assert sample("mlecs_round_upload_bytes") == 2000
-    observe_round(config, [_update({"image"}, 10)], [0])
-    assert sample("mlecs_round_aggregation_weight_share", {"modalities": "image"}) == 1.0
-    assert sample("mlecs_round_aggregation_weight_share", {"modalities": "audio"}) == 0.0
-    assert sample("mlecs_round_modality_coverage", {"modality": "audio"}) == 0.0
+    assert sample("mlecs_round_modality_coverage", {"federation": "one", "modality": "audio"}) == 1.0
+    assert sample("mlecs_round_modality_coverage", {"federation": "one", "modality": "image"}) == 0.5
+    assert sample("mlecs_round_upload_bytes", {"federation": "one"}) == 2000
+    observe_round("one", config, [_update({"image"}, 10)], [0])
+    assert sample("mlecs_round_aggregation_weight_share", {"federation": "one", "modalities": "image"}) == 1.0
+    assert sample("mlecs_round_aggregation_weight_share", {"federation": "one", "modalities": "audio"}) == 0.0
+    assert sample("mlecs_round_modality_coverage", {"federation": "one", "modality": "audio"}) == 0.0
+
+
+def test_two_federations_keep_their_own_round_gauges():
+    config = FederationConfig(aggregation="mma")
+    observe_round("cameras", config, [_update({"image"}, 10)], [0])
+    observe_round("microphones", config, [_update({"audio"}, 10), _update({"audio"}, 20)], [0, 0])
+    sample = REGISTRY.get_sample_value
+    assert sample("mlecs_round_modality_coverage", {"federation": "cameras", "modality": "image"}) == 1.0
+    assert sample("mlecs_round_modality_coverage", {"federation": "cameras", "modality": "audio"}) == 0.0
+    assert sample("mlecs_round_modality_coverage", {"federation": "microphones", "modality": "audio"}) == 1.0
+    assert sample("mlecs_round_upload_bytes", {"federation": "cameras"}) == 1000
+    assert sample("mlecs_round_upload_bytes", {"federation": "microphones"}) == 2000
