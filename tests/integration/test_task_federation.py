@@ -182,6 +182,16 @@ def test_a_sensor_task_federates_from_dataset_directories(fleet_data: Path) -> N
     assert answer["label"] == "broken" and len(answer["probabilities"]) == 3
     assert abs(sum(answer["probabilities"]) - 1) < 1e-5
 
+    # A device exports the model it personalised in its latest round (offline: from its state directory).
+    config = fleet_data / "device-0.toml"
+    exported_personal = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "--config", str(config), "--export-model", str(fleet_data / "mine")],
+        capture_output=True, text=True, timeout=120)
+    assert exported_personal.returncode == 0, exported_personal.stderr
+    personal = load_model(fleet_data / "mine")
+    assert personal.source["round_number"] == 3 and personal.modalities == ("accel", "spectrum")
+    assert personal.evaluate(fleet_data / "coordinator" / "test")["accuracy"] > 0.6
+
 
 def test_an_agent_whose_dataset_has_no_usable_row_stops_with_exit_code_2(fleet_data: Path) -> None:
     empty = fleet_data / "empty"
