@@ -74,6 +74,10 @@ def fleet(
     workdir: Path | None = typer.Option(None, help="Keep state and logs here instead of a temporary folder."),
     model_out: Path | None = typer.Option(
         None, "--model-out", help="Write the last global version here as a model directory (mlecs predict)."),
+    dataset: Path | None = typer.Option(
+        None, "--data", help="Run on these dataset directories (mlecs data export-avmnist --out DIR, or the same "
+                             "layout for any task: task.toml, public/, test/, device-0/ ...) instead of exporting "
+                             "AV-MNIST into the workdir."),
 ) -> None:
     """Run a local federation: a coordinator and N agents as separate processes on loopback.
 
@@ -102,7 +106,7 @@ def fleet(
         setting=setting, aggregation=aggregation, public_fraction=public_fraction, upload_stage=upload_stage,
         public_epochs=public_epochs, private_epochs=private_epochs, personal_epochs=personal_epochs,
         upload_codec=codec, seed=seed, model={"backbone": backbone},
-        workdir=workdir, model_out=model_out)
+        workdir=workdir, model_out=model_out, dataset=dataset)
 
     def say(line: str) -> None:
         typer.echo(line, err=True)

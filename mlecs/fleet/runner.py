@@ -60,6 +60,9 @@ class FleetOptions:
     workdir: Path | None = None
     model_out: Path | None = None
     """Write the last global version here as a model directory (``mlecs predict --model``)."""
+    dataset: Path | None = None
+    """Run on these dataset directories (``mlecs data export-avmnist --out DIR``, or the same layout with any
+    task: task.toml, public/, test/, device-0/ ...) instead of exporting AV-MNIST into the workdir."""
 
 
 @dataclass
@@ -99,7 +102,7 @@ class LocalFleet:
         self.options = options
         self.say = say
         self._owns_workdir = options.workdir is None
-        self.workdir = options.workdir or Path(tempfile.mkdtemp(prefix="mlecs-fleet-"))
+        self.workdir = options.workdir.resolve() if options.workdir else Path(tempfile.mkdtemp(prefix="mlecs-fleet-"))
         self.logs = self.workdir / "logs"
         self._procs: list[tuple[str, subprocess.Popen[bytes], TextIO]] = []
         self.admin_port = _free_port()
@@ -107,7 +110,7 @@ class LocalFleet:
         self.admin = AdminClient(f"http://127.0.0.1:{self.admin_port}")
         self.federation = f"fleet-{int(time.time())}-{os.getpid()}"
         self.certs = CaLayout(self.workdir / "certs")
-        self.data = self.workdir / "data"
+        self.data = options.dataset.resolve() if options.dataset else self.workdir / "data"  # agents run elsewhere
         self.task_name = ""
         self.device_modalities: dict[str, list[str]] = {}
         self._coordinator_env: dict[str, str] = {}
@@ -135,10 +138,14 @@ class LocalFleet:
                                  f"{_tail(self.logs / f'{name}.log')}\n(logs in {self.logs})")
 
     def export_data(self) -> None:
-        """Writes AV-MNIST as the devices' and the coordinator's dataset directories under ``<workdir>/data``."""
+        """Writes AV-MNIST as the devices' and the coordinator's dataset directories under ``<workdir>/data``,
+        or checks the directories given (``--data``)."""
         from mlecs.datasets.export_avmnist import export_avmnist
 
         o = self.options
+        if o.dataset is not None:
+            self._use_dataset(o.dataset)
+            return
         try:
             summary = export_avmnist(self.data, o.clients, setting=o.setting,  # type: ignore[arg-type]
                                      seed=o.seed, scheme=o.partition_scheme,  # type: ignore[arg-type]
@@ -147,6 +154,25 @@ class LocalFleet:
             raise FleetError(f"could not export AV-MNIST to {self.data}: {exc}") from exc
         self.task_name, self.device_modalities = summary.task, summary.device_modalities
         self.say(f"exported AV-MNIST ({summary.task}) to {self.data}: public, test and {o.clients} device folders")
+
+    def _use_dataset(self, root: Path) -> None:
+        from mlecs.datasets import check_dataset
+        from mlecs.tasks import TaskError, load_task
+
+        try:
+            task = load_task(root / "task.toml")
+        except TaskError as exc:
+            raise FleetError(f"{root} is not a fleet's data: {exc}") from exc
+        for index in range(self.options.clients):
+            report = check_dataset(root / f"device-{index}", task)
+            if not report.usable:
+                first = report.problems[0].describe() if report.problems else "no rows"
+                raise FleetError(f"{root / f'device-{index}'} has no usable sample ({first}); "
+                                 f"mlecs data check says more")
+            self.device_modalities[f"device-{index}"] = sorted(
+                m for m in task.modalities if any(counts.get(m) for counts in report.per_modality.values()))
+        self.task_name = task.name
+        self.say(f"using the dataset directories in {root} (task {task.name})")
 
     def start_coordinator(self) -> None:
         o = self.options
@@ -241,6 +267,7 @@ class LocalFleet:
             token_file.touch(mode=0o600)
             token_file.write_text(tokens[index] + "\n")
             folder = self.data / f"device-{index}"
+            public = folder / "public"
             lines = [
                 f'coordinator = "127.0.0.1:{self.grpc_port}"',
                 f'federation = "{self.federation}"',
@@ -251,7 +278,7 @@ class LocalFleet:
                 "[data]",
                 f'dataset = "{folder}"',
                 f'task = "{self.data / "task.toml"}"',
-                f'public = "{folder / "public"}"',
+                *([f'public = "{public}"'] if (public / "manifest.csv").is_file() else []),
                 "[tls]",
                 f'ca_file = "{self.certs.ca.cert}"',
                 f'cert_file = "{device_files.cert}"',

@@ -71,3 +71,29 @@ def test_a_fleet_on_postgres_and_redis_leaves_its_rounds_and_versions_as_rows(tm
     assert [tuple(r) for r in rounds] == [(1, "committed"), (2, "committed")]
     assert versions == [0, 1, 2]
     assert accepted == 4
+
+
+def test_your_data_flow_export_federate_export_the_model_and_predict(tmp_path):
+    """The documented flow (docs/datasets.md): AV-MNIST exported as 3 device folders, a coordinator and 3 agents
+    on them until round 3, the model exported, and `mlecs predict` agreeing with the coordinator."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def mlecs(*args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "mlecs", *args], capture_output=True, text=True, timeout=900,
+                                env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    mlecs("data", "export-avmnist", "--out", "fleet-data", "--devices", "3")
+    mlecs("fleet", "--data", "fleet-data", "--clients", "3", "--rounds", "3", "--backbone", "tiny",
+          "--model-out", "model", "--json", "fleet.json")
+    predicted = json.loads(mlecs("predict", "--model", "model", "--dataset", "fleet-data/test", "--json").stdout)
+
+    rounds = json.loads((tmp_path / "fleet.json").read_text())["rounds"]
+    assert [r["state"] for r in rounds] == ["committed"] * 3
+    assert predicted["samples"] == 300
+    assert abs(predicted["accuracy"] - rounds[-1]["global_accuracy"]) <= 0.01  # the target: within 1 point
+    one = json.loads(mlecs("predict", "--model", "model", "--image", "fleet-data/test/image/00000.png",
+                           "--json").stdout)
+    assert len(one["probabilities"]) == 10 and one["label"] in {"zero", "one", "two", "three", "four", "five", "six",
+                                                               "seven", "eight", "nine"}
