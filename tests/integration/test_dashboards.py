@@ -32,8 +32,9 @@ from tools.render_dashboards import render_all
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "10m"}
-"""Grafana's built-in variables as it would fill them in for a short range with a 1 s scrape interval."""
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "10m", "$federation": ".*"}
+"""Grafana's built-in variables as it would fill them in for a short range with a 1 s scrape interval, and the
+dashboards' own federation selector at its default (all)."""
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -210,6 +211,10 @@ def test_every_dashboard_panel_query_parses_and_returns_data(coordinator, promet
     assert abs(sum(float(s["value"][1]) for s in shares) - 1) < 1e-6, shares
     assert 0 < value("sum(mlecs_update_wire_bytes_total) / sum(mlecs_update_raw_bytes_total)") < 1  # fp16
     assert 0 <= value('max(mlecs_global_accuracy{modalities="cloud"})') <= 1
+    # The dashboards' federation selector lists the federation, and its gauges carry its name.
+    federations = {s["metric"]["federation"] for s in _query(prometheus, "mlecs_round_participants")["data"]["result"]}
+    assert len(federations) == 1 and next(iter(federations)).strip()
+    assert value(f'max(mlecs_round_participants{{federation="{next(iter(federations))}", kind="target"}})') == 3
     if pictures:
         time.sleep(10)  # and an idle tail, so rates fall back
         render_all(prometheus, Path(pictures), start=started, end=time.time(), step_s=1, rate_interval="4s")
