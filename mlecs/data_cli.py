@@ -68,7 +68,8 @@ def export_avmnist_command(
     data_dir: Path | None = typer.Option(None, envvar="MLECS_DATA_DIR", help="The AV-MNIST directory."),
 ) -> None:
     """Write AV-MNIST as dataset directories: OUT/public (the public set), OUT/test, OUT/device-0 ... (each
-    device's private shard, 15% marked heldout) and OUT/task.toml. Devices are label-skewed (Dirichlet 0.5)."""
+    device's private shard, 15% marked heldout, with its share of the public set in OUT/device-K/public) and
+    OUT/task.toml. Devices are label-skewed (Dirichlet 0.5)."""
     from mlecs.datasets.export_avmnist import export_avmnist
 
     if setting not in ("canonical", "hard"):
@@ -80,5 +81,6 @@ def export_avmnist_command(
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(f"wrote {sum(summary.directories.values())} samples for task {summary.task}; "
+    written = sum(count for name, count in summary.directories.items() if "/" not in name)  # shares counted once
+    typer.echo(f"wrote {written} samples for task {summary.task}; "
                f"check one with: mlecs data check {out / 'device-0'} --task {out / 'task.toml'}")
