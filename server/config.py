@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -160,6 +161,17 @@ class CoordinatorSettings(BaseSettings):
     ``public/`` and ``test/`` dataset directories, e.g. ``{"avmnist": "/data/fleet-data"}`` (what ``mlecs data
     export-avmnist`` writes). A task without an entry is aggregated only: no evaluation, no cloud tuning."""
     log_level: str = "INFO"
+
+    @field_validator("task_data", mode="before")
+    @classmethod
+    def _task_data_from_json(cls, value: object) -> object:
+        """Accepts the JSON text an environment variable carries wherever the settings come from."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"MLECS_TASK_DATA must be a JSON object of task name -> directory: {exc}") from None
+        return value
 
     @property
     def blob_dir(self) -> Path:

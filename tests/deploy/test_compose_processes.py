@@ -3,12 +3,14 @@ container would run (entrypoint + command, image ENV + service environment), nam
 directories, container paths are rewritten into them, and service names become loopback ports. Postgres and
 Redis are this machine's (a fresh database, a fresh key prefix); Prometheus and Grafana are left to
 tests/deploy's Prometheus test. So certs -> migrate -> coordinator -> bootstrap -> three agents run exactly
-the scripts, settings and agent configs the compose file gives them, mutual TLS and enrolment tokens included.
+the scripts, settings and agent configs the compose file gives them, mutual TLS and enrolment tokens included,
+and the agents read the dataset directories the fleet-data service exported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -96,6 +98,8 @@ class Topology:
         for key, value in env.items():
             if key == "MLECS_MIGRATIONS_DIR":
                 env[key] = str(topo.ROOT / "migrations")  # the image copies ./migrations there
+            elif key == "MLECS_TASK_DATA":  # JSON: task name -> a directory in the container
+                env[key] = json.dumps({task: topo.in_root(root, path) for task, path in json.loads(value).items()})
             elif value.startswith("/"):  # a volume, a bind mount, or the container's own filesystem
                 env[key] = topo.in_root(root, value)
             else:
@@ -115,10 +119,10 @@ class Topology:
         argv = topo.argv(service, self.compose)
         if argv[0].endswith(".sh"):
             argv[0] = str(SCRIPTS / PurePosixPath(argv[0]).name)
-        elif argv[0] in ("mlecs-coordinator", "mlecs-agent"):
+        elif argv[0] in ("mlecs", "mlecs-coordinator", "mlecs-agent"):
             argv[0] = str(BIN / argv[0])
         root = self.root(name)
-        argv = [topo.in_root(root, a) if a.startswith("/etc/") else a for a in argv]
+        argv = [topo.in_root(root, a) if a.startswith(("/etc/", "/srv/")) else a for a in argv]
         if name == "bootstrap":  # the compose federation config, sped up for a test
             config = tomllib.loads(Path(argv[2]).read_text()) | FAST
             (self.tmp / "federation.toml").write_text(_toml(config))
@@ -130,7 +134,8 @@ class Topology:
             config["tls"]["server_name"] = "coordinator"  # the name the certificate holds, as in compose
             for key in ("state_dir", "enrolment_token_file"):
                 config[key] = topo.in_root(root, config[key])
-            config["data"]["dir"] = topo.in_root(root, config["data"]["dir"])
+            for key in ("dataset", "task", "public"):
+                config["data"][key] = topo.in_root(root, config["data"][key])
             for key in ("ca_file", "cert_file", "key_file"):
                 config["tls"][key] = topo.in_root(root, config["tls"][key])
             argv[index] = str(self.tmp / f"{name}.toml")
@@ -197,7 +202,7 @@ def _admin_token(fleet: Topology) -> str:
 def test_the_compose_topology_as_processes_enrols_three_agents_over_mtls_and_commits_a_round(fleet):
     order = [n for n in topo.start_order(fleet.compose) if n not in ("postgres", "redis", "prometheus", "grafana")]
     agents = [n for n in order if n.startswith("agent-")]
-    assert order[:4] == ["certs", "migrate", "coordinator", "bootstrap"] and len(agents) == 3
+    assert order[:5] == ["certs", "fleet-data", "migrate", "coordinator", "bootstrap"] and len(agents) == 3
     for name in order:
         if topo.is_one_shot(name, fleet.compose):
             run_s = 300 if name == "bootstrap" else 180

@@ -3,6 +3,7 @@ images, settings, ports, files, health checks and secrets it refers to."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -181,18 +182,33 @@ def test_services_start_in_dependency_order_on_health_and_completion():
         assert f"'{agent.state_dir}/identity.json'" in service["healthcheck"]["test"][-1], name
 
 
-def test_agents_hold_different_modality_sets_and_distinct_shards_of_one_partition():
-    agents = _agents(topo.load())
+def test_agents_read_their_own_exported_device_folder_of_the_federations_task():
+    compose = topo.load()
+    agents = _agents(compose)
     assert len(agents) >= 3
     settings = [s for _, s in agents.values()]
-    assert len({tuple(s.modalities) for s in settings}) == len(settings)
-    assert sorted(s.partition.client_index for s in settings) == list(range(len(settings)))
-    assert {s.partition.num_clients for s in settings} == {len(settings)}
     assert len({s.federation for s in settings}) == 1 and len({s.device_name for s in settings}) == len(settings)
+    assert all(s.partition is None for s in settings), "compose agents read dataset directories, not a partition"
+    export = compose["services"]["fleet-data"]
+    out = export["command"][export["command"].index("--out") + 1]
+    devices = int(export["command"][export["command"].index("--devices") + 1])
+    assert devices == len(settings)
+    volumes = {name: Path("/volumes") / name for name in compose["volumes"]}
+    written = topo.host_path(export, out, volumes)
+    for name, (service, agent) in agents.items():
+        assert agent.data.dataset is not None and agent.data.task is not None, name
+        # What the agent reads lies in the volume the export wrote, at the device folder it wrote.
+        folder = topo.host_path(service, str(agent.data.dataset), volumes)
+        assert folder is not None and written is not None and folder.parent == written, name
+        assert topo.host_path(service, agent.data.task, volumes) == written / "task.toml", name
+        assert agent.data.public is not None and topo.host_path(service, str(agent.data.public), volumes) == \
+            folder / "public", name
+    assert sorted(str(s.data.dataset).rsplit("/", 1)[-1] for s in settings) == [f"device-{k}" for k in range(devices)]
     federation = tomllib.loads((SCRIPTS / "federation.toml").read_text())
-    assert {(s.partition.public_fraction, s.partition.seed) for s in settings} == \
-        {(federation["public_fraction"], federation["seed"])}, "the agents' public shard must be the cloud's"
-    assert federation["min_updates"] <= len(settings)
+    assert federation["task"] == "avmnist" and federation["min_updates"] <= len(settings)
+    coordinator = compose["services"]["coordinator"]
+    task_data = json.loads(topo.environment(coordinator)["MLECS_TASK_DATA"])
+    assert topo.host_path(coordinator, task_data["avmnist"], volumes) == written, "the coordinator's public/test"
 
 
 def test_the_certs_and_bootstrap_services_cover_every_device_and_the_certs_service_writes_every_tls_file(
