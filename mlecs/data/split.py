@@ -14,8 +14,10 @@ from typing import Protocol, Self
 
 import numpy as np
 
-_INTEGER = re.compile(r"^-?\d{1,18}$")
-_HASHED_BIT = 1 << 62  # hashed ids sit above every plausible integer id, so the two never collide
+_INTEGER = re.compile(r"^\d{1,10}$")
+_HASHED_BIT = 1 << 31
+"""The wire carries public sample ids as uint32: integer ids below 2^31 travel as themselves, any other id
+as a 31-bit hash with this bit set, so the two never collide (hashes may, rarely: datasets refuse that)."""
 
 
 class LabelledSplit(Protocol):
@@ -46,11 +48,12 @@ class LabelledSplit(Protocol):
 
 
 def numeric_sample_id(sample_id: str) -> int:
-    """A dataset's text id as the int64 the wire carries: integers as themselves, anything else hashed."""
+    """A dataset's text id as the number the wire carries (uint32): integers below 2^31 as themselves,
+    anything else as a 31-bit hash with the top bit set."""
     text = sample_id.strip()
-    if _INTEGER.match(text):
+    if _INTEGER.match(text) and int(text) < _HASHED_BIT:
         return int(text)
-    digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "big")
     return (digest & (_HASHED_BIT - 1)) | _HASHED_BIT
 
 

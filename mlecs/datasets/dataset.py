@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mlecs.data.split import numeric_sample_ids
+from mlecs.data.split import numeric_sample_id, numeric_sample_ids
 from mlecs.datasets.readers import InputError, read_input
 from mlecs.tasks.spec import RESERVED_COLUMNS, TaskSpec
 
@@ -156,6 +156,7 @@ class _Loader:
         self.directory, self.task, self.report = directory, task, report
         self.label_index = task.label_index()
         self.seen_ids: set[str] = set()
+        self.wire_ids: dict[int, str] = {}
 
     def problem(self, message: str, line: int | None = None, column: str | None = None, file: str | None = None,
                 skipped: bool = True) -> None:
@@ -193,6 +194,12 @@ class _Loader:
             self.problem(f"duplicate id {sample_id!r} (an earlier row has it)", line, "id")
             return None
         self.seen_ids.add(sample_id)
+        wire = numeric_sample_id(sample_id)
+        if wire in self.wire_ids:
+            self.problem(f"id {sample_id!r} travels as the same number as {self.wire_ids[wire]!r} (a hash "
+                         "collision, or an integer id that another id spells differently): rename one", line, "id")
+            return None
+        self.wire_ids[wire] = sample_id
         if label not in self.label_index:
             self.problem(f"label {label!r} is not one of the task's labels", line, "label")
             return None

@@ -135,3 +135,22 @@ def test_data_check_exit_codes_and_json(tmp_path: Path) -> None:
     assert report["usable"] == 0 and report["problems"][0]["line"] == 2
     no_task = runner.invoke(app, ["data", "check", str(good), "--task", "no-such-task"])
     assert no_task.exit_code == 2 and "not a built-in task" in no_task.output
+
+
+def test_ids_travel_as_uint32_integers_as_themselves_text_hashed_apart() -> None:
+    from mlecs.data.split import numeric_sample_id, numeric_sample_ids
+
+    assert numeric_sample_id("123") == 123 and numeric_sample_id(" 7 ") == 7
+    hashed = numeric_sample_ids(["cam-0001", "cam-0002", str(2**31), "-5"])
+    assert all(2**31 <= int(v) < 2**32 for v in hashed)  # never an integer id's number, always a uint32
+    assert len(set(hashed.tolist())) == 4
+    assert numeric_sample_id("cam-0001") == int(hashed[0])  # stable: the same on every device
+
+
+def test_two_ids_that_travel_as_the_same_number_are_refused(tmp_path: Path, task: TaskSpec) -> None:
+    directory = _write(tmp_path / "d", "id,label,split,accel,spectrum\n7,ok,train,a.npy,\n007,ok,train,a.npy,\n",
+                       _good_files())
+    data, report = load_dataset(directory, task)
+    assert list(data.ids) == ["7"]
+    [problem] = report.problems
+    assert problem.line == 3 and "travels as the same number as '7'" in problem.message
