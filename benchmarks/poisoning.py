@@ -1,7 +1,7 @@
 """Poisoning benchmark: global accuracy when 20% of the clients poison their updates, with each defence.
 
     python -m benchmarks.poisoning --quick --out runs/poisoning-quick
-    python -m benchmarks.poisoning --out runs/poisoning          # the full grid (see the README for its cost)
+    python -m benchmarks.poisoning --out runs/poisoning          # the full grid (cost: docs/benchmarks/poisoning/)
 
 For every (attack, defence, seed) it runs one in-process federation (``benchmarks.federation_sim``,
 method ``mlecs``: plain MMA when the defence is ``none``) in which a fixed 20% of the clients, drawn by

@@ -21,7 +21,7 @@ class DataSettings(BaseModel):
     """Where the device's data is: its own dataset directory (``dataset`` + ``task``), or a partition of the
     bundled AV-MNIST file (``dir`` + ``[partition]``, for benchmarks and demos)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     dataset: Path | None = None
     """This device's dataset directory (``manifest.csv`` and its files, docs/datasets.md). The agent reads
@@ -42,20 +42,26 @@ class DataSettings(BaseModel):
 class PartitionSettings(BaseModel):
     """Which shard of the data set this device holds (recomputed from the seed, never copied)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     num_clients: int = Field(ge=1)
+    """How many devices the bundled AV-MNIST is dealt to."""
     client_index: int = Field(ge=0)
+    """This device's share, from 0 to num_clients - 1."""
     scheme: Literal["speaker", "dirichlet", "speaker-dirichlet"] = "dirichlet"
+    """``dirichlet``: label skew; ``speaker``: one speaker's clips per device; ``speaker-dirichlet``: both."""
     alpha: float = Field(0.5, gt=0)
+    """Dirichlet concentration: smaller means more label skew."""
     public_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the training pairs that plays the public set (must match the federation's)."""
     seed: int = 0
+    """Seed of the partition (must match the federation's)."""
 
 
 class TlsSettings(BaseModel):
     """Mutual TLS to the coordinator: files from ``mlecs certs`` (or your own CA)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     ca_file: Path
     """CA certificate the coordinator's certificate must chain to (``ca.pem``)."""
@@ -79,21 +85,26 @@ class TlsMaterial:
 
 
 class AgentSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     coordinator: str = "127.0.0.1:50051"
     """host:port of the coordinator's gRPC endpoint, or several replicas as a gRPC target such as
     ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` (calls are spread over them and fail over when one is down)."""
     federation: str
+    """The federation to enrol in (its name)."""
     device_name: str = Field(min_length=1, max_length=128)
+    """This device's stable name; with mutual TLS its certificate's CN."""
     modalities: list[str] | None = None
     """The sensors this device has, e.g. ["image", "audio"]. Partition mode: required. With a dataset:
     default the modalities its samples have; if set, only these are used."""
     state_dir: Path = Path("/var/lib/mlecs-agent")
     """Durable state: identity, personalised model, pending uploads."""
     torch_threads: int = Field(1, ge=1)
+    """CPU threads training may use."""
     max_backoff_s: float = Field(30.0, gt=0)
+    """Longest wait between retries while the coordinator is unavailable, in seconds."""
     data: DataSettings = Field(default_factory=DataSettings)
+    """Where the device's data is (the ``[data]`` table)."""
     partition: PartitionSettings | None = None
     """Partition mode only: which shard of the bundled AV-MNIST this device holds."""
     tls: TlsSettings | None = None

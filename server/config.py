@@ -25,7 +25,8 @@ class ConfigurationError(Exception):
 class CoordinatorSettings(BaseSettings):
     """Everything the coordinator process can be told. Nested fields use ``__`` (e.g. ``MLECS_GRPC__PORT``)."""
 
-    model_config = SettingsConfigDict(env_prefix="MLECS_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MLECS_", env_nested_delimiter="__", extra="ignore",
+                                      use_attribute_docstrings=True)  # field docs feed the configuration reference
 
     state_dir: Path = Path("mlecs-data")
     """Where the embedded database (when no database URL is set) and the blob store live."""
@@ -36,7 +37,9 @@ class CoordinatorSettings(BaseSettings):
     redis_prefix: str = "mlecs"
     """Prefix of every Redis key this coordinator writes (several deployments can share one Redis)."""
     grpc_host: str = "127.0.0.1"
+    """Address the device endpoint (gRPC) listens on; 0.0.0.0 for every interface."""
     grpc_port: int = Field(default=50051, ge=0, le=65535)
+    """Port of the device endpoint (0: any free port)."""
     heartbeat_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve Heartbeat in a process of its own on this port of grpc_host (0: any free port), and tell devices
     to send heartbeats there: liveness then never waits behind a round's transfers on the device port, which
@@ -51,7 +54,9 @@ class CoordinatorSettings(BaseSettings):
     """Prometheus metrics of the heartbeat process (its Heartbeat latencies and refusals) on this port of
     admin_host. Unset: not exposed (the coordinator's own /metrics stays on the admin port)."""
     admin_host: str = "127.0.0.1"
+    """Address the admin API and /metrics listen on."""
     admin_port: int = Field(default=8080, ge=0, le=65535)
+    """Port of the admin API and /metrics."""
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     """Largest gRPC message accepted or sent; chunks must fit well inside it."""
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -97,6 +102,7 @@ class CoordinatorSettings(BaseSettings):
     max_concurrent_downloads: int = Field(default=32, ge=1)
     """Global-version downloads streamed at once."""
     heartbeat_interval_s: int = Field(default=5, ge=1)
+    """How often devices are asked to call in, in seconds."""
     presence_ttl_s: float = Field(default=20.0, gt=0)
     """A device not heard from for this long is offline."""
     presence_flush_interval_s: float = Field(default=0.25, gt=0)
@@ -132,6 +138,8 @@ class CoordinatorSettings(BaseSettings):
     """Let devices enrol without a one-time enrolment token. For local development and benchmarks only
     (logged loudly): anyone who can reach the device port can then join a federation."""
     scheduler_interval_s: float = Field(default=1.0, gt=0)
+    """How often the scheduler looks at deadlines and opens rounds (an accepted update that meets the round's
+    target or quorum also wakes it)."""
     task_watch_interval_s: float = Field(default=0.25, gt=0)
     """How often held task long polls look for rounds opened by another replica."""
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}", min_length=1,
@@ -161,6 +169,7 @@ class CoordinatorSettings(BaseSettings):
     ``public/`` and ``test/`` dataset directories, e.g. ``{"avmnist": "/data/fleet-data"}`` (what ``mlecs data
     export-avmnist`` writes). A task without an entry is aggregated only: no evaluation, no cloud tuning."""
     log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
 
     @field_validator("task_data", mode="before")
     @classmethod
