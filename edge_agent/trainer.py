@@ -196,6 +196,9 @@ class AmtTrainer:
                 f"{_describe(data.model_inputs)}: configure the federation's task")
         model = build_edge_model(config, data.modalities, task.seed)
         stage: Literal["private", "public"] = "public" if task.upload_stage == "public" else "private"
+        if stage == "public" and not len(data.public):
+            raise TaskMismatch("the federation learns its uploads on the public set (upload_stage public), and this "
+                               "device holds none: set data.public to its copy of the public set")
         recipe = AmtRecipe(
             upload_stage=stage,
             # The uploaded stage needs at least one epoch whichever data it trains on.
