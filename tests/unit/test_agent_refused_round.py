@@ -65,3 +65,18 @@ def test_a_refused_round_is_not_trained_again(tmp_path: Path) -> None:
     assert not runner.is_alive()
     assert coordinator.tasks_served == coordinator.stop_after + 1
     assert agent.trained == 1
+
+
+def test_a_public_stage_federation_without_public_data_is_a_configuration_error(tmp_path: Path) -> None:
+    import pytest
+
+    from edge_agent.trainer import AmtTrainer, TaskMismatch
+    from mlecs.datasets.dataset import MultimodalData
+
+    empty = MultimodalData(ids=np.zeros(0, dtype=object), labels=np.zeros(0, dtype=np.int64),
+                           splits=np.zeros(0, dtype=object), inputs={"image": np.zeros((0, 1, 28, 28), np.float32)},
+                           present={"image": np.zeros(0, dtype=bool)})
+    data = LocalData(modalities=frozenset({"image"}), public=empty, private_train=empty, private_heldout=empty)
+    task = TrainTask(**{**TASK.__dict__, "upload_stage": "public", "model": {"backbone": "tiny"}})
+    with pytest.raises(TaskMismatch, match=r"set data\.public"):
+        AmtTrainer(data, tmp_path / "personal.pt").run(task, {}, {}, lambda: False)
