@@ -83,8 +83,11 @@ def test_touching_a_device_never_moves_its_last_seen_time_back(store: SqlStore, 
     assert store.get_device(device.id).last_seen_at == T0 + timedelta(minutes=1)
 
 
-def test_touching_no_devices_does_nothing(store: SqlStore) -> None:
+def test_touching_no_devices_does_nothing(store: SqlStore, seed) -> None:
+    device = seed.device(seed.federation())
+    store.touch_devices({device.id: T0})
     store.touch_devices({})
+    assert store.get_device(device.id).last_seen_at == T0
 
 
 def test_devices_are_read_by_ids_in_batches_and_unknown_ids_are_left_out(store: SqlStore, seed) -> None:

@@ -73,3 +73,23 @@ def test_only_samples_with_both_modalities_contribute():
 def test_a_non_positive_temperature_is_refused():
     with pytest.raises(ValueError, match="temperature"):
         ccl_loss({"image": torch.randn(2, 3)}, {"image": torch.ones(2, dtype=torch.bool)}, temperature=0)
+
+
+def test_three_modalities_span_the_volume_of_three_vectors() -> None:
+    e = torch.eye(4)
+    assert volume(e[:3][None]).item() == pytest.approx(1.0, abs=1e-4)  # orthonormal: a unit cube
+    assert volume(torch.stack([e[0], e[0], e[1]])[None]).item() == pytest.approx(0.0, abs=1e-3)  # two coincide
+    tilted = torch.stack([e[0], e[1], torch.tensor([0.6, 0.0, 0.8, 0.0])])
+    assert volume(tilted[None]).item() == pytest.approx(0.8, abs=1e-4)  # height of the third above the plane
+
+
+def test_a_gradient_step_aligns_three_modalities() -> None:
+    torch.manual_seed(0)
+    embeddings = {m: torch.randn(8, 6, requires_grad=True) for m in ("accel", "audio", "image")}
+    present = {m: torch.ones(8, dtype=torch.bool) for m in embeddings}
+    before = ccl_loss(embeddings, present, temperature=0.1)
+    before.backward()
+    with torch.no_grad():
+        stepped = {m: e - 0.5 * e.grad for m, e in embeddings.items()}  # type: ignore[operator]
+    assert ccl_loss(stepped, present, temperature=0.1) < before
+

@@ -32,3 +32,24 @@ def test_minilm_model_loads_offline_runs_and_freezes_the_base_weights() -> None:
     assert full_model_fp32_bytes(config) == 4 * sum(p.numel() for p in model.parameters())
     shared = sum(p.numel() for p in model.shared_parameters())
     assert 150_000 <= shared <= 200_000
+
+
+def test_the_backbone_holds_the_packaged_pretrained_weights_not_a_random_init() -> None:
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    from mlecs.model.backbone import minilm_path
+
+    stored = load_file(str(Path(minilm_path()) / "model.safetensors"))
+    model = build_edge_model(ModelConfig(), frozenset(Modality), seed=0)
+    base: Any = base_model(model.backbone)
+    for name, param in (("embeddings.word_embeddings.weight", base.embeddings.word_embeddings.weight),
+                        ("encoder.layer.5.output.dense.weight", base.encoder.layer[5].output.dense.base_layer.weight
+                         if hasattr(base.encoder.layer[5].output.dense, "base_layer")
+                         else base.encoder.layer[5].output.dense.weight)):
+        key = next(k for k in stored if k.endswith(name))
+        assert torch.equal(param.detach(), torch.from_numpy(stored[key])), name
+    # Another seed gives the same frozen backbone: it is loaded, not drawn.
+    other: Any = base_model(build_edge_model(ModelConfig(), frozenset(Modality), seed=1).backbone)
+    assert torch.equal(other.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)

@@ -23,5 +23,14 @@ def test_class_anchors_are_unit_vectors_that_tell_the_digits_apart():
     assert (np.argmax(anchors @ anchors.T, axis=1) == np.arange(10)).all()
 
 
+def test_embeddings_carry_meaning_from_the_pretrained_model():
+    # Distinct vectors are not enough: a random encoder makes distinct vectors too. The pretrained one
+    # puts paraphrases together and unrelated sentences apart, and a digit's word near its description.
+    cat, kitten, markets = embed_texts(["a photo of a cat", "a picture of a kitten", "the stock market fell sharply"])
+    assert cat @ kitten > 0.6 > cat @ markets + 0.3
+    one, seven, word_one = embed_texts(["the digit one", "the digit seven", "one"])
+    assert one @ word_one > seven @ word_one
+
+
 def test_embeddings_are_deterministic():
     np.testing.assert_array_equal(embed_texts(["the digit one"]), embed_texts(["the digit one"]))
