@@ -43,6 +43,21 @@ def _settings() -> CoordinatorSettings:
         raise typer.Exit(EXIT_CONFIG) from exc
 
 
+def _say_database(settings: CoordinatorSettings) -> str:
+    """The database URL a command works on; says which on stderr (password hidden), so that a token made on
+    the embedded SQLite by mistake is noticed at once."""
+    from sqlalchemy.engine import make_url
+
+    url = settings.resolved_database_url()
+    if settings.database_url:
+        shown = make_url(url).render_as_string(hide_password=True)
+        typer.echo(f"database: {shown} (MLECS_DATABASE_URL)", err=True)
+    else:
+        typer.echo(f"database: embedded SQLite {url.removeprefix('sqlite:///')} (MLECS_DATABASE_URL is unset)",
+                   err=True)
+    return url
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,7 +128,7 @@ def migrate_command(revision: str = typer.Argument("head", help="Alembic revisio
     _logging(settings.log_level)
     from server.persistence.database import migrate
 
-    migrate(settings.resolved_database_url(), revision)
+    migrate(_say_database(settings), revision)
     typer.echo(f"database at revision {revision}")
 
 
@@ -132,7 +147,7 @@ def _token_service() -> Iterator[AdminTokenService]:
 
     settings = _settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.resolved_database_url()
+    url = _say_database(settings)
     migrate(url)
     store = SqlStore.from_url(url)
     try:
@@ -235,6 +250,7 @@ def _device_service() -> Iterator[DeviceService]:
     from server.app import build_services
 
     settings = _settings()
+    _say_database(settings)
     services = build_services(settings)
     try:
         yield services.devices
