@@ -123,9 +123,10 @@ def _query(prometheus: httpx.Client, expr: str) -> dict:
     return body
 
 
-def _run_federation(c: RunningCoordinator) -> list[str]:
+def _run_federation(c: RunningCoordinator) -> tuple[str, list[str]]:
     """Two committed rounds of a four-device fleet, each leaving a straggler whose late upload is refused;
-    then a credential refused three times and the revocation of a device. Returns the revoked device's modalities."""
+    then a credential refused three times and the revocation of a device. Returns the federation's name and
+    the revoked device's modalities."""
     federation = _federation(c, clients_per_round=3, overselect=0.34, min_updates=3, cloud_epochs=1)
     modality_sets = [["image"], ["audio"], ["audio", "image"], ["audio", "image"]]
     devices: dict[str, tuple[CoordinatorClient, list[str]]] = {}
@@ -161,7 +162,7 @@ def _run_federation(c: RunningCoordinator) -> list[str]:
     for device_id, (client, _) in devices.items():
         if device_id != invited[3]:
             client.heartbeat(device_id)
-    return devices[invited[3]][1]
+    return federation["name"], devices[invited[3]][1]
 
 
 def test_every_dashboard_panel_query_parses_and_returns_data(coordinator, prometheus):
@@ -172,7 +173,9 @@ def test_every_dashboard_panel_query_parses_and_returns_data(coordinator, promet
     started = time.time()
     if pictures:
         time.sleep(5)  # a baseline before the federation, so counters start at zero in the pictures
-    revoked_modalities = _run_federation(coordinator)
+    name, revoked_modalities = _run_federation(coordinator)
+    # Other tests in this process may have left their federations' gauges in the registry: this one's only.
+    ours = f'federation="{name}"'
 
     # Wait until Prometheus holds the end state (the last commit scraped, the fleet gauges refreshed after the
     # revocation), then ask every panel.
@@ -196,8 +199,8 @@ def test_every_dashboard_panel_query_parses_and_returns_data(coordinator, promet
 
     # The data is what the federation did, not just present.
     assert committed >= 2
-    assert value('max(mlecs_round_participants{kind="stragglers"})') == 1
-    assert value('max(mlecs_round_participants{kind="target"})') == 3
+    assert value(f'max(mlecs_round_participants{{{ours}, kind="stragglers"}})') == 1
+    assert value(f'max(mlecs_round_participants{{{ours}, kind="target"}})') == 3
     assert value('sum(mlecs_update_rejections_total{reason="late"})') >= 2
     assert value('sum(mlecs_refusals_total{reason="late"})') >= 2
     assert value("sum(mlecs_device_revocations_total)") >= 1
@@ -206,15 +209,14 @@ def test_every_dashboard_panel_query_parses_and_returns_data(coordinator, promet
     assert value('max(mlecs_devices_online{modalities="audio,image"})') == both
     assert value('min(mlecs_dependency_up)') == 1
     assert value('sum(mlecs_refusals_unrecorded_total{cause="thinned"})') >= 2
-    assert value('max(mlecs_round_modality_coverage{modality="image"})') > 0
-    shares = _query(prometheus, "mlecs_round_aggregation_weight_share")["data"]["result"]
+    assert value(f'max(mlecs_round_modality_coverage{{{ours}, modality="image"}})') > 0
+    shares = _query(prometheus, f"mlecs_round_aggregation_weight_share{{{ours}}}")["data"]["result"]
     assert abs(sum(float(s["value"][1]) for s in shares) - 1) < 1e-6, shares
     assert 0 < value("sum(mlecs_update_wire_bytes_total) / sum(mlecs_update_raw_bytes_total)") < 1  # fp16
-    assert 0 <= value('max(mlecs_global_accuracy{modalities="cloud"})') <= 1
-    # The dashboards' federation selector lists the federation, and its gauges carry its name.
+    assert 0 <= value(f'max(mlecs_global_accuracy{{{ours}, modalities="cloud"}})') <= 1
+    # The dashboards' federation selector lists the federation (the label values it queries).
     federations = {s["metric"]["federation"] for s in _query(prometheus, "mlecs_round_participants")["data"]["result"]}
-    assert len(federations) == 1 and next(iter(federations)).strip()
-    assert value(f'max(mlecs_round_participants{{federation="{next(iter(federations))}", kind="target"}})') == 3
+    assert name in federations
     if pictures:
         time.sleep(10)  # and an idle tail, so rates fall back
         render_all(prometheus, Path(pictures), start=started, end=time.time(), step_s=1, rate_interval="4s")
