@@ -46,7 +46,10 @@ def with_task(config: FederationConfig) -> FederationConfig:
         if clash:
             raise InvalidRequestError(f"{part}.{clash[0]} comes from the task; leave it out")
     cloud = None if config.cloud_model is None else {**derived, **config.cloud_model}
-    return replace(config, task=text, model={**derived, **config.model}, cloud_model=cloud)
+    try:  # the config is checked again with the task's model: e.g. eligible sets naming another task's modality
+        return replace(config, task=text, model={**derived, **config.model}, cloud_model=cloud)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc
 
 
 class FederationService:

@@ -192,8 +192,13 @@ def test_a_federation_names_its_task_by_built_in_name_or_file(c: RunningCoordina
     assert by_file["config"]["model"]["num_classes"] == 2
     assert by_file["config"]["model"]["inputs"] == [
         {"name": "v", "kind": "vector", "shape": [3], "mean": 0.0, "std": 1.0, "extractor": "builtin"}]
-    task.write_text('name = "pair"\nlabels = ["a"]\n[modalities.v]\nkind = "vector"\ndim = 3\n')
+    mixed = tmp_path / "mixed.toml"  # a task with modality v only, and eligible sets naming image: refused
+    mixed.write_text('eligible_modality_sets = [["image"]]\n')
     env = {"MLECS_ADMIN_URL": str(c.admin.base_url), "MLECS_ADMIN_TOKEN": operator}
+    other = CliRunner().invoke(app, ["federations", "create", "t-mix", "--task", str(task), "--config", str(mixed)],
+                               env=env)
+    assert other.exit_code == 1 and "HTTP 422" in other.output and "unknown modality 'image'" in other.output
+    task.write_text('name = "pair"\nlabels = ["a"]\n[modalities.v]\nkind = "vector"\ndim = 3\n')
     refused = CliRunner().invoke(app, ["federations", "create", "t-bad", "--task", str(task)], env=env)
     assert refused.exit_code == 1
     assert "labels: List should have at least 2 items" in refused.output
