@@ -88,11 +88,12 @@ def load_local_data(settings: AgentSettings) -> LocalData:
 def _from_dataset(settings: AgentSettings) -> LocalData:
     """Reads the device's dataset directory as its task says; raises DatasetError when no row is usable."""
     from mlecs.datasets import DatasetReport, MultimodalData, load_dataset
-    from mlecs.tasks import TaskError, load_task
+    from mlecs.tasks import TaskError, parse_task, task_text
 
     assert settings.data.dataset is not None and settings.data.task is not None
     try:
-        task = load_task(settings.data.task)
+        text = task_text(settings.data.task)
+        task = parse_task(text, settings.data.task)
     except TaskError as exc:
         raise ConfigError(f"data.task: {exc}") from exc
 
@@ -117,13 +118,7 @@ def _from_dataset(settings: AgentSettings) -> LocalData:
     return LocalData(modalities=frozenset(held), public=public,
                      private_train=private.split("train"), private_heldout=private.split("heldout"),
                      skipped_rows=report.skipped, model_inputs=task.edge_model_config().inputs,
-                     task_text=_task_text(settings.data.task))
-
-
-def _task_text(name_or_path: str) -> str:
-    from mlecs.tasks import builtin_task_text
-
-    return builtin_task_text(name_or_path) or Path(name_or_path).read_text(encoding="utf-8")
+                     task_text=text)
 
 
 PERSONAL_MODEL_DIR = "personal-model"

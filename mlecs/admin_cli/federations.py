@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mlecs.admin_cli.common import DEFAULT_URL, Column, Json, Token, Url, api, fields, show, table
+from mlecs.tasks.spec import builtin_task_text
 
 federations_app = typer.Typer(no_args_is_help=True, help="Create, list, pause, resume and stop federations.")
 enrolment_tokens_app = typer.Typer(no_args_is_help=True, help="One-time tokens devices enrol with.")
@@ -49,6 +50,15 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _task_file_text(path: str) -> str:
+    from mlecs.tasks import TaskError, task_text
+
+    try:
+        return task_text(path)
+    except TaskError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--task") from exc
+
+
 @federations_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="Letters, digits, '-', '_' or '.'; at most 64.")],
@@ -61,9 +71,8 @@ def create(
 ) -> None:
     """Create a federation and its initial global version. Scope: operate."""
     settings: dict[str, Any] = dict(read_config(config)) if config else {}
-    if task is not None:
-        path = Path(task)
-        settings["task"] = path.read_text(encoding="utf-8") if path.is_file() else task
+    if task is not None:  # a built-in name travels as is (the coordinator expands it), a file as its text
+        settings["task"] = task if builtin_task_text(task) is not None else _task_file_text(task)
     body = {"name": name, "config": settings}
     with api(url, token) as client:
         show(client.post("/v1/federations", body), as_json, _federation)

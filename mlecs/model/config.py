@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
 from typing import Any, Literal, get_args
 
 Backbone = Literal["minilm", "tiny"]
@@ -17,6 +18,11 @@ _MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _MAX_INPUTS = 16
 EXTRACTOR_ENTRY_POINTS = "mlecs.extractors"
 """Entry-point group through which a package registers extractors an input may name (``extractor = "..."``)."""
+
+
+def registered_extractors() -> dict[str, metadata.EntryPoint]:
+    """Extractors installed packages register under the ``mlecs.extractors`` entry-point group."""
+    return {ep.name: ep for ep in metadata.entry_points(group=EXTRACTOR_ENTRY_POINTS)}
 _MAX_INPUT_VALUES = 1 << 22
 
 

@@ -8,12 +8,10 @@ whose module maps ``[N, *spec.shape]`` to ``[N, feature_dim]``.
 
 from __future__ import annotations
 
-from importlib import metadata
-
 import torch
 from torch import nn
 
-from mlecs.model.config import EXTRACTOR_ENTRY_POINTS, InputSpec
+from mlecs.model.config import EXTRACTOR_ENTRY_POINTS, InputSpec, registered_extractors
 
 _POOLED = 3  # spatial size after adaptive pooling: keeps the linear layer small for any input size
 _SERIES_POOLED = 8
@@ -91,7 +89,7 @@ def build_extractor(spec: InputSpec, feature_dim: int) -> nn.Module:
     """Creates the (randomly initialised) extractor of one input: its kind's own, or the registered one named."""
     if spec.extractor == "builtin":
         return _BUILTIN[spec.kind](spec, feature_dim)
-    registered = {ep.name: ep for ep in metadata.entry_points(group=EXTRACTOR_ENTRY_POINTS)}
+    registered = registered_extractors()
     if spec.extractor not in registered:
         raise ValueError(f"input {spec.name!r} names extractor {spec.extractor!r}, which no installed package "
                          f"registers under the {EXTRACTOR_ENTRY_POINTS!r} entry points")

@@ -17,6 +17,7 @@ from mlecs.tasks.spec import (
     builtin_task_text,
     load_task,
     parse_task,
+    task_text,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "builtin_task_text",
     "load_task",
     "parse_task",
+    "task_text",
 ]

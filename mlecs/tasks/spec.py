@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 import tomllib
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlecs.model.config import EXTRACTOR_ENTRY_POINTS, INPUT_KINDS, InputSpec, ModelConfig
+from mlecs.model.config import EXTRACTOR_ENTRY_POINTS, INPUT_KINDS, InputSpec, ModelConfig, registered_extractors
 
 KINDS: tuple[str, ...] = INPUT_KINDS
 
@@ -198,11 +198,6 @@ class TaskSpec(BaseModel):
         return [self.label_text.replace("{label}", label) for label in self.labels]
 
 
-def registered_extractors() -> dict[str, metadata.EntryPoint]:
-    """Extractors installed packages register under the ``mlecs.extractors`` entry-point group."""
-    return {ep.name: ep for ep in metadata.entry_points(group=EXTRACTOR_ENTRY_POINTS)}
-
-
 def builtin_task_names() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in resources.files("mlecs.tasks.builtin").iterdir()
                   if p.name.endswith(".toml"))
@@ -229,14 +224,18 @@ def parse_task(text: str, source: str = "task") -> TaskSpec:
         raise TaskError(f"{source}: {problems}") from None
 
 
-def load_task(name_or_path: str | Path) -> TaskSpec:
-    """Loads a built-in task by name (``avmnist``) or a task file by path."""
-    text = str(name_or_path)
-    builtin = builtin_task_text(text)
+def task_text(name_or_path: str | Path) -> str:
+    """The text of a built-in task by name (``avmnist``) or of a task file by path; raises TaskError."""
+    builtin = builtin_task_text(str(name_or_path))
     if builtin is not None:
-        return parse_task(builtin, text)
+        return builtin
     path = Path(name_or_path)
     if not path.is_file():
-        raise TaskError(f"no task {text!r}: not a file, and not a built-in task "
+        raise TaskError(f"no task {str(name_or_path)!r}: not a file, and not a built-in task "
                         f"({', '.join(builtin_task_names())})")
-    return parse_task(path.read_text(encoding="utf-8"), str(path))
+    return path.read_text(encoding="utf-8")
+
+
+def load_task(name_or_path: str | Path) -> TaskSpec:
+    """Loads a built-in task by name (``avmnist``) or a task file by path."""
+    return parse_task(task_text(name_or_path), str(name_or_path))
