@@ -97,6 +97,7 @@ class Agent:
         if self._data is None:
             self._data = load_local_data(self.settings)
         self._enrol()
+        self._data = self._with_public_set(self._data)
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
         try:
@@ -125,6 +126,20 @@ class Agent:
             self._stop.set()
             self._client.close()
             log.info("agent stopped")
+
+    def _with_public_set(self, data: LocalData) -> LocalData:
+        """With a dataset directory: the coordinator's public shard for this device, or the device's own copy
+        with only the samples the coordinator recognises (partition mode computes its shard itself)."""
+        from edge_agent.public_set import checked_copy, downloaded_shard
+
+        if data.task is None:
+            return data
+        copy = self.settings.data.public
+        if copy is not None:
+            return checked_copy(data, copy, lambda samples: self._retry(
+                lambda: self._client.verify_public_copy(self._device_id(), samples), "verify public copy"))
+        return downloaded_shard(data, self.settings.state_dir, lambda cached: self._retry(
+            lambda: self._client.download_public_shard(self._device_id(), cached), "download public shard"))
 
     def _train(self, task: TrainTask) -> None:
         assert self._data is not None

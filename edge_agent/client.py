@@ -9,8 +9,9 @@ import grpc
 
 from edge_agent.config import TlsMaterial
 from edge_agent.errors import AgentError, CoordinatorUnavailable, CredentialRejected, RequestRefused
-from edge_agent.tasks import GlobalVersion, Stop, TrainTask, UploadRequest, Wait
+from edge_agent.tasks import GlobalVersion, PublicCopyCheck, PublicShard, Stop, TrainTask, UploadRequest, Wait
 from mlecs.codec import iter_chunks
+from mlecs.datasets.public_shard import MAX_SHARD_BYTES, SampleFingerprint
 from mlecs.endpoints import with_port
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
@@ -200,6 +201,59 @@ class CoordinatorClient:
                 anchors and hashlib.sha256(anchors).hexdigest() != header.anchors_sha256):
             raise CoordinatorUnavailable("anchors arrived incomplete or corrupted; retrying")
         return GlobalVersion(header.version_id, header.round_number, bytes(adapter), bytes(anchors))
+
+    def download_public_shard(self, device_id: str, cached_sha256: str = "") -> PublicShard:
+        """This device's public shard; checks its size and sha256. A coordinator that predates public shards
+        answers as one that holds none."""
+        import hashlib
+
+        archive = bytearray()
+        header = None
+        try:
+            for message in self._stub.DownloadPublicShard(
+                    pb.PublicShardRequest(device_id=device_id, cached_sha256=cached_sha256),
+                    timeout=self._timeout * 4, metadata=self._metadata):
+                if message.WhichOneof("part") == "header":
+                    header = message.header
+                    if header.size > MAX_SHARD_BYTES:
+                        raise RequestRefused(f"the public shard is {header.size} bytes, over the {MAX_SHARD_BYTES} "
+                                             "an agent accepts")
+                    continue
+                if message.chunk.offset != len(archive):
+                    raise RequestRefused("public shard chunks arrived out of order")
+                archive.extend(message.chunk.data)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return PublicShard(held=False)
+            raise translate(exc) from exc
+        if header is None:
+            raise RequestRefused("public shard stream carried no header")
+        if not header.held:
+            return PublicShard(held=False)
+        if header.unchanged:
+            return PublicShard(True, header.sha256, header.samples, None)
+        if len(archive) != header.size or hashlib.sha256(archive).hexdigest() != header.sha256:
+            raise CoordinatorUnavailable("public shard arrived incomplete or corrupted; retrying")
+        return PublicShard(True, header.sha256, header.samples, bytes(archive))
+
+    def verify_public_copy(self, device_id: str, samples: list[SampleFingerprint]) -> PublicCopyCheck:
+        """The coordinator's check of this device's own public-set copy, sent in batches of 5,000 samples."""
+        verified, mismatches = 0, list[tuple[str, str]]()
+        for start in range(0, max(len(samples), 1), 5000):
+            request = pb.VerifyPublicCopyRequest(device_id=device_id, samples=[
+                pb.PublicSampleDigest(id=s.id, label=s.label, file_sha256=dict(s.files))
+                for s in samples[start:start + 5000]])
+            try:
+                reply = self._stub.VerifyPublicCopy(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    return PublicCopyCheck(held=False)
+                raise translate(exc) from exc
+            if not reply.held:
+                return PublicCopyCheck(held=False)
+            verified += reply.verified
+            mismatches.extend((m.id, m.reason) for m in reply.mismatches)
+        return PublicCopyCheck(True, verified, mismatches)
 
     def upload_status(self, device_id: str, round_id: str, upload_id: str) -> tuple[str, int]:
         try:

@@ -29,8 +29,9 @@ class DataSettings(BaseModel):
     task: str | None = None
     """The federation's task: a built-in name (``avmnist``) or the path of its task file. Needed with ``dataset``."""
     public: Path | None = None
-    """Optional, with ``dataset``: a copy of the federation's public set as a dataset directory (the SE-CCL
-    sample anchors and the fused representations act on it)."""
+    """Optional, with ``dataset``: this device's own copy of (part of) the federation's public set, as a dataset
+    directory; the coordinator checks each sample (id, label, file bytes) and the ones it does not recognise are
+    left out. Unset: the device downloads its public shard from the coordinator and caches it in ``state_dir``."""
     dir: Path | None = None
     """Partition mode: the AV-MNIST directory; unset uses MLECS_DATA_DIR or the repository's shared data."""
     setting: Literal["canonical", "hard"] = "canonical"

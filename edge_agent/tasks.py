@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mlecs.datasets.public_shard import SampleFingerprint
+
 
 @dataclass(frozen=True)
 class TrainTask:
@@ -49,6 +51,29 @@ class GlobalVersion:
 
 
 @dataclass(frozen=True)
+class PublicShard:
+    """The coordinator's answer to a public-shard download."""
+
+    held: bool
+    """False: the coordinator holds no public set for the federation (or predates public shards)."""
+    sha256: str = ""
+    samples: int = 0
+    archive: bytes | None = None
+    """The archive, checked against ``sha256``; None when ``held`` is False or the cached shard is current."""
+
+
+@dataclass(frozen=True)
+class PublicCopyCheck:
+    """The coordinator's verdict on this device's own copy of the public set."""
+
+    held: bool
+    """False: it holds no public set to check against."""
+    verified: int = 0
+    mismatches: list[tuple[str, str]] = field(default_factory=list)
+    """(sample id, why it is not the coordinator's sample)."""
+
+
+@dataclass(frozen=True)
 class UploadRequest:
     round_id: str
     device_id: str
@@ -76,4 +101,6 @@ class Coordinator(Protocol):
     def upload(self, request: UploadRequest, payload: bytes, resume_offset: int,
                chunk_bytes: int) -> tuple[str, int]: ...
     def report_metrics(self, device_id: str, round_id: str, metrics: dict[str, float]) -> None: ...
+    def download_public_shard(self, device_id: str, cached_sha256: str = "") -> PublicShard: ...
+    def verify_public_copy(self, device_id: str, samples: list[SampleFingerprint]) -> PublicCopyCheck: ...
     def close(self) -> None: ...

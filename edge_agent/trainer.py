@@ -52,6 +52,10 @@ class LocalData:
     """With a dataset directory: the inputs its task declares (the federation's model must read the same)."""
     task_text: str | None = None
     """With a dataset directory: the task file's text (the personalised model directory carries it)."""
+    task: Any = None
+    """With a dataset directory: its ``TaskSpec`` (the public shard is read with it too)."""
+    public_refused: int = 0
+    """Samples of the device's own public-set copy the coordinator did not recognise (left out)."""
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,13 @@ def _from_dataset(settings: AgentSettings) -> LocalData:
     if not held:
         raise ConfigError(f"data.dataset {settings.data.dataset}: no sample holds any of the modalities "
                           f"{settings.modalities}")
-    public = private.subset(np.zeros(0, dtype=np.int64))
+    public = private.subset(np.zeros(0, dtype=np.int64))  # the coordinator's shard replaces it after enrolment
     if settings.data.public is not None:
         public, _ = loaded("public set", settings.data.public)
     return LocalData(modalities=frozenset(held), public=public,
                      private_train=private.split("train"), private_heldout=private.split("heldout"),
                      skipped_rows=report.skipped, model_inputs=task.edge_model_config().inputs,
-                     task_text=text)
+                     task_text=text, task=task)
 
 
 PERSONAL_MODEL_DIR = "personal-model"
@@ -228,6 +232,8 @@ class AmtTrainer:
         metrics["train_seconds"] = time.perf_counter() - started
         metrics["personal_restored"] = 1.0 if personal else 0.0
         metrics["skipped_rows"] = float(data.skipped_rows)
+        if data.public_refused:
+            metrics["public_rows_refused"] = float(data.public_refused)
         log.info("round %d trained (%s upload stage): update acc %.3f, personalised held-out acc %.3f in %.1fs",
                  task.round_number, stage, metrics["update_accuracy"], metrics.get("personal_accuracy", float("nan")),
                  metrics["train_seconds"])

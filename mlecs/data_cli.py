@@ -67,8 +67,8 @@ def export_avmnist_command(
     seed: int = typer.Option(0, help="Seed of the partition (which samples each device holds)."),
     data_dir: Path | None = typer.Option(None, envvar="MLECS_DATA_DIR", help="The AV-MNIST directory."),
 ) -> None:
-    """Write AV-MNIST as dataset directories: OUT/public (the public set), OUT/test, OUT/device-0 ... (each
-    device's private shard, 15% marked heldout, with its share of the public set in OUT/device-K/public) and
+    """Write AV-MNIST as dataset directories: OUT/public (the public set, which the coordinator reads and hands
+    out in shards), OUT/test, OUT/device-0 ... (each device's private shard, 15% marked heldout) and
     OUT/task.toml. Devices are label-skewed (Dirichlet 0.5)."""
     from mlecs.datasets.export_avmnist import export_avmnist
 

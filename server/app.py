@@ -38,6 +38,7 @@ from server.services.federations import FederationService
 from server.services.inspection import RoundInspectionService
 from server.services.locks import RoundLocks
 from server.services.observations import observe_dependencies, observe_fleet
+from server.services.public_set import PublicSetService
 from server.services.rate_limits import TokenBucketLimiter
 from server.services.refusals import RefusalRecorder
 from server.services.rounds import RoundService
@@ -67,6 +68,7 @@ class Services:
     admin_tokens: AdminTokenService
     audit: AuditService
     inspection: RoundInspectionService
+    public_set: PublicSetService
 
     def admin_services(self) -> AdminServices:
         """What the admin API calls."""
@@ -129,6 +131,7 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         admin_tokens=AdminTokenService(ctx.store),
         audit=AuditService(ctx.store),
         inspection=RoundInspectionService(ctx),
+        public_set=PublicSetService(ctx, task_data),
     )
 
 
@@ -187,7 +190,7 @@ class Coordinator:
                               failed_auth_limiter=TokenBucketLimiter(self.settings.failed_auth_rate_per_s,
                                                                      self.settings.failed_auth_burst),
                               refusals=services.refusals,
-                              mtls=device_credentials is not None)
+                              mtls=device_credentials is not None, public_set=services.public_set)
         add_fleet_service(fleet, server)
 
         def advertise_heartbeat_port(port: int) -> None:

@@ -33,6 +33,10 @@ REFUSALS_UNRECORDED = Counter(
     "or store_error", ["cause"])
 UPLOAD_BYTES = Counter("mlecs_upload_bytes_total", "Update bytes received from devices")
 DOWNLOAD_BYTES = Counter("mlecs_download_bytes_total", "Global adapter/anchor bytes sent to devices")
+PUBLIC_SHARD_BYTES = Counter("mlecs_public_shard_bytes_total", "Public-shard archive bytes sent to devices")
+PUBLIC_COPY_SAMPLES = Counter("mlecs_public_copy_samples_total", "Samples of devices' own public-set copies "
+                              "checked: verified, refused (not the coordinator's), unchecked (it holds none)",
+                              ["result"])
 GLOBAL_ACCURACY = Gauge("mlecs_global_accuracy", "Test accuracy of the federation's current global version",
                         ["federation", "modalities"])
 CLIENT_ACCURACY = Gauge("mlecs_client_accuracy_mean", "Mean personalised accuracy reported in the federation's "

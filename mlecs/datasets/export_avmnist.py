@@ -1,10 +1,9 @@
 """Writes AV-MNIST as dataset directories, so the example runs through the same path as a user's own data.
 
 ``DIR/public/`` is the public set (every training pair the partition calls public), ``DIR/test/`` the test
-split, ``DIR/device-K/`` device K's private shard with its held-out share marked ``heldout``, and
-``DIR/device-K/public/`` device K's share of the public set (what it holds until the coordinator serves
-public shards); each is a manifest plus PNG images and WAV clips. ``DIR/task.toml`` is the matching
-built-in task.
+split, and ``DIR/device-K/`` device K's private shard with its held-out share marked ``heldout``; each is a
+manifest plus PNG images and WAV clips. ``DIR/task.toml`` is the matching built-in task. Devices get their
+share of the public set from the coordinator, which reads ``DIR/public``.
 
 Canonical: the stored 8-bit images and the untouched 16-bit clips, so the features computed on a device
 equal the loader's. Hard: the corrupted images are stored as 8-bit PNG (the noise is quantised to 1/255)
@@ -160,7 +159,5 @@ def export_avmnist(out: Path, devices: int, *, setting: Setting = "canonical", m
         order = np.concatenate([np.sort(private[n_heldout:]), np.sort(private[:n_heldout])])
         splits = np.array(["train"] * (len(private) - n_heldout) + ["heldout"] * n_heldout)
         emit(name, train_rows[order], splits, shard.modalities)
-        emit(f"{name}/public", train_rows[shard.public_index], np.full(len(shard.public_index), "train"),
-             shard.modalities)
         held[name] = sorted(str(m) for m in shard.modalities)
     return ExportSummary(task=task_name, directories=written, device_modalities=held)

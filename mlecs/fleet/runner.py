@@ -267,7 +267,6 @@ class LocalFleet:
             token_file.touch(mode=0o600)
             token_file.write_text(tokens[index] + "\n")
             folder = self.data / f"device-{index}"
-            public = folder / "public"
             lines = [
                 f'coordinator = "127.0.0.1:{self.grpc_port}"',
                 f'federation = "{self.federation}"',
@@ -278,7 +277,6 @@ class LocalFleet:
                 "[data]",
                 f'dataset = "{folder}"',
                 f'task = "{self.data / "task.toml"}"',
-                *([f'public = "{public}"'] if (public / "manifest.csv").is_file() else []),
                 "[tls]",
                 f'ca_file = "{self.certs.ca.cert}"',
                 f'cert_file = "{device_files.cert}"',

@@ -100,6 +100,7 @@ CONFIG_BOUNDS: dict[str, Bounds] = {
     "agreement_temperature": Bounds(MIN_AGREEMENT_TEMPERATURE, 100),
     "cloud_epochs": _EPOCHS,
     "public_fraction": Bounds(0, 1, low_open=True, high_open=True),
+    "public_shard_samples": Bounds(0, _MANY),
     "overselect": Bounds(0, 10),
     "async_buffer": Bounds(1, _MANY),
     "max_staleness": Bounds(0, 1000),
@@ -166,6 +167,9 @@ class FederationConfig:
     public_fraction: float = 0.2
     """The public set D': this share of the AV-MNIST training pairs, drawn with ``seed``; the devices'
     partitions must use the same fraction and seed, so that the cloud's anchors cover their public shards."""
+    public_shard_samples: int = 128
+    """With a task: how many samples of the coordinator's public set each device downloads as its public
+    shard (drawn by ``seed`` and the device's id; 0: the whole set). Devices holding their own copy keep it."""
     mode: Literal["sync", "async"] = "sync"
     """``sync``: rounds with over-selection, quorum and deadline. ``async``: buffered asynchronous
     aggregation (FedBuff): every ``async_buffer`` accepted updates, staleness-weighted, make a version."""

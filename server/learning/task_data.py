@@ -27,6 +27,18 @@ class FederationData:
     """A ``LabelledSplit``, or None when it holds no test split."""
 
 
+@dataclass(frozen=True)
+class PublicReference:
+    """The coordinator's public set of a task as devices get it: its directory, usable ids and fingerprints."""
+
+    directory: Path
+    task: Any
+    """The ``TaskSpec`` it is read with."""
+    ids: tuple[str, ...]
+    fingerprints: Mapping[str, Any]
+    """id -> ``mlecs.datasets.public_shard.SampleFingerprint``."""
+
+
 @dataclass
 class TaskData:
     avmnist_dir: Path | None = None
@@ -37,6 +49,7 @@ class TaskData:
         self._lock = threading.Lock()
         self._avmnist: Any = None
         self._loaded: dict[tuple[str, str], FederationData] = {}
+        self._references: dict[tuple[str, str], PublicReference | None] = {}
 
     def for_config(self, config: Any) -> FederationData:
         """The public set and test split of a federation (its ``FederationConfig``); loaded once, then cached."""
@@ -48,6 +61,30 @@ class TaskData:
             if key not in self._loaded:
                 self._loaded[key] = self._from_directories(task)
             return self._loaded[key]
+
+    def public_reference(self, config: Any) -> PublicReference | None:
+        """The public set devices of this federation get their shards from and have their copies checked
+        against; None when the federation has no task (devices use partitions of the bundled AV-MNIST) or the
+        coordinator holds no public set for its task. Fingerprinted once, then cached."""
+        task = config.task_spec()
+        if task is None:
+            return None
+        public = self.for_config(config).public
+        key = (task.name, config.task)
+        with self._lock:
+            if key not in self._references:
+                self._references[key] = None if public is None else self._fingerprint(task, public)
+            return self._references[key]
+
+    def _fingerprint(self, task: Any, public: Any) -> PublicReference:
+        from mlecs.datasets.public_shard import fingerprints
+
+        directory = Path(self.task_dirs[task.name]) / "public"
+        ids = tuple(str(i) for i in public.ids)
+        reference = PublicReference(directory, task, ids, fingerprints(directory, task, ids))
+        log.info("task %s: public set %s fingerprinted (%d samples) for devices' shards", task.name, directory,
+                 len(ids))
+        return reference
 
     def _bundled(self, public_fraction: float, seed: int) -> FederationData:
         from mlecs.data.avmnist import load_avmnist

@@ -99,6 +99,10 @@ class FederationConfigBody(JsonBody):
     cloud_epochs: int = _bounded("cloud_epochs", 1, description="Cloud tuning epochs on the public set per round")
     public_fraction: float = _bounded("public_fraction", 0.2,
                                       description="Share of the training pairs forming the public set")
+    public_shard_samples: int = _bounded(
+        "public_shard_samples", 128,
+        description="With a task: samples of the coordinator's public set each device downloads as its public "
+                    "shard; 0: the whole set")
     mode: Literal["sync", "async"] = Field(
         "sync", description="sync: rounds with over-selection, quorum and deadline; async: buffered (FedBuff)")
     overselect: float = _bounded("overselect", 0.0,

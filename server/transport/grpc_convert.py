@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+from mlecs.datasets.public_shard import SampleFingerprint
 from mlecs.proto.v1 import fleet_pb2 as pb
 from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
+from server.services.public_set import CopyCheck
 from server.services.uploads import UploadHeader
 
 _MODALITY_TO_NAME = {pb.MODALITY_IMAGE: "image", pb.MODALITY_AUDIO: "audio",
@@ -53,6 +55,24 @@ def upload_header_from_proto(msg: pb.UploadHeader) -> UploadHeader:
         metrics=dict(msg.metrics),
         fused_sample_ids=list(msg.fused_sample_ids),
     )
+
+
+_MAX_ID = 256  # longer ids or labels cannot match the coordinator's: cut, they are refused as unknown
+
+
+def fingerprints_from_proto(msg: pb.VerifyPublicCopyRequest) -> list[SampleFingerprint]:
+    return [SampleFingerprint(sample.id[:_MAX_ID], sample.label[:_MAX_ID],
+                              {name[:_MAX_MODALITY_NAME]: digest[:_MAX_ID]
+                               for name, digest in list(sample.file_sha256.items())[:_MAX_MODALITY_NAMES + 1]})
+            for sample in msg.samples]
+
+
+def copy_check_to_proto(check: CopyCheck | None) -> pb.VerifyPublicCopyResponse:
+    if check is None:
+        return pb.VerifyPublicCopyResponse(held=False)
+    return pb.VerifyPublicCopyResponse(
+        held=True, verified=check.verified,
+        mismatches=[pb.PublicSampleMismatch(id=m.id, reason=m.reason) for m in check.mismatches])
 
 
 def assignment_to_proto(assignment: Assignment) -> pb.GetTaskResponse:

@@ -27,6 +27,7 @@ from server.domain.errors import (
 )
 from server.domain.models import Device, UpdateState
 from server.services.devices import DeviceService
+from server.services.public_set import PublicSetService
 from server.services.rate_limits import TokenBucketLimiter
 from server.services.refusals import RefusalRecorder
 from server.services.rounds import RoundService
@@ -34,6 +35,8 @@ from server.services.uploads import UploadService
 from server.transport.grpc_convert import (
     assignment_to_proto,
     codec_to_proto,
+    copy_check_to_proto,
+    fingerprints_from_proto,
     requested_modalities,
     upload_header_from_proto,
 )
@@ -67,12 +70,15 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
                  max_upload_streams_per_device: int = 2, upload_idle_timeout_s: float = 30.0,
                  changes: ChangeSignal | None = None, limiter: TokenBucketLimiter | None = None,
                  refusals: RefusalRecorder | None = None, mtls: bool = False, heartbeat_port: int = 0,
-                 failed_auth_limiter: TokenBucketLimiter | None = None) -> None:
+                 failed_auth_limiter: TokenBucketLimiter | None = None,
+                 public_set: PublicSetService | None = None) -> None:
+        """``public_set``: None serves no public shards (every device is told the coordinator holds none)."""
         super().__init__(devices, control_threads=control_threads, limiter=limiter, refusals=refusals, mtls=mtls,
                          heartbeat_port=heartbeat_port, failed_auth_limiter=failed_auth_limiter)
         self._rounds = rounds
         self._uploads = uploads
         self._blob_reader = blob_reader
+        self._public_set = public_set
         self._chunk_bytes = chunk_bytes
         # Bounded transfers bound memory: each one in flight holds its chunks and, for uploads, a decoded
         # copy during validation. Streams beyond the bound wait (and gRPC flow control holds the senders).
@@ -188,6 +194,52 @@ class FleetServicer(HeartbeatServicer, fleet_pb2_grpc.FleetServicer):
             while len(self._encoded) > ENCODED_VERSIONS:
                 self._encoded.popitem(last=False)
         return stream
+
+    async def DownloadPublicShard(self, request: pb.PublicShardRequest,
+                                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PublicShardChunk]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        acquired = False
+        caller = Caller()
+        try:
+            if isinstance(request, MalformedMessage):
+                raise request.refusal()
+            device = await self._device(context, caller)
+            check_claim(request.device_id, device.id)
+            await self._download_slots.acquire()
+            acquired = True
+            shard = None if self._public_set is None else await asyncio.to_thread(self._public_set.shard_for, device)
+            if shard is None:
+                yield pb.PublicShardChunk(header=pb.PublicShardHeader(held=False))
+                return
+            unchanged = request.cached_sha256 == shard.sha256
+            yield pb.PublicShardChunk(header=pb.PublicShardHeader(
+                held=True, sha256=shard.sha256, size=len(shard.archive), samples=shard.samples, unchanged=unchanged))
+            if not unchanged:
+                for offset, piece in iter_chunks(shard.archive, self._chunk_bytes):
+                    yield pb.PublicShardChunk(chunk=pb.BlobChunk(kind=pb.BLOB_KIND_PUBLIC_SHARD, offset=offset,
+                                                                 data=piece))
+                metrics.PUBLIC_SHARD_BYTES.inc(len(shard.archive))
+        except CoordinatorError as exc:
+            code = status_for(exc)
+            await context.abort(code, str(exc), self._refused("DownloadPublicShard", exc, context, caller))
+        finally:
+            if acquired:
+                self._download_slots.release()
+            metrics.RPC_DURATION.labels("DownloadPublicShard", code.name).observe(time.perf_counter() - started)
+
+    async def VerifyPublicCopy(self, request: pb.VerifyPublicCopyRequest,
+                               context: grpc.aio.ServicerContext) -> pb.VerifyPublicCopyResponse:
+        caller = Caller()
+
+        async def body() -> pb.VerifyPublicCopyResponse:
+            device = await self._device(context, caller)
+            check_claim(request.device_id, device.id)
+            if self._public_set is None:
+                return copy_check_to_proto(None)
+            check = await asyncio.to_thread(self._public_set.verify_copy, device, fingerprints_from_proto(request))
+            return copy_check_to_proto(check)
+        return await self._call("VerifyPublicCopy", context, body, caller)
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
                            context: grpc.aio.ServicerContext) -> pb.UploadResponse:

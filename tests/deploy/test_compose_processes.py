@@ -134,7 +134,7 @@ class Topology:
             config["tls"]["server_name"] = "coordinator"  # the name the certificate holds, as in compose
             for key in ("state_dir", "enrolment_token_file"):
                 config[key] = topo.in_root(root, config[key])
-            for key in ("dataset", "task", "public"):
+            for key in ("dataset", "task"):
                 config["data"][key] = topo.in_root(root, config["data"][key])
             for key in ("ca_file", "cert_file", "key_file"):
                 config["tls"][key] = topo.in_root(root, config["tls"][key])

@@ -3,8 +3,10 @@ processes reading their dataset directories, a real coordinator evaluating on it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -76,8 +78,10 @@ def _save(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def _agent_config(root: Path, name: str, address: str, federation: str, dataset: Path) -> Path:
+def _agent_config(root: Path, name: str, address: str, federation: str, dataset: Path,
+                  public: Path | None = None) -> Path:
     path = root / f"{name}.toml"
+    copy = "" if public is None else f'public = "{public}"'
     path.write_text(f"""
 coordinator = "{address}"
 federation = "{federation}"
@@ -87,6 +91,7 @@ allow_plaintext = true
 [data]
 dataset = "{dataset}"
 task = "{root / 'bearing.toml'}"
+{copy}
 """)
     return path
 
@@ -115,12 +120,26 @@ def fleet_data(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _public_copy(fleet_data: Path) -> tuple[Path, str]:
+    """device-1's own copy of the public set, with one sample's file altered and one sample of its own added;
+    returns the copy and the altered sample's id."""
+    copy = fleet_data / "device-1-public"
+    shutil.copytree(fleet_data / "coordinator" / "public", copy)
+    manifest = (copy / "manifest.csv").read_text().splitlines()
+    altered = next(line.split(",") for line in manifest[1:] if line.split(",")[3])
+    np.savetxt(copy / altered[3], np.ones((50, 3)), delimiter=",", header="x,y,z", comments="")
+    np.save(copy / "spectrum" / "mine.npy", np.zeros(8, dtype=np.float32))
+    manifest.append("mine,ok,train,,spectrum/mine.npy")
+    (copy / "manifest.csv").write_text("\n".join(manifest) + "\n")
+    return copy, altered[0]
+
+
 def test_a_sensor_task_federates_from_dataset_directories(fleet_data: Path) -> None:
     settings = CoordinatorSettings(state_dir=fleet_data / "coord", task_data={"bearing": fleet_data / "coordinator"})
     with running_coordinator(settings) as c:
         name = f"bearing-{uuid.uuid4().hex[:8]}"
         config = {"task": TASK, "min_updates": 2, "private_epochs": 3, "batch_size": 16,
-                  "learning_rate": 3e-3, "fused_upload_samples": 0}
+                  "learning_rate": 3e-3, "fused_upload_samples": 8, "public_shard_samples": 40}
         created = c.admin.post("/v1/federations", json={"name": name, "config": config})
         assert created.status_code == 201, created.text
         initial = c.admin.get(f"/v1/federations/{name}/versions").json()[0]
@@ -134,8 +153,11 @@ def test_a_sensor_task_federates_from_dataset_directories(fleet_data: Path) -> N
         finally:
             client.close()
 
-        agents = [_start_agent(_agent_config(fleet_data, f"device-{k}", c.grpc_address, name,
-                                             fleet_data / f"device-{k}")) for k in range(2)]
+        # device-0 downloads its shard of the public set; device-1 brings its own copy, which the coordinator checks.
+        copy, altered = _public_copy(fleet_data)
+        agents = [_start_agent(_agent_config(fleet_data, "device-0", c.grpc_address, name, fleet_data / "device-0")),
+                  _start_agent(_agent_config(fleet_data, "device-1", c.grpc_address, name, fleet_data / "device-1",
+                                             public=copy))]
         try:
             _wait(lambda: sum(d["online"] for d in c.admin.get(f"/v1/federations/{name}/devices").json()) == 2,
                   120, "agents did not enrol")
@@ -158,6 +180,11 @@ def test_a_sensor_task_federates_from_dataset_directories(fleet_data: Path) -> N
         assert accuracies[-1] > 0.8 > initial["metrics"]["accuracy"], (initial["metrics"], accuracies)
         assert "line 152, column accel, accel/broken-0.csv: the CSV rows have different numbers" in outputs[0]
         assert "150 of 151 rows usable" in outputs[0]
+        assert "public shard downloaded: 40 samples" in outputs[0]
+        assert f"sample {altered} left out: its accel file differs from the coordinator's" in outputs[1]
+        assert "sample mine left out: not in the coordinator's public set" in outputs[1]
+        assert "59 of 61 samples verified by the coordinator" in outputs[1]
+        _check_shard_download(c.grpc_address, name)
 
         # The last version as a model directory, run outside the federation.
         version = c.admin.get(f"/v1/federations/{name}/versions").json()[-1]
@@ -191,6 +218,21 @@ def test_a_sensor_task_federates_from_dataset_directories(fleet_data: Path) -> N
     personal = load_model(fleet_data / "mine")
     assert personal.source["round_number"] == 3 and personal.modalities == ("accel", "spectrum")
     assert personal.evaluate(fleet_data / "coordinator" / "test")["accuracy"] > 0.6
+
+
+def _check_shard_download(address: str, federation: str) -> None:
+    """Over the wire: the shard comes with its digest; asked again with that digest, nothing more is sent."""
+    client = CoordinatorClient(address)
+    try:
+        device_id, secret, _ = client.enrol(federation, "probe", ["spectrum"])
+        client.authenticate(device_id, secret)
+        first = client.download_public_shard(device_id)
+        assert first.held and first.samples == 40 and first.archive is not None
+        assert hashlib.sha256(first.archive).hexdigest() == first.sha256
+        again = client.download_public_shard(device_id, first.sha256)
+        assert again.held and again.sha256 == first.sha256 and again.archive is None
+    finally:
+        client.close()
 
 
 def test_an_agent_whose_dataset_has_no_usable_row_stops_with_exit_code_2(fleet_data: Path) -> None:

@@ -94,12 +94,14 @@ class _BlobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlobKind.Val
     BLOB_KIND_UNSPECIFIED: _BlobKind.ValueType  # 0
     BLOB_KIND_ADAPTER: _BlobKind.ValueType  # 1
     BLOB_KIND_ANCHORS: _BlobKind.ValueType  # 2
+    BLOB_KIND_PUBLIC_SHARD: _BlobKind.ValueType  # 3
 
 class BlobKind(_BlobKind, metaclass=_BlobKindEnumTypeWrapper): ...
 
 BLOB_KIND_UNSPECIFIED: BlobKind.ValueType  # 0
 BLOB_KIND_ADAPTER: BlobKind.ValueType  # 1
 BLOB_KIND_ANCHORS: BlobKind.ValueType  # 2
+BLOB_KIND_PUBLIC_SHARD: BlobKind.ValueType  # 3
 Global___BlobKind: _TypeAlias = BlobKind  # noqa: Y015
 
 class _UploadState:
@@ -841,3 +843,212 @@ class ReportMetricsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportMetricsResponse: _TypeAlias = ReportMetricsResponse  # noqa: Y015
+
+@_typing.final
+class PublicShardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CACHED_SHA256_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    cached_sha256: _builtins.str
+    """the shard the device holds already ("" for none)"""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        cached_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_sha256", b"cached_sha256", "device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicShardRequest: _TypeAlias = PublicShardRequest  # noqa: Y015
+
+@_typing.final
+class PublicShardHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    held: _builtins.bool
+    """false: the coordinator holds no public set for this federation"""
+    sha256: _builtins.str
+    """of the whole archive"""
+    size: _builtins.int
+    samples: _builtins.int
+    unchanged: _builtins.bool
+    """cached_sha256 is this shard: no chunks follow"""
+    def __init__(
+        self,
+        *,
+        held: _builtins.bool = ...,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        unchanged: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "samples", b"samples", "sha256", b"sha256", "size", b"size", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicShardHeader: _TypeAlias = PublicShardHeader  # noqa: Y015
+
+@_typing.final
+class PublicShardChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___PublicShardHeader: ...
+    @_builtins.property
+    def chunk(self) -> Global___BlobChunk:
+        """kind BLOB_KIND_PUBLIC_SHARD"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PublicShardHeader | None = ...,
+        chunk: Global___BlobChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___PublicShardChunk: _TypeAlias = PublicShardChunk  # noqa: Y015
+
+@_typing.final
+class PublicSampleDigest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FileSha256Entry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """the manifest's id"""
+    label: _builtins.str
+    @_builtins.property
+    def file_sha256(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """modality -> sha256 hex of its file (the modalities the copy has)"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        label: _builtins.str = ...,
+        file_sha256: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_sha256", b"file_sha256", "id", b"id", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicSampleDigest: _TypeAlias = PublicSampleDigest  # noqa: Y015
+
+@_typing.final
+class VerifyPublicCopyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublicSampleDigest]:
+        """at most 10,000 per call"""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        samples: _abc.Iterable[Global___PublicSampleDigest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyPublicCopyRequest: _TypeAlias = VerifyPublicCopyRequest  # noqa: Y015
+
+@_typing.final
+class PublicSampleMismatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicSampleMismatch: _TypeAlias = PublicSampleMismatch  # noqa: Y015
+
+@_typing.final
+class VerifyPublicCopyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    held: _builtins.bool
+    """false: the coordinator holds no public set to check against"""
+    verified: _builtins.int
+    """samples found identical to the coordinator's"""
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublicSampleMismatch]: ...
+    def __init__(
+        self,
+        *,
+        held: _builtins.bool = ...,
+        verified: _builtins.int = ...,
+        mismatches: _abc.Iterable[Global___PublicSampleMismatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "mismatches", b"mismatches", "verified", b"verified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyPublicCopyResponse: _TypeAlias = VerifyPublicCopyResponse  # noqa: Y015

@@ -71,6 +71,16 @@ class FleetStub:
                 request_serializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.DownloadPublicShard = channel.unary_stream(
+                '/mlecs.v1.Fleet/DownloadPublicShard',
+                request_serializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.PublicShardRequest.SerializeToString,
+                response_deserializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.PublicShardChunk.FromString,
+                _registered_method=True)
+        self.VerifyPublicCopy = channel.unary_unary(
+                '/mlecs.v1.Fleet/VerifyPublicCopy',
+                request_serializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.VerifyPublicCopyRequest.SerializeToString,
+                response_deserializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.VerifyPublicCopyResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -127,6 +137,22 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadPublicShard(self, request, context):
+        """This device's shard of the federation's public set (since 0.3): a header, then the shard's archive in
+        chunks (a tar of a dataset directory with SHA256SUMS). Answers with the header alone when the
+        coordinator holds no public set for the federation or the device's cached shard is current.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyPublicCopy(self, request, context):
+        """Checks the device's own copy of the public set against the coordinator's, sample by sample (since 0.3).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +190,16 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.ReportMetricsRequest.FromString,
                     response_serializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'DownloadPublicShard': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadPublicShard,
+                    request_deserializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.PublicShardRequest.FromString,
+                    response_serializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.PublicShardChunk.SerializeToString,
+            ),
+            'VerifyPublicCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyPublicCopy,
+                    request_deserializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.VerifyPublicCopyRequest.FromString,
+                    response_serializer=mlecs_dot_proto_dot_v1_dot_fleet__pb2.VerifyPublicCopyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +393,60 @@ class Fleet:
             '/mlecs.v1.Fleet/ReportMetrics',
             mlecs_dot_proto_dot_v1_dot_fleet__pb2.ReportMetricsRequest.SerializeToString,
             mlecs_dot_proto_dot_v1_dot_fleet__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadPublicShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlecs.v1.Fleet/DownloadPublicShard',
+            mlecs_dot_proto_dot_v1_dot_fleet__pb2.PublicShardRequest.SerializeToString,
+            mlecs_dot_proto_dot_v1_dot_fleet__pb2.PublicShardChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyPublicCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlecs.v1.Fleet/VerifyPublicCopy',
+            mlecs_dot_proto_dot_v1_dot_fleet__pb2.VerifyPublicCopyRequest.SerializeToString,
+            mlecs_dot_proto_dot_v1_dot_fleet__pb2.VerifyPublicCopyResponse.FromString,
             options,
             channel_credentials,
             insecure,
