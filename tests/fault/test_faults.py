@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from mlecs.datasets.export_avmnist import export_avmnist
 from server.domain.rounds import RoundState
 from server.persistence.database import create_engine_for
 from tests.fault.cluster import Cluster, Process, check_accounting, wait_until
@@ -177,15 +178,18 @@ def test_async_buffers_take_stale_updates_within_the_bound_and_count_each_once(c
 
 
 def test_the_real_agent_killed_mid_upload_resumes_the_same_update_after_a_restart(cluster: Cluster) -> None:
-    cluster.add_replica()
+    # The agent reads its own dataset directory, as on a real device; the coordinator holds the public set.
+    fleet_data = cluster.root / "fleet-data"
+    export_avmnist(fleet_data, devices=3)
+    cluster.add_replica(task_data=json.dumps({"avmnist": str(fleet_data)}))
     # 1 KiB chunks stretch the upload over a few hundred acknowledged writes: time to kill it halfway.
-    cluster.create_federation("f", target_rounds=2, min_updates=1, max_chunk_bytes=1024, public_epochs=1,
-                              private_epochs=1)
+    cluster.create_federation("f", task="avmnist", target_rounds=2, min_updates=1, max_chunk_bytes=1024,
+                              public_epochs=1, private_epochs=1)
     state = cluster.root / "agent-state"
     config = cluster.root / "agent.toml"
     config.write_text(f'coordinator = "{cluster.replicas[0].address}"\nfederation = "f"\ndevice_name = "edge-real"\n'
-                      f'modalities = ["image", "audio"]\nstate_dir = "{state}"\nallow_plaintext = true\n'
-                      "[partition]\nnum_clients = 3\nclient_index = 0\n")
+                      f'state_dir = "{state}"\nallow_plaintext = true\n'
+                      f'[data]\ndataset = "{fleet_data / "device-0"}"\ntask = "avmnist"\n')
     agent = Process("agent", [sys.executable, "-m", "edge_agent", "--config", str(config)],
                     {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, cluster.root)
     cluster.devices["agent"] = agent
@@ -214,6 +218,7 @@ def test_the_real_agent_killed_mid_upload_resumes_the_same_update_after_a_restar
     cluster.wait_for_rounds("f", 2, timeout_s=300)
     told = agent.log_path.read_text()
     assert f"update for round {pending['round_id']} accepted" in told
+    assert "public shard downloaded" in told and "public shard cached in" in told  # fetched once, then reused
     acknowledged = [("edge-real", pending["upload_id"])]
     check_accounting(cluster, "f", 2, acknowledged=acknowledged)
     with cluster.store() as store:
