@@ -176,6 +176,8 @@ def test_settings_are_real_and_secure_and_files_they_name_are_mounted():
         assert path.name in tls_secret["stringData"], f"{key}: the Secret has no key {path.name}"
     data = mounts[str(PurePosixPath(config["MLECS_DATA_DIR"]).parent)]
     assert data["readOnly"] and "persistentVolumeClaim" in volumes[data["name"]]
+    for task, directory in settings.task_data.items():  # public/ and test/ on the same read-only claim
+        assert PurePosixPath(directory).is_relative_to(data["mountPath"]), task
     state = volumes[mounts[config["MLECS_STATE_DIR"]]["name"]]
     claim = _one(objects, "PersistentVolumeClaim", state["persistentVolumeClaim"]["claimName"])
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every replica must see one blob store"
