@@ -247,7 +247,7 @@ def enrolment_tokens_create(
 @contextmanager
 def _device_service() -> Iterator[DeviceService]:
     """The device service on the configured database and Redis; a refused command prints why and exits 1."""
-    from server.app import build_services
+    from server.composition import build_services
 
     settings = _settings()
     _say_database(settings)

@@ -1,5 +1,5 @@
-"""The coordinator process: wires the ports into the services and runs gRPC, the admin API and the
-round scheduler in one event loop, with a graceful stop."""
+"""The coordinator process: runs gRPC, the admin API and the round scheduler in one event loop over the
+services ``server.composition`` wires, with a graceful stop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import ipaddress
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 
 import grpc
@@ -17,34 +16,15 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server import metrics
+from server.background import follow_revocations, measure_loop_lag
+from server.composition import Services, build_services
 from server.config import CoordinatorSettings
 from server.domain.errors import UnavailableError
 from server.heartbeat_process import HeartbeatProcess
-from server.learning.anchors import CloudTuner
-from server.learning.global_model import GlobalEvaluator
-from server.learning.task_data import TaskData
-from server.persistence.blobs import FileBlobStore
-from server.persistence.database import create_engine_for, migrate
-from server.persistence.presence import create_presence_store
-from server.persistence.revocations import create_revocation_feed
-from server.persistence.sql_store import SqlStore
 from server.services import staging
-from server.services.admin_tokens import AdminTokenService
-from server.services.aggregation import RoundAccumulators
-from server.services.audit import AuditService
-from server.services.context import ServiceContext
-from server.services.devices import DeviceService
-from server.services.federations import FederationService
-from server.services.inspection import RoundInspectionService
-from server.services.locks import RoundLocks
-from server.services.observations import observe_dependencies, observe_fleet
-from server.services.public_set import PublicSetService
+from server.services.observations import observe_fleet
 from server.services.rate_limits import TokenBucketLimiter
-from server.services.refusals import RefusalRecorder
-from server.services.rounds import RoundService
-from server.services.uploads import UploadService
-from server.services.versions import VersionService
-from server.transport.admin_api import AdminServices, create_admin_app
+from server.transport.admin_api import create_admin_app
 from server.transport.grpc_heartbeat import FLEET_SERVICE
 from server.transport.grpc_servicer import FleetServicer, add_fleet_service
 from server.transport.long_poll import ChangeSignal
@@ -54,85 +34,6 @@ log = logging.getLogger("mlecs.coordinator")
 
 OBSERVE_INTERVAL_S = 5.0
 """How often the fleet and dependency gauges are refreshed (Prometheus scrapes every 15 s by default)."""
-
-
-@dataclass
-class Services:
-    ctx: ServiceContext
-    federations: FederationService
-    devices: DeviceService
-    rounds: RoundService
-    uploads: UploadService
-    versions: VersionService
-    refusals: RefusalRecorder
-    admin_tokens: AdminTokenService
-    audit: AuditService
-    inspection: RoundInspectionService
-    public_set: PublicSetService
-
-    def admin_services(self) -> AdminServices:
-        """What the admin API calls."""
-        return AdminServices(self.federations, self.rounds, self.devices, self.versions, self.health,
-                             tokens=self.admin_tokens, audit=self.audit, inspection=self.inspection)
-
-    def health(self) -> dict[str, bool]:
-        """Whether the database and the presence store answer. Only the database decides readiness:
-        it is the source of truth, and without Redis devices still upload and rounds still commit."""
-        try:
-            self.ctx.store.list_federations()
-            database = True
-        except UnavailableError:
-            database = False
-        presence = self.ctx.presence.ping()
-        observe_dependencies(database=database, redis=presence)
-        return {"ready": database, "database": database, "presence": presence}
-
-
-def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = None,
-                   loop: asyncio.AbstractEventLoop | None = None, *, changed: asyncio.Event | None = None,
-                   migrate_database: bool = True) -> Services:
-    """Migrates the database (unless told not to) and wires every service. On ``loop``: ``wake`` is set when
-    an update is accepted, ``changed`` when an admin action changed what devices are told (a round
-    launched, a federation paused, resumed or stopped)."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.resolved_database_url()
-    if migrate_database:
-        migrate(url)
-    task_data = TaskData(settings.data_dir, settings.eval_setting, settings.task_data)
-    ctx = ServiceContext(
-        settings=settings,
-        store=SqlStore(create_engine_for(url)),
-        blobs=FileBlobStore(settings.blob_dir),
-        presence=create_presence_store(settings.redis_url, settings.redis_prefix, settings.presence_flush_interval_s),
-        evaluator=GlobalEvaluator(task_data),
-        cloud=CloudTuner(task_data),
-        revocations=create_revocation_feed(settings.redis_url, settings.redis_prefix),
-    )
-    locks = RoundLocks()
-    accumulators = RoundAccumulators()  # running sums of the rounds this replica accepts updates for
-
-    def on_accepted(_round_id: str) -> None:
-        if wake is not None and loop is not None:
-            loop.call_soon_threadsafe(wake.set)
-
-    def on_change() -> None:
-        if changed is not None and loop is not None:
-            loop.call_soon_threadsafe(changed.set)
-
-    federations = FederationService(ctx, on_change)
-    return Services(
-        ctx=ctx,
-        federations=federations,
-        devices=DeviceService(ctx, federations),
-        rounds=RoundService(ctx, federations, locks, accumulators, on_change),
-        uploads=UploadService(ctx, locks, on_accepted, accumulators),
-        versions=VersionService(ctx, federations),
-        refusals=RefusalRecorder(ctx.store, record_interval_s=settings.refusal_record_interval_s),
-        admin_tokens=AdminTokenService(ctx.store),
-        audit=AuditService(ctx.store),
-        inspection=RoundInspectionService(ctx),
-        public_set=PublicSetService(ctx, task_data),
-    )
 
 
 class Coordinator:
@@ -220,7 +121,7 @@ class Coordinator:
         scheduler = asyncio.create_task(self._schedule(services))
         watcher = asyncio.create_task(self._watch(services, changes))
         lag = asyncio.create_task(measure_loop_lag())
-        revocations = asyncio.create_task(follow_revocations(services, self.settings))
+        revocations = asyncio.create_task(follow_revocations(services.devices, self.settings))
         observer = asyncio.create_task(_observe(services))
         tasks = [scheduler, watcher, lag, revocations, observer]
         if self.settings.heartbeat_port is not None:
@@ -273,32 +174,6 @@ class Coordinator:
             if marker.has_news_since(seen):
                 changes.notify()
             seen = marker
-
-
-async def follow_revocations(services: Services, settings: CoordinatorSettings) -> None:
-    """Forgets the remembered credentials of devices other replicas revoked (see
-    ``server.persistence.revocations``), every ``revocation_poll_interval_s``."""
-    failing = False
-    while True:
-        await asyncio.sleep(settings.revocation_poll_interval_s)
-        try:
-            await asyncio.to_thread(services.devices.follow_revocations)
-        except UnavailableError as exc:
-            if not failing:
-                log.warning("revocations by other replicas take effect here when cached credentials "
-                            "expire (%.0f s) until Redis answers: %s", settings.credential_cache_s, exc)
-            failing = True
-        else:
-            failing = False
-
-
-async def measure_loop_lag(interval_s: float = 0.1) -> None:
-    """Records how late a timer fires: the time any gRPC or HTTP call waits before the loop runs it."""
-    loop = asyncio.get_running_loop()
-    while True:
-        started = loop.time()
-        await asyncio.sleep(interval_s)
-        metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - started - interval_s))
 
 
 def _is_loopback(host: str) -> bool:

@@ -30,6 +30,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server import metrics
+from server.background import follow_revocations, measure_loop_lag
+from server.composition import build_heartbeat_services
 from server.config import CoordinatorSettings
 from server.services.rate_limits import TokenBucketLimiter
 from server.transport.grpc_heartbeat import FLEET_SERVICE, HeartbeatServicer, add_heartbeat_service
@@ -53,8 +55,6 @@ PARENT_CHECK_S = 1.0
 async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[int], None]) -> None:
     """Serves Heartbeat on ``settings.heartbeat_port`` until SIGTERM or the parent process goes away;
     ``announce(port)`` is called once the port serves."""
-    from server.app import build_services, follow_revocations, measure_loop_lag  # imported late: app imports us
-
     nice = run_at_priority(settings.heartbeat_nice)  # first: threads started from now on inherit it
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -63,7 +63,7 @@ async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[in
             loop.add_signal_handler(sig, stop.set)
     credentials = device_port_credentials(settings)
     # The coordinator migrated the database before starting this process.
-    services = await asyncio.to_thread(build_services, settings, migrate_database=False)
+    services = await asyncio.to_thread(build_heartbeat_services, settings)
     servicer = HeartbeatServicer(services.devices, limiter=TokenBucketLimiter(settings.device_rate_per_s,
                                                                                 settings.device_burst),
                                  refusals=services.refusals, mtls=credentials is not None,
@@ -86,7 +86,7 @@ async def serve_heartbeats(settings: CoordinatorSettings, announce: Callable[[in
     quiet_garbage_collector()
     announce(port)
     log.info("heartbeat process serving Heartbeat on %s:%d at nice %d", settings.grpc_host, port, nice)
-    background = [asyncio.create_task(follow_revocations(services, settings)),
+    background = [asyncio.create_task(follow_revocations(services.devices, settings)),
                   asyncio.create_task(measure_loop_lag()),
                   asyncio.create_task(_stop_when_orphaned(stop))]
     try:

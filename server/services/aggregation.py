@@ -35,13 +35,9 @@ import numpy as np
 
 from mlecs.aggregation.blockwise import SpilledUpdates, robust_aggregate
 from mlecs.aggregation.claims import capped_sample_counts
+from mlecs.aggregation.lora_exact import StreamingLoraProducts, merge_lora_products
 from mlecs.aggregation.robust import clip_update
-from mlecs.aggregation.streaming import (
-    StreamingAverage,
-    StreamingLoraProducts,
-    merge_averages,
-    merge_lora_products,
-)
+from mlecs.aggregation.streaming import StreamingAverage, merge_averages
 from mlecs.codec import decode_tensors
 from server.domain.models import FederationConfig, Update
 from server.domain.scheduling import staleness_weight

@@ -22,7 +22,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from sqlalchemy import text
 
-from server.app import build_services
+from server.composition import build_services
 from server.config import CoordinatorSettings
 from server.domain.models import FederationConfig
 from server.persistence.database import create_engine_for

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mlecs.aggregation import AggregationError, ClientUpdate, weighted_average_per_tensor
-from mlecs.aggregation.lora_exact import average_lora_products
-from mlecs.aggregation.streaming import StreamingAverage, StreamingLoraProducts
+from mlecs.aggregation.lora_exact import StreamingLoraProducts, average_lora_products
+from mlecs.aggregation.streaming import StreamingAverage
 
 SHAPES = {"adapter.w": (4, 3), "audio.enc": (5,), "image.enc": (2, 2, 2), "head.b": (3,)}
 A_NAME, B_NAME = "lora.layer0.query.A", "lora.layer0.query.B"
