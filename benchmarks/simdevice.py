@@ -38,6 +38,7 @@ from mlecs.codec import encode_tensors, iter_chunks, peek_header, sha256_hex
 from mlecs.endpoints import with_port
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
+from mlecs.tensor_names import FUSED_TENSOR, device_may_send
 
 T = TypeVar("T")
 
@@ -48,9 +49,6 @@ CHANNEL_OPTIONS = [
 ]
 MODALITY_SETS: tuple[tuple[str, ...], ...] = (("image",), ("audio",), ("audio", "image"))
 """Device i holds MODALITY_SETS[i % 3]: a third image-only, a third audio-only, a third both."""
-FUSED_TENSOR = "fused.z"
-# Tensors only devices with the named modality hold: "<prefix><modality>.<rest>".
-_MODALITY_PREFIXES = ("extractors.", "connector.slots.")
 _MODALITY_ENUM = {"image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO}
 _CODEC_ENUM = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.CODEC_INT8_ZSTD}
 _CODEC_NAME = {value: name for name, value in _CODEC_ENUM.items()}
@@ -63,12 +61,7 @@ class FleetError(RuntimeError):
 
 def tensor_allowed(name: str, modalities: frozenset[str] | set[str]) -> bool:
     """Whether a device with these modalities may send this tensor (the coordinator refuses the others)."""
-    if name == FUSED_TENSOR:
-        return False
-    for prefix in _MODALITY_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):].split(".", 1)[0] in modalities
-    return True
+    return name != FUSED_TENSOR and device_may_send(name, modalities)
 
 
 def make_delta(shapes: Mapping[str, tuple[int, ...]], modalities: frozenset[str], seed: int,

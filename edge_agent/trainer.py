@@ -21,10 +21,10 @@ from mlecs.data.partition import PartitionSpec, client_shard
 from mlecs.data.split import LabelledSplit
 from mlecs.modality import parse_modalities
 from mlecs.model.config import InputSpec
+from mlecs.tensor_names import FUSED_TENSOR
 
 log = logging.getLogger(__name__)
 
-FUSED_TENSOR = "fused.z"  # the update tensor carrying this device's fused z of a few public samples
 
 
 class TrainingInterrupted(Exception):

@@ -16,12 +16,13 @@ import numpy as np
 
 from mlecs.aggregation.base import AggregationError, ClientUpdate
 from mlecs.aggregation.streaming import check_weight
+from mlecs.tensor_names import LORA_PREFIX
 
 
 def lora_pairs(names: Sequence[str] | set[str]) -> list[tuple[str, str]]:
     """(A name, B name) for every ``*.A`` tensor under ``lora.`` whose ``*.B`` partner exists."""
     present = set(names)
-    return sorted((n, n[:-1] + "B") for n in present if n.startswith("lora.") and n.endswith(".A")
+    return sorted((n, n[:-1] + "B") for n in present if n.startswith(LORA_PREFIX) and n.endswith(".A")
                   and n[:-1] + "B" in present)
 
 

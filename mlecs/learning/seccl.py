@@ -24,10 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Names in the encoded anchor set published with each global version.
-TEXT_ANCHORS = "text.class"
-SAMPLE_ANCHOR_IDS = "fused.ids"
-SAMPLE_ANCHORS = "fused.z"
+from mlecs.tensor_names import SAMPLE_ANCHOR_IDS, SAMPLE_ANCHORS, TEXT_ANCHORS  # the anchor set's tensors
 
 # Seed of the fixed text -> fused projection; a constant of the method, like a hash function.
 _PROJECTION_SEED = 20260211

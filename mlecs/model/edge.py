@@ -23,8 +23,7 @@ from mlecs.model.config import ModelConfig
 from mlecs.model.connector import Connector, FusionCore, SlotProjection
 from mlecs.model.extractors import build_extractor
 from mlecs.model.seeding import seeded
-
-_MODALITY_PREFIXES = ("extractors.", "connector.slots.")
+from mlecs.tensor_names import owning_modality
 
 
 class ModelOutput(NamedTuple):
@@ -36,12 +35,8 @@ class ModelOutput(NamedTuple):
     """[N, feature_dim] per modality fed: the extractor outputs CCL aligns."""
 
 
-def tensor_modality(name: str) -> str | None:
-    """Returns the modality a shared tensor belongs to (only devices with it hold it), or None if common."""
-    for prefix in _MODALITY_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix) :].split(".", 1)[0]
-    return None
+tensor_modality = owning_modality
+"""The modality a shared tensor belongs to (only devices with it hold it), or None if common."""
 
 
 class EdgeModel(nn.Module):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mlecs.tensor_names import SAMPLE_ANCHOR_IDS, SAMPLE_ANCHORS
 from server.learning.task_data import TaskData
 
 
@@ -54,10 +55,6 @@ def full_model_bytes(model: Mapping[str, Any]) -> int:
     return int(full_model_fp32_bytes(_model_config(model)))
 
 
-FUSED_TENSOR = "fused.z"
-"""The update tensor holding the device's fused z of a few public samples (rows: the header's ids)."""
-
-
 def fused_dim(model: Mapping[str, Any]) -> int:
     """Width of the fused representation z in this federation's model."""
     return int(_model_config(model).fused_dim)
@@ -67,7 +64,6 @@ def client_agreements(anchor_tensors: Mapping[str, np.ndarray],
                       fused: list[tuple[np.ndarray, np.ndarray] | None]) -> list[float | None]:
     """Per client: mean cosine of its uploaded z to the anchors of the same public ids (None: no evidence)."""
     from mlecs.aggregation.quality import anchor_agreement
-    from mlecs.learning.seccl import SAMPLE_ANCHOR_IDS, SAMPLE_ANCHORS
 
     if SAMPLE_ANCHOR_IDS not in anchor_tensors:
         return [None] * len(fused)
@@ -82,13 +78,6 @@ def client_agreements(anchor_tensors: Mapping[str, np.ndarray],
         mine, theirs = zip(*rows, strict=True)
         out.append(anchor_agreement(item[1][list(mine)], anchor_tensors[SAMPLE_ANCHORS][list(theirs)]))
     return out
-
-
-def owning_modality(tensor_name: str) -> str | None:
-    """The modality whose devices alone hold this tensor (an extractor or connector slot), else None."""
-    from mlecs.model import tensor_modality
-
-    return tensor_modality(tensor_name)
 
 
 def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -39,9 +39,10 @@ from mlecs.aggregation.lora_exact import StreamingLoraProducts, merge_lora_produ
 from mlecs.aggregation.robust import clip_update
 from mlecs.aggregation.streaming import StreamingAverage, merge_averages
 from mlecs.codec import decode_tensors
+from mlecs.tensor_names import FUSED_TENSOR
 from server.domain.models import FederationConfig, Update
 from server.domain.scheduling import staleness_weight
-from server.learning.global_model import FUSED_TENSOR, apply_delta
+from server.learning.global_model import apply_delta
 
 _NO_EVIDENCE = ("no-evidence",)
 

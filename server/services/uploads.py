@@ -26,6 +26,7 @@ from mlecs.codec import (
     peek_header,
     sha256_hex,
 )
+from mlecs.tensor_names import FUSED_TENSOR, owning_modality
 from server import metrics
 from server.domain.errors import (
     AlreadyAcceptedError,
@@ -47,7 +48,7 @@ from server.domain.models import (
     utcnow,
 )
 from server.domain.scheduling import could_close
-from server.learning.global_model import FUSED_TENSOR, adapter_schema, client_agreements, fused_dim, owning_modality
+from server.learning.global_model import adapter_schema, client_agreements, fused_dim
 from server.services import staging
 from server.services.aggregation import RoundAccumulators, version_staleness
 from server.services.context import ServiceContext

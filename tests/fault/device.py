@@ -30,17 +30,10 @@ from edge_agent.errors import CoordinatorUnavailable, CredentialRejected, Reques
 from edge_agent.state import AgentState, Identity, PendingUpload
 from edge_agent.tasks import Stop, TrainTask, UploadRequest, Wait
 from mlecs.codec import decode_tensors, encode_tensors, sha256_hex
+from mlecs.tensor_names import device_may_send
 
 log = logging.getLogger("fault-device")
 T = TypeVar("T")
-_MODALITY_PREFIXES = ("extractors.", "connector.slots.")
-
-
-def may_hold(name: str, modalities: set[str]) -> bool:
-    for prefix in _MODALITY_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):].split(".", 1)[0] in modalities
-    return True
 
 
 class Device:
@@ -109,7 +102,7 @@ class Device:
         version = self.retry(lambda: self.client.download_global(self.device_id, task.version_id))
         held = set(self.modalities)
         delta = {name: self.rng.normal(0, 1e-3, value.shape).astype(np.float32)
-                 for name, value in decode_tensors(version.adapter).items() if may_hold(name, held)}
+                 for name, value in decode_tensors(version.adapter).items() if device_may_send(name, held)}
         payload = encode_tensors(delta, task.upload_codec)
         time.sleep(self.args.train_s * random.uniform(0.5, 1.5))
         pending = PendingUpload(round_id=task.round_id, upload_id=uuid.uuid4().hex,
