@@ -91,3 +91,5 @@ for _outcome in ("committed", "failed"):
     ROUNDS.labels(_outcome)
 for _outcome in ("accepted", "rejected"):
     UPDATES.labels(_outcome)
+for _outcome in ("verified", "refused", "unchecked"):
+    PUBLIC_COPY_SAMPLES.labels(_outcome)
