@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from server.domain.errors import ConflictError, InsufficientScopeError, InvalidRequestError, UnauthenticatedError
 from server.domain.models import AdminScope, AdminToken, utcnow
-from server.domain.ports import Store
+from server.domain.ports import AdminStore
 
 TOKEN_PREFIX = "mlecs_at_"
 MAX_NAME_LENGTH = 100
@@ -49,7 +49,7 @@ def parse_scopes(values: Iterable[str]) -> frozenset[AdminScope]:
 
 
 class AdminTokenService:
-    def __init__(self, store: Store, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, store: AdminStore, clock: Callable[[], datetime] = utcnow) -> None:
         self._revoking = threading.Lock()  # two revocations at once cannot each leave the other as the last
         self._store = store
         self._clock = clock

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from server.domain.errors import InvalidRequestError
 from server.domain.models import AdminToken, AuditEntry, AuditOutcome
-from server.domain.ports import Store
+from server.domain.ports import AdminStore
 
 ANONYMOUS = "anonymous"
 MAX_LIST = 1000
@@ -14,7 +14,7 @@ MAX_DETAIL = 2000
 
 
 class AuditService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: AdminStore) -> None:
         self._store = store
 
     def record(self, *, actor: AdminToken | None, action: str, method: str, path: str, status: int,

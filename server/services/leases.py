@@ -9,13 +9,13 @@ from contextlib import contextmanager
 
 from server.domain.errors import UnavailableError
 from server.domain.models import Fence
-from server.domain.ports import Store
+from server.domain.ports import RoundStore
 
 log = logging.getLogger(__name__)
 
 
 @contextmanager
-def lease_kept(store: Store, fence: Fence, ttl_s: float) -> Iterator[None]:
+def lease_kept(store: RoundStore, fence: Fence, ttl_s: float) -> Iterator[None]:
     """Renews ``fence``'s lease every ttl/3 until the block ends.
 
     Losing the lease is not raised here: the writes at the end present the fence and are refused then.

@@ -42,7 +42,7 @@ from server.domain.errors import (
     UpdateRejectedError,
 )
 from server.domain.models import Refusal
-from server.domain.ports import Store
+from server.domain.ports import RefusalStore
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def refusal_reason(error: CoordinatorError) -> str | None:
 class RefusalRecorder:
     """Counts refusals and writes them to the store from a background thread; ``close()`` at shutdown."""
 
-    def __init__(self, store: Store, *, record_interval_s: float = 10.0, queue_size: int = 1000,
+    def __init__(self, store: RefusalStore, *, record_interval_s: float = 10.0, queue_size: int = 1000,
                  max_callers: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._interval = record_interval_s
