@@ -24,10 +24,18 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 step() { echo; echo "== $*"; }
+alive() { local state; state="$(ps -o stat= -p "$1" 2>/dev/null)" && [[ $state != Z* ]]; }  # exited: gone or zombie
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: retries COMMAND until it succeeds
   local deadline=$((SECONDS + $1)) what=$2; shift 2
   until "$@" >/dev/null 2>&1; do
     if ((SECONDS > deadline)); then echo "timed out waiting for $what" >&2; exit 1; fi
+    for pid in "${pids[@]}"; do  # a process it started died: waiting longer cannot help
+      if ! alive "$pid"; then
+        echo "a process it started (pid $pid) exited while waiting for $what; the last lines of its logs:" >&2
+        tail -n 5 "$work"/*.log >&2 || true
+        exit 1
+      fi
+    done
     sleep 1
   done
 }
@@ -72,7 +80,6 @@ enrolment_token_file = "$work/edge-$k.token"
 [data]
 dataset = "$work/fleet-data/device-$k"
 task = "$work/fleet-data/task.toml"
-public = "$work/fleet-data/device-$k/public"
 [tls]
 ca_file = "$work/certs/ca.pem"
 cert_file = "$work/certs/devices/edge-$k.pem"
