@@ -1,32 +1,28 @@
-"""Receiving updates: resumable staging, validation, and durable acceptance.
+"""Receiving updates: transport -> staging -> checks -> acceptance -> aggregation.
 
-An update is acknowledged as accepted only after its bytes are in the content store and its row says
-ACCEPTED; until then the device can resume from ``staged_size`` (the acknowledged offset).
+``open`` checks the header (``server.services.upload_checks``) and starts or resumes the upload; ``append``
+stages each chunk durably; ``finish`` checks the complete bytes, accepts the update durably (its blob, then
+its row, in the transaction that checks the round still takes uploads) and adds it to the round's running
+sums. An update is acknowledged as accepted only after all that; until then the device can resume from
+``staged_size`` (the acknowledged offset).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from mlecs.aggregation.robust import AggregationError, update_norm
 from mlecs.codec import (
-    MAX_HEADER_BYTES,
-    CodecError,
-    CodecKind,
-    NonFiniteValuesError,
     decode_tensors,
-    peek_header,
-    sha256_hex,
 )
-from mlecs.tensor_names import FUSED_TENSOR, owning_modality
+from mlecs.tensor_names import FUSED_TENSOR
 from server import metrics
 from server.domain.errors import (
     AlreadyAcceptedError,
@@ -44,7 +40,6 @@ from server.domain.models import (
     Round,
     Update,
     UpdateState,
-    reported_metrics_problem,
     utcnow,
 )
 from server.domain.scheduling import could_close
@@ -54,31 +49,18 @@ from server.services.aggregation import RoundAccumulators, version_staleness
 from server.services.context import ServiceContext
 from server.services.locks import RoundLocks
 from server.services.rounds import RoundService
+from server.services.upload_checks import (
+    UPLOAD_ID,
+    Schema,
+    UploadHeader,
+    check_codec,
+    check_fused_ids,
+    check_header,
+    check_modalities,
+    check_payload,
+)
 
 log = logging.getLogger(__name__)
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-_PRECISION = {CodecKind.INT8.value: 0, CodecKind.FP16.value: 1, CodecKind.FP32.value: 2}
-"""Codecs by precision: an update may use the federation's upload codec or a more precise one."""
-
-
-@dataclass(frozen=True)
-class UploadHeader:
-    round_id: str
-    device_id: str
-    upload_id: str
-    codec: str
-    total_size: int
-    sha256: str
-    modalities: frozenset[str]
-    public_samples: int
-    private_samples: int
-    resume_offset: int
-    base_version_id: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    fused_sample_ids: list[int] = field(default_factory=list)
-
 
 @dataclass
 class UploadSession:
@@ -89,15 +71,9 @@ class UploadSession:
 
 
 @lru_cache(maxsize=16)
-def _schema(model_key: str) -> dict[str, tuple[int, ...]]:
-    return adapter_schema(json.loads(model_key))
-
-
-HEADER_BYTES_PER_TENSOR = 512
-"""Bytes an update's codec header may spend per tensor the schema has: an entry of a long name and four
-dimensions takes about 150."""
-MAX_SAMPLE_COUNT = 2**31 - 1
-"""The most samples an upload may report per kind: what the database's integer columns hold."""
+def _schema(model_key: str) -> Schema:
+    model = json.loads(model_key)
+    return Schema(adapter_schema(model), fused_dim(model))
 
 
 class UploadService:
@@ -118,7 +94,7 @@ class UploadService:
         store = self._ctx.store
         if header.device_id != device.id:
             raise PermissionDeniedError("a device may upload only as itself")
-        if not _UPLOAD_ID.match(header.upload_id):
+        if not UPLOAD_ID.match(header.upload_id):
             raise InvalidRequestError("upload_id must be 8-64 characters of letters, digits, '-' or '_'")
         # The upload id is the idempotency key: a retry finds its update in whichever round it landed.
         view = store.upload_view(device.id, header.upload_id, header.round_id)
@@ -126,13 +102,12 @@ class UploadService:
             return self._resume(view.existing, header)
         round_ = self._target_round(device, header.round_id, view.round)
         config = self._config(round_.federation_id)
-        self._check_header(header)
-        self._check_modalities(device, header.modalities)
-        self._check_codec(config, header.codec)
-        self._check_base(config, round_, header.base_version_id)
-        limit = config.fused_upload_samples
-        if len(header.fused_sample_ids) > limit or len(set(header.fused_sample_ids)) != len(header.fused_sample_ids):
-            raise InvalidRequestError(f"fused_sample_ids must be at most {limit} distinct public sample ids")
+        with self._counted():
+            check_header(header, self._ctx.settings.max_upload_bytes)
+            check_modalities(header.modalities, device.modalities)
+            check_codec(header.codec, config.upload_codec)
+            self._check_base(config, round_, header.base_version_id)
+            check_fused_ids(header.fused_sample_ids, config.fused_upload_samples)
         if header.resume_offset != 0:
             raise InvalidRequestError("a new upload must start at offset 0")
         self._make_room(device, round_, header.total_size)
@@ -201,16 +176,13 @@ class UploadService:
         """Sync: the update must start from the round's version. Async: at most max_staleness versions old."""
         if config.mode == "sync":
             if base_version_id != round_.base_version_id:
-                self._count_rejection("stale_base")
                 raise UpdateRejectedError("stale_base", "the update was trained from another global version")
             return
         order = [v.id for v in self._ctx.store.list_versions(round_.federation_id)]
         if base_version_id not in order:
-            self._count_rejection("stale_base")
             raise UpdateRejectedError("stale_base", f"base version {base_version_id!r} is not of this federation")
         staleness = order.index(round_.base_version_id or order[-1]) - order.index(base_version_id)
         if staleness > config.max_staleness:
-            self._count_rejection("too_stale")
             raise UpdateRejectedError(
                 "too_stale", f"the update is {staleness} versions old; this federation accepts at most "
                 f"{config.max_staleness}: download the current version and train again")
@@ -227,53 +199,6 @@ class UploadService:
             raise InvalidRequestError(
                 f"resume_offset {header.resume_offset} is beyond the acknowledged offset {staged}")
         return UploadSession(update=update, offset=header.resume_offset)
-
-    def _check_header(self, header: UploadHeader) -> None:
-        limit = self._ctx.settings.max_upload_bytes
-        if header.total_size > limit:
-            # Refused before a byte is staged; INVALID_ARGUMENT, since sending it again cannot succeed.
-            self._count_rejection("upload_too_large")
-            raise UpdateRejectedError("upload_too_large",
-                                      f"total_size {header.total_size} is over this coordinator's limit of {limit} "
-                                      "bytes (max_upload_bytes)")
-        problems = []
-        if header.codec not in {c.value for c in CodecKind}:
-            problems.append(f"unknown codec {header.codec!r}")
-        if header.total_size <= 0:
-            problems.append(f"total_size must be 1..{limit} bytes")
-        if not _SHA256.match(header.sha256):
-            problems.append("sha256 must be 64 lowercase hex digits")
-        if not header.modalities:
-            problems.append("modalities must not be empty")
-        if header.public_samples + header.private_samples <= 0:
-            # A device without a copy of the public set learns on private data alone: either count will do.
-            problems.append("public_samples + private_samples must be > 0")
-        for name in ("public_samples", "private_samples"):
-            if getattr(header, name) > MAX_SAMPLE_COUNT:
-                problems.append(f"{name} must be at most {MAX_SAMPLE_COUNT}")
-        metrics_problem = reported_metrics_problem(header.metrics)
-        if metrics_problem:
-            problems.append(metrics_problem)
-        if problems:
-            raise InvalidRequestError("invalid upload header: " + "; ".join(problems))
-
-    def _check_modalities(self, device: Device, claimed: frozenset[str]) -> None:
-        """An update may cover the modalities the device enrolled with, or fewer (a sensor can fail), never
-        more: MMA weighs an update by its modality count and lists it among each modality's participants."""
-        extra = sorted(claimed - device.modalities)
-        if extra:
-            self._count_rejection("modalities")
-            raise UpdateRejectedError(
-                "modalities", f"the update claims {', '.join(extra)}, which this device did not enrol with "
-                f"(enrolled: {', '.join(sorted(device.modalities))}); enrol a device with those modalities")
-
-    def _check_codec(self, config: FederationConfig, codec: str) -> None:
-        """The federation's upload codec or a more precise one: a device may not lower the precision asked for."""
-        wanted = config.upload_codec
-        if _PRECISION[codec] < _PRECISION[wanted]:
-            self._count_rejection("codec")
-            raise UpdateRejectedError("codec", f"codec {codec} is less precise than this federation's upload "
-                                               f"codec {wanted}")
 
     def append(self, session: UploadSession, offset: int, data: bytes) -> int:
         """Stages one chunk durably; returns the new acknowledged offset.
@@ -313,8 +238,10 @@ class UploadService:
         data = self._ctx.blobs.read_staged(update.id)
         if session.federation_id is None:
             session.federation_id = self._ctx.store.get_round(update.round_id).federation_id
+        config = self._config(session.federation_id)
         try:
-            tensors = self._validate(update, data, self._config(session.federation_id))
+            tensors = check_payload(update, data, _schema(json.dumps(config.model, sort_keys=True)),
+                                    config.max_update_norm)
         except UpdateRejectedError as exc:
             update.state = UpdateState.REJECTED
             update.rejection_reason = exc.reason
@@ -322,6 +249,7 @@ class UploadService:
             self._ctx.blobs.discard_staged(update.id)
             self._count_rejection(exc.reason)
             raise
+        self._score_fused(update, tensors)
         return self._accept(update, tensors)
 
     def _accept(self, update: Update, tensors: dict[str, np.ndarray]) -> Update:
@@ -369,73 +297,13 @@ class UploadService:
 
         self._accumulators.add(round_.id, config, base, update, tensors, staleness)
 
-    def _validate(self, update: Update, data: bytes, config: FederationConfig) -> dict[str, np.ndarray]:
-        """Checks an upload's bytes against its header and the federation's schema; returns its tensors."""
-        if len(data) != update.declared_size:
-            raise UpdateRejectedError("size", f"received {len(data)} bytes, declared {update.declared_size}")
-        if sha256_hex(data) != update.sha256:
-            raise UpdateRejectedError("checksum", "sha256 of the received bytes differs from the header")
-        # Names and shapes are checked from the header, before the payload is inflated; a header listing
-        # more tensors than the schema has (and the fused features) is refused before its entries are parsed.
-        schema = _schema(json.dumps(config.model, sort_keys=True))
-        expected = len(schema) + 1
-        try:
-            header = peek_header(data, max_tensors=expected, max_header_bytes=HEADER_BYTES_PER_TENSOR * expected)
-        except CodecError as exc:
-            raise UpdateRejectedError("codec", str(exc)) from exc
-        if header.codec.value != update.codec:
-            raise UpdateRejectedError("codec", "payload codec differs from the header")
-        if not header.tensors:
-            raise UpdateRejectedError("schema", "the update holds no tensors")
-        # peek_header has already refused a payload larger than its tensors (the codec accepts only the
-        # encoder's layout), so a small upload cannot inflate to gigabytes.
-        fused_shape = (len(update.fused_sample_ids), fused_dim(config.model))
-        if update.fused_sample_ids and FUSED_TENSOR not in {entry.name for entry in header.tensors}:
-            raise UpdateRejectedError("schema", f"fused_sample_ids were declared but {FUSED_TENSOR!r} is missing")
-        for entry in header.tensors:
-            if entry.name == FUSED_TENSOR:
-                if tuple(entry.shape) != fused_shape or not update.fused_sample_ids:
-                    raise UpdateRejectedError(
-                        "schema", f"tensor {FUSED_TENSOR!r} has shape {tuple(entry.shape)}, expected {fused_shape} "
-                        "(one row per declared fused_sample_id)")
-                continue
-            if entry.name not in schema:
-                raise UpdateRejectedError("schema", f"unexpected tensor {entry.name!r}")
-            if tuple(entry.shape) != tuple(schema[entry.name]):
-                raise UpdateRejectedError(
-                    "schema", f"tensor {entry.name!r} has shape {tuple(entry.shape)}, "
-                    f"expected {tuple(schema[entry.name])}")
-            owner = owning_modality(entry.name)
-            if owner is not None and owner not in update.modalities:
-                raise UpdateRejectedError("schema", f"tensor {entry.name!r} belongs to a modality the device lacks")
-        try:
-            # The payload itself: checksummed frame, consistent, finite; never inflated past what the header
-            # (checked against the schema above) says it holds.
-            tensors = decode_tensors(data, max_decoded_bytes=header.payload_bytes + 4 + MAX_HEADER_BYTES)
-        except NonFiniteValuesError as exc:
-            raise UpdateRejectedError("non_finite", str(exc)) from exc
-        except CodecError as exc:
-            raise UpdateRejectedError("codec", str(exc)) from exc
-        self._check_norm(config.max_update_norm, tensors)
+    def _score_fused(self, update: Update, tensors: dict[str, np.ndarray]) -> None:
+        """MMA's noise term: how well the update's fused features agree with the anchors it trained against.
+        Scored now, while the payload is decoded anyway, so aggregation can weigh without decoding twice."""
         if FUSED_TENSOR in tensors:
-            # Scored now, while the payload is decoded anyway, so aggregation can weigh without decoding twice.
             ids = np.asarray(update.fused_sample_ids, dtype=np.int64)
             update.anchor_agreement = client_agreements(self._anchors(update.base_version_id),
                                                         [(ids, tensors[FUSED_TENSOR])])[0]
-        return tensors
-
-    @staticmethod
-    def _check_norm(bound: float, tensors: dict[str, np.ndarray]) -> None:
-        """Refuses an update whose delta (all adapter tensors, not the fused features) is longer than ``bound``."""
-        if not bound:
-            return
-        try:
-            norm = update_norm({name: t for name, t in tensors.items() if name != FUSED_TENSOR})
-        except AggregationError as exc:
-            raise UpdateRejectedError("norm_bound", str(exc)) from exc
-        if norm > bound:
-            raise UpdateRejectedError("norm_bound", f"the update's L2 norm {norm:.6g} is over this federation's "
-                                                    f"max_update_norm {bound:g}")
 
     def _anchors(self, version_id: str | None) -> dict[str, np.ndarray]:
         """The decoded anchor set of a version (cached: every update of a round shares it)."""
@@ -473,3 +341,12 @@ class UploadService:
     def _count_rejection(reason: str) -> None:
         metrics.UPDATES.labels("rejected").inc()
         metrics.UPDATE_REJECTIONS.labels(reason).inc()
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Counts a rejection raised inside (the checks are pure; counting is the service's)."""
+        try:
+            yield
+        except UpdateRejectedError as exc:
+            self._count_rejection(exc.reason)
+            raise

@@ -8,7 +8,7 @@ from mlecs.datasets.public_shard import SampleFingerprint
 from mlecs.proto.v1 import fleet_pb2 as pb
 from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
 from server.services.public_set import CopyCheck
-from server.services.uploads import UploadHeader
+from server.services.upload_checks import UploadHeader
 
 _MODALITY_TO_NAME = {pb.MODALITY_IMAGE: "image", pb.MODALITY_AUDIO: "audio",
                      pb.MODALITY_TEXT: "text", pb.MODALITY_SENSOR: "sensor"}
