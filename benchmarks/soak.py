@@ -197,14 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     record = {"devices": args.devices, "hostile": hostile_n, "minutes": args.minutes, "payload_params": params,
               "summary": summary, "rounds": rounds, "timeline": sampler.timeline}
     (args.out / "results.json").write_text(json.dumps(record, indent=1))
-    report = _report(record)
+    report = report_text(record)
     (args.out / "results.md").write_text(report)
     _plot(record, args.out / "soak.png")
     print(report)
     return 0
 
 
-def _report(record: dict[str, Any]) -> str:
+def report_text(record: dict[str, Any]) -> str:
+    """results.md: the soak's checks and the hostile calls by outcome."""
     s = record["summary"]
     lines = [f"Soak: {record['devices']} devices ({record['hostile']} hostile), {record['minutes']:g} minutes, "
              f"adapter of {record['payload_params']} parameters.", "", "| check | value |", "|---|---|"]

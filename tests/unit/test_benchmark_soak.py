@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.soak import WARM_UP_S, _plot, _report, build_parser, summarise
+from benchmarks.soak import WARM_UP_S, _plot, build_parser, report_text, summarise
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +48,7 @@ def test_the_report_and_the_plot_show_the_run(tmp_path: Path) -> None:
               "summary": summarise(timeline, _rounds(("committed", 0)), [0.2], {"flood:OK": 50}),
               "rounds": [], "timeline": timeline}
 
-    report = _report(record)
+    report = report_text(record)
     _plot(record, tmp_path / "soak.png")
 
     assert "20 devices (2 hostile)" in report and "| every_round_committed | True |" in report

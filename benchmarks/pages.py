@@ -1,0 +1,107 @@
+"""The benchmark pages under ``docs/benchmarks``: each page's results section is generated from the
+``results.json`` next to it by that benchmark's report tool, so a page shows its latest results only (how
+they came to be is in CHANGELOG.md).
+
+    python -m benchmarks.pages            # rewrite every page's generated section
+    python -m benchmarks.pages --check    # exit 1 naming the pages whose section is stale
+
+A page marks its section with ``BEGIN`` and ``END`` below; everything outside them is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES_DIR = ROOT / "docs" / "benchmarks"
+BEGIN = "<!-- results: generated from results.json by `python -m benchmarks.pages`; do not edit by hand -->"
+END = "<!-- end of generated results -->"
+
+
+def _load(results: list[dict[str, Any]]) -> str:
+    from benchmarks.load_report import report_text
+
+    return report_text(results) + "\n![coordinator under load](load.png)\n"
+
+
+def _poisoning(results: list[dict[str, Any]]) -> str:
+    from benchmarks.poisoning_report import markdown_report
+
+    return markdown_report(results) + "\n![accuracy under poisoning](poisoning.png)\n"
+
+
+def _learning(results: list[dict[str, Any]]) -> str:
+    from benchmarks.learning_report import markdown_report
+
+    return (markdown_report(results) + "\n![accuracy against the share of devices lacking a modality]"
+            "(accuracy_vs_p.png)\n\n![global accuracy by round](curves.png)\n")
+
+
+def _soak(page: Path) -> str:
+    from benchmarks.soak import report_text
+
+    parts = []
+    for run in ("hostile", "baseline"):
+        record = json.loads((page / run / "results.json").read_text())
+        parts.append(f"### {run}\n\n{report_text(record)}\n![{run} soak]({run}/soak.png)\n")
+    return "\n".join(parts)
+
+
+def _from_results(render: Callable[[list[dict[str, Any]]], str]) -> Callable[[Path], str]:
+    return lambda page: render(json.loads((page / "results.json").read_text()))
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "load": _from_results(_load),
+    "poisoning": _from_results(_poisoning),
+    "learning": _from_results(_learning),
+    "soak": _soak,
+}
+
+
+def rendered(name: str, text: str, page: Path) -> str:
+    """``text`` (a page's README) with its generated section replaced by what the results say now."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"docs/benchmarks/{name}/README.md has no generated section: add the lines\n{BEGIN}\n{END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n\n{RENDERERS[name](page).strip()}\n\n{END}{tail}"
+
+
+def stale_pages(root: Path = PAGES_DIR) -> list[str]:
+    """The pages whose generated section differs from what their results render to."""
+    stale = []
+    for name in RENDERERS:
+        readme = root / name / "README.md"
+        text = readme.read_text()
+        if rendered(name, text, root / name) != text:
+            stale.append(str(readme.relative_to(root.parents[1])))
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pages", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only report stale pages (exit 1 if any)")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_pages()
+        for page in stale:
+            print(f"{page}: stale; run python -m benchmarks.pages", file=sys.stderr)
+        return 1 if stale else 0
+    for name in RENDERERS:
+        readme = PAGES_DIR / name / "README.md"
+        text = readme.read_text()
+        new = rendered(name, text, PAGES_DIR / name)
+        if new != text:
+            readme.write_text(new)
+            print(f"rewrote {readme.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
