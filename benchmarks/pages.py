@@ -74,13 +74,12 @@ def rendered(name: str, text: str, page: Path) -> str:
 
 
 def stale_pages(root: Path = PAGES_DIR) -> list[str]:
-    """The pages whose generated section differs from what their results render to."""
+    """The benchmarks whose page's generated section differs from what their results render to."""
     stale = []
     for name in RENDERERS:
-        readme = root / name / "README.md"
-        text = readme.read_text()
+        text = (root / name / "README.md").read_text()
         if rendered(name, text, root / name) != text:
-            stale.append(str(readme.relative_to(root.parents[1])))
+            stale.append(name)
     return stale
 
 
@@ -90,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_pages()
-        for page in stale:
-            print(f"{page}: stale; run python -m benchmarks.pages", file=sys.stderr)
+        for name in stale:
+            print(f"docs/benchmarks/{name}/README.md: stale; run python -m benchmarks.pages", file=sys.stderr)
         return 1 if stale else 0
     for name in RENDERERS:
         readme = PAGES_DIR / name / "README.md"
