@@ -116,6 +116,23 @@ CONFIG_BOUNDS: dict[str, Bounds] = {
 the same table, so a 422 names the field)."""
 
 
+CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "scheduling": ("mode", "clients_per_round", "min_updates", "round_deadline_s", "overselect", "async_buffer",
+                   "max_staleness", "staleness_exponent", "eligible_modality_sets", "target_rounds"),
+    "training": ("task", "model", "cloud_model", "upload_stage", "public_epochs", "private_epochs",
+                 "personal_epochs", "batch_size", "learning_rate", "upload_codec", "max_chunk_bytes", "seed",
+                 "ccl_weight", "ccl_temperature", "seccl_weight", "seccl_temperature", "fused_upload_samples",
+                 "public_fraction", "public_shard_samples", "cloud_epochs", "server_learning"),
+    "aggregation": ("aggregation", "lora_mode", "agreement_temperature"),
+    "security": ("max_weight_ratio", "clip_norm", "max_update_norm", "robust_rule", "trim_fraction",
+                 "exclude_above", "exclude_cosine_below"),
+}
+"""``FederationConfig``'s fields by what they govern: when rounds run and who takes part (scheduling), what
+devices and the cloud train (training: most of it is sent to devices with every task), how updates are
+combined (aggregation), and the bounds on what a hostile device can do to the result (security). The admin
+API's schema tags every field with its section (``x-section``); ``docs/api.md`` lists them."""
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How a federation learns. Sent to devices (training part) and used by the scheduler."""
@@ -141,10 +158,15 @@ class FederationConfig:
     personal_epochs: int = 1
     """``private`` upload stage: epochs of personal fine-tuning on private data after the uploaded stage."""
     batch_size: int = 32
+    """Samples per optimiser step on devices and in cloud tuning."""
     learning_rate: float = 1e-3
+    """AdamW learning rate on devices and in cloud tuning."""
     upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
+    """How devices encode their updates (zstd-compressed); a device may use a more precise codec, never less."""
     max_chunk_bytes: int = 256 * 1024
+    """Bytes per upload chunk devices send (each is acknowledged durably, so a resume loses at most one)."""
     seed: int = 0
+    """Seeds the initial model, the devices' training and the public shards (with each device's id)."""
     model: dict[str, Any] = field(default_factory=dict)
     """Model configuration (``mlecs.model.ModelConfig.to_dict()``); empty means the defaults."""
     cloud_model: dict[str, Any] | None = None
@@ -155,9 +177,11 @@ class FederationConfig:
     ccl_weight: float = 0.1
     """Weight of CCL, the cross-modal volume loss, in both local stages (0 turns it off)."""
     ccl_temperature: float = 0.1
+    """Temperature of CCL's softmax over volumes."""
     seccl_weight: float = 0.5
     """Weight of the SE-CCL anchor terms on devices and in cloud tuning (0 turns SE-CCL off)."""
     seccl_temperature: float = 0.1
+    """Temperature of the SE-CCL anchor terms."""
     fused_upload_samples: int = 32
     """Public samples whose fused z each device uploads for edge -> cloud alignment and MMA's noise term."""
     agreement_temperature: float = 0.2
@@ -204,8 +228,9 @@ class FederationConfig:
     give them half), while honest AV-MNIST partitions stay under 1.5 times the median. 0: counts as claimed
     (trusted devices only)."""
     task: str | None = None
-    """The federation's task file (TOML text, docs/datasets.md), frozen at creation: the modalities the model
-    reads, their input specs and the label names. None: the bundled AV-MNIST with ``model``'s defaults."""
+    """The federation's task: a built-in name (avmnist, avmnist-hard) or a task file's TOML text
+    (docs/datasets.md), stored as the task's text, frozen at creation: the modalities the model reads, their
+    input specs and the label names. None: the bundled AV-MNIST with ``model``'s defaults."""
     robust_rule: Literal["none", "median", "trimmed_mean"] = "none"
     """``median`` or ``trimmed_mean``: per coordinate over the round's updates, weighted by the rule's
     (MMA or FedAvg) weights, instead of the weighted mean. The coordinator spills the round's updates to

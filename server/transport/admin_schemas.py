@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.domain.errors import InvalidRequestError
 from server.domain.models import (
-    CONFIG_BOUNDS,
     Device,
     EnrolmentToken,
     Federation,
@@ -19,6 +18,7 @@ from server.domain.models import (
     Round,
 )
 from server.services.inspection import Participation, RoundMetrics
+from server.transport.config_schema import federation_config_body
 
 
 class JsonBody(BaseModel):
@@ -42,113 +42,22 @@ def _takes_int(annotation: Any) -> bool:
     return annotation is int or int in get_args(annotation)
 
 
-def _bounded(name: str, default: Any, **extra: Any) -> Any:
-    """A config number's Field with the domain's bounds (``CONFIG_BOUNDS``), so a value out of them is a 422
-    naming the field, and the OpenAPI schema shows the same bounds the coordinator enforces."""
-    bounds = CONFIG_BOUNDS[name]
-    cast = int if isinstance(default, int) else float
-    limits: dict[str, Any] = {"gt" if bounds.low_open else "ge": cast(bounds.low),
-                              "lt" if bounds.high_open else "le": cast(bounds.high)}
-    return Field(default, allow_inf_nan=False, **limits, **extra)
-
-
-class FederationConfigBody(JsonBody):
+class FederationConfigBase(JsonBody):
     """How the federation learns; every field has a working default. Numbers carry the bounds the coordinator
     enforces (``CONFIG_BOUNDS``): a value out of them is a 422 naming the field."""
-
-    aggregation: Literal["mma", "fedavg"] = "mma"
-    lora_mode: Literal["separate", "exact"] = Field(
-        "separate", description="LoRA factors averaged separately, or exact: average of B·A re-factorised to rank r")
-    clients_per_round: int = _bounded("clients_per_round", 0,
-                                      description="Devices invited per round; 0 = every live device")
-    min_updates: int = _bounded("min_updates", 1, description="Quorum of accepted updates needed to commit")
-    round_deadline_s: float = _bounded("round_deadline_s", 600.0)
-    upload_stage: Literal["private", "public"] = Field(
-        "private", description="Data the uploaded change is learned on: private (private data + public shard, "
-                               "the method) or public (public shard only, the prototype's rule)")
-    public_epochs: int = _bounded("public_epochs", 5,
-                                  description="Epochs over the public shard (upload_stage public only)")
-    private_epochs: int = _bounded(
-        "private_epochs", 1, description="private: epochs of the uploaded stage; public: epochs of personalisation")
-    personal_epochs: int = _bounded(
-        "personal_epochs", 1, description="private: epochs of personal fine-tuning after the upload")
-    batch_size: int = _bounded("batch_size", 32)
-    learning_rate: float = _bounded("learning_rate", 1e-3)
-    upload_codec: Literal["fp32", "fp16", "int8"] = "fp16"
-    max_chunk_bytes: int = _bounded("max_chunk_bytes", 256 * 1024)
-    seed: int = _bounded("seed", 0)
-    task: str | None = Field(
-        None, max_length=65536,
-        description="The federation's task: a built-in name (avmnist, avmnist-hard) or a task file's TOML text "
-                    "(docs/datasets.md). The model reads its modalities and classes; stored with the federation. "
-                    "null: the bundled AV-MNIST")
-    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {\"lora_rank\": 8}")
-    cloud_model: dict[str, Any] | None = Field(
-        None, description="The cloud's own ModelConfig when it differs from the devices' (e.g. devices "
-                          "{\"backbone_layers\": 2}, cloud {}: all six MiniLM layers); same fused_dim; null: the same")
-    ccl_weight: float = _bounded("ccl_weight", 0.1,
-                                 description="CCL (cross-modal volume loss) weight; 0 turns it off")
-    ccl_temperature: float = _bounded("ccl_temperature", 0.1)
-    seccl_weight: float = _bounded("seccl_weight", 0.5,
-                                   description="SE-CCL anchor-alignment weight; 0 turns SE-CCL off")
-    seccl_temperature: float = _bounded("seccl_temperature", 0.1)
-    fused_upload_samples: int = _bounded("fused_upload_samples", 32,
-                                         description="Public samples whose fused z each device uploads")
-    agreement_temperature: float = _bounded("agreement_temperature", 0.2,
-                                            description="MMA noise term: softness of the agreement weights")
-    cloud_epochs: int = _bounded("cloud_epochs", 1, description="Cloud tuning epochs on the public set per round")
-    public_fraction: float = _bounded("public_fraction", 0.2,
-                                      description="Share of the training pairs forming the public set")
-    public_shard_samples: int = _bounded(
-        "public_shard_samples", 128,
-        description="With a task: samples of the coordinator's public set each device downloads as its public "
-                    "shard; 0: the whole set")
-    mode: Literal["sync", "async"] = Field(
-        "sync", description="sync: rounds with over-selection, quorum and deadline; async: buffered (FedBuff)")
-    overselect: float = _bounded("overselect", 0.0,
-                                 description="Sync: invite ceil(clients_per_round x (1 + this))")
-    async_buffer: int = _bounded("async_buffer", 4, description="Async: accepted updates per aggregation (K)")
-    max_staleness: int = _bounded("max_staleness", 4,
-                                  description="Async: refuse updates more than this many versions old")
-    staleness_exponent: float = _bounded("staleness_exponent", 0.5,
-                                         description="Async: weight (1 + staleness) ** -this")
-    eligible_modality_sets: list[list[str]] = Field(
-        default_factory=list, description="Only devices with one of these modality sets take part; empty: all",
-        examples=[[["audio", "image"], ["image"]]])
-    target_rounds: int = _bounded("target_rounds", 0,
-                                  description="Open rounds automatically until this many committed; 0: manual")
-    server_learning: bool = Field(
-        True, description="Evaluate, tune the cloud model and make anchors after each commit (off: aggregation only)")
-    clip_norm: float = _bounded("clip_norm", 0.0, examples=[5.0],
-                                description="Scale each update's delta to at most this L2 norm; 0: off")
-    max_update_norm: float = _bounded(
-        "max_update_norm", 0.0, examples=[20.0],
-        description="Reject (reason norm_bound) an update whose delta has a larger L2 norm, before it reaches "
-                    "aggregation; 0: off")
-    max_weight_ratio: float = _bounded(
-        "max_weight_ratio", 2.0,
-        description="No update's claimed sample count weighs more than this many times the round's lower median "
-                    "count; 0: counts as claimed")
-    robust_rule: Literal["none", "median", "trimmed_mean"] = Field(
-        "none", examples=["median"],
-        description="Coordinate-wise weighted median or trimmed mean instead of the weighted mean")
-    trim_fraction: float = _bounded("trim_fraction", 0.1,
-                                    description="trimmed_mean: weight share cut from each end")
-    exclude_above: float = _bounded(
-        "exclude_above", 0.0, examples=[3.0],
-        description="With a robust rule: leave out updates farther than this many times the median distance from "
-                    "the coordinate-wise median; 0: off")
-    exclude_cosine_below: float | None = Field(
-        None, ge=-1, lt=1, allow_inf_nan=False, examples=[0.0],
-        description="With a robust rule: leave out updates whose cosine with the coordinate-wise median (per "
-                    "tensor, averaged by size) is below this; 0 catches updates pointing away from it, as a sign "
-                    "flip does; null: off")
 
     def to_domain(self) -> FederationConfig:
         try:
             return FederationConfig(**self.model_dump())
         except ValueError as exc:  # cross-field rules the schema cannot express
             raise InvalidRequestError(f"invalid federation config: {exc}") from exc
+
+
+if TYPE_CHECKING:
+    class FederationConfigBody(FederationConfigBase):
+        """``FederationConfig``'s fields, added at import (``server.transport.config_schema``)."""
+else:
+    FederationConfigBody = federation_config_body(FederationConfigBase)
 
 
 class CreateFederationBody(JsonBody):
