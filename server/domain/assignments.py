@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.domain.models import FederationConfig, Round
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Round
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
+from server.domain.federation_config import FederationConfig
 from server.domain.models import (
     AdminScope,
     AdminToken,
@@ -22,7 +23,6 @@ from server.domain.models import (
     DeviceReport,
     EnrolmentToken,
     Federation,
-    FederationConfig,
     FederationState,
     ModelVersion,
     Refusal,

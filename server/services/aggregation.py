@@ -40,7 +40,8 @@ from mlecs.aggregation.robust import clip_update
 from mlecs.aggregation.streaming import StreamingAverage, merge_averages
 from mlecs.codec import decode_tensors
 from mlecs.tensor_names import FUSED_TENSOR
-from server.domain.models import FederationConfig, Update
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Update
 from server.domain.scheduling import staleness_weight
 from server.learning.global_model import apply_delta
 

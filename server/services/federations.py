@@ -14,7 +14,8 @@ import numpy as np
 
 from mlecs.codec import CodecKind, encode_tensors, sha256_hex
 from server.domain.errors import ConflictError, InvalidRequestError, NotFoundError
-from server.domain.models import Federation, FederationConfig, FederationState, ModelVersion
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Federation, FederationState, ModelVersion
 from server.learning.anchors import encoded_text_anchors
 from server.learning.global_model import check_cloud_model, initial_global_state
 from server.services.context import ServiceContext

@@ -14,7 +14,8 @@ from prometheus_client import Gauge
 
 from server import metrics
 from server.domain.errors import UnavailableError
-from server.domain.models import FederationConfig, Update
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Update
 from server.services.aggregation import group_scales, own_weight
 from server.services.context import ServiceContext
 

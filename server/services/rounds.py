@@ -31,11 +31,11 @@ from server.domain.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
+from server.domain.federation_config import FederationConfig
 from server.domain.models import (
     Device,
     DeviceReport,
     Federation,
-    FederationConfig,
     FederationState,
     Fence,
     Round,

@@ -34,14 +34,8 @@ from server.domain.errors import (
     ResourceLimitError,
     UpdateRejectedError,
 )
-from server.domain.models import (
-    Device,
-    FederationConfig,
-    Round,
-    Update,
-    UpdateState,
-    utcnow,
-)
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Device, Round, Update, UpdateState, utcnow
 from server.domain.scheduling import could_close
 from server.learning.global_model import adapter_schema, client_agreements, fused_dim
 from server.services import staging

@@ -8,15 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.domain.errors import InvalidRequestError
-from server.domain.models import (
-    Device,
-    EnrolmentToken,
-    Federation,
-    FederationConfig,
-    ModelVersion,
-    Refusal,
-    Round,
-)
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Device, EnrolmentToken, Federation, ModelVersion, Refusal, Round
 from server.services.inspection import Participation, RoundMetrics
 from server.transport.config_schema import federation_config_body
 

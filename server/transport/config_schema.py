@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, Field, create_model
 
-from server.domain.models import CONFIG_BOUNDS, CONFIG_SECTIONS, FederationConfig
+from server.domain.federation_config import CONFIG_BOUNDS, CONFIG_SECTIONS, FederationConfig
 
 EXAMPLES: dict[str, Any] = {
     "clip_norm": 5.0, "max_update_norm": 20.0, "robust_rule": "median", "exclude_above": 3.0,

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from server.domain.models import Device, Federation, FederationConfig, ModelVersion, Round
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Device, Federation, ModelVersion, Round
 from server.persistence.database import create_engine_for
 from server.persistence.sql_store import SqlStore
 from server.persistence.tables import metadata

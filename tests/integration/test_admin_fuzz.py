@@ -24,7 +24,7 @@ from sqlalchemy import text
 
 from server.composition import build_services
 from server.config import CoordinatorSettings
-from server.domain.models import FederationConfig
+from server.domain.federation_config import FederationConfig
 from server.persistence.database import create_engine_for
 from server.persistence.tables import metadata
 from server.transport.admin_api import AdminServices, create_admin_app

@@ -14,7 +14,7 @@ import pytest
 from edge_agent.client import CoordinatorClient
 from edge_agent.tasks import TrainTask
 from server.config import CoordinatorSettings
-from server.domain.models import CONFIG_BOUNDS
+from server.domain.federation_config import CONFIG_BOUNDS
 from tests.integration.coordinator_harness import RunningCoordinator, running_coordinator
 
 TINY = {"model": {"backbone": "tiny"}, "server_learning": False}

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import inspect, text
 
 from server.domain.errors import ConflictError
-from server.domain.models import Device, Federation, FederationConfig, ModelVersion, Round, Update, UpdateState
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Device, Federation, ModelVersion, Round, Update, UpdateState
 from server.domain.rounds import RoundState
 from server.persistence.database import create_engine_for, current_revision, downgrade, migrate
 from server.persistence.sql_store import SqlStore

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.domain.models import CONFIG_BOUNDS, FederationConfig
+from server.domain.federation_config import CONFIG_BOUNDS, FederationConfig
 from server.persistence.database import current_revision, downgrade, migrate
 from server.persistence.sql_store import SqlStore
 from tests.integration.migration_helpers import database_at, insert_federation

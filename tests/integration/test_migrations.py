@@ -12,7 +12,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from server.domain.models import Device, Federation, FederationConfig, Round, Update
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Device, Federation, Round, Update
 from server.persistence.database import (
     MIGRATIONS_DIR_ENV,
     create_engine_for,

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from server.domain.errors import ConflictError, NotFoundError
-from server.domain.models import Federation, FederationConfig, FederationState
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Federation, FederationState
 from server.persistence.sql_store import SqlStore
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from server.domain.models import CONFIG_BOUNDS, CONFIG_SECTIONS, FederationConfig
+from server.domain.federation_config import CONFIG_BOUNDS, CONFIG_SECTIONS, FederationConfig
 from server.transport.admin_schemas import FederationConfigBody
 from server.transport.config_schema import attribute_docs
 

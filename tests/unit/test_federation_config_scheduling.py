@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.domain.errors import InvalidRequestError
-from server.domain.models import FederationConfig
+from server.domain.federation_config import FederationConfig
 from server.transport.admin_schemas import FederationConfigBody
 
 AUDIO_IMAGE = frozenset({"audio", "image"})

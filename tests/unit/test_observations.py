@@ -7,7 +7,8 @@ import math
 import pytest
 from prometheus_client import REGISTRY
 
-from server.domain.models import FederationConfig, Update
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Update
 from server.services.observations import observe_round, weight_shares
 
 

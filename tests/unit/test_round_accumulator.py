@@ -10,7 +10,8 @@ from mlecs.aggregation.claims import capped_sample_counts
 from mlecs.aggregation.lora_exact import average_lora_products
 from mlecs.aggregation.quality import agreement_weights
 from mlecs.codec import encode_tensors
-from server.domain.models import FederationConfig, Update
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Update
 from server.domain.scheduling import staleness_weight
 from server.learning.global_model import apply_delta
 from server.services.aggregation import RoundAccumulator, aggregate, capped_samples, version_staleness

@@ -1,7 +1,7 @@
 import pytest
 
 from server.domain.errors import InvalidTransitionError
-from server.domain.models import FederationConfig
+from server.domain.federation_config import FederationConfig
 from server.domain.rounds import RoundState, check_transition
 
 HAPPY_PATH = [RoundState.CREATED, RoundState.OPEN, RoundState.COLLECTING, RoundState.AGGREGATING,

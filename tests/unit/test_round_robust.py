@@ -8,7 +8,8 @@ import pytest
 from mlecs.aggregation.robust import weighted_median
 from mlecs.codec import encode_tensors
 from mlecs.tensor_names import FUSED_TENSOR
-from server.domain.models import FederationConfig, Update
+from server.domain.federation_config import FederationConfig
+from server.domain.models import Update
 from server.services.aggregation import aggregate, own_weight, update_samples
 
 SHAPES = {"head.weight": (3, 4), "lora.layer0.query.A": (2, 6), "extractors.image.w": (5,)}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.domain.models import FederationConfig
+from server.domain.federation_config import FederationConfig
 from server.learning.task_data import TaskData
 
 TASK = 'name = "pair"\nlabels = ["a", "b"]\n[modalities.v]\nkind = "vector"\ndim = 2\n[model]\nbackbone = "tiny"\n'
