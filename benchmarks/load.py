@@ -48,7 +48,8 @@ from benchmarks.load_report import (
     plot_load,
     report_text,
 )
-from benchmarks.simdevice import Fleet, FleetError, FleetOptions, FleetStats, make_specs
+from benchmarks.simdevice import FleetError, FleetOptions, FleetStats, make_specs
+from benchmarks.simfleet import Fleet
 
 FEATURE_DIMS = (32, 64, 128, 192, 256, 384, 512, 768, 1024)
 LORA_RANKS = (4, 8)

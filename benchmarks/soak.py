@@ -37,7 +37,8 @@ import sqlalchemy as sa
 from benchmarks.load import federation_config, model_for_params
 from benchmarks.load_coordinator import AdminClient, CoordinatorProcess, backing_stores
 from benchmarks.load_report import percentile
-from benchmarks.simdevice import Fleet, FleetOptions, make_specs
+from benchmarks.simdevice import FleetOptions, make_specs
+from benchmarks.simfleet import Fleet
 from benchmarks.soak_hostile import HostileOptions, hostile_process
 
 IDLE_TIMEOUT_S = 10
