@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from mlecs.codec import encode_tensors, iter_chunks, peek_header, sha256_hex
+from mlecs import wire
+from mlecs.codec import encode_tensors, peek_header, sha256_hex
 from mlecs.endpoints import with_port
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
@@ -38,9 +39,6 @@ CHANNEL_OPTIONS = [
 ]
 MODALITY_SETS: tuple[tuple[str, ...], ...] = (("image",), ("audio",), ("audio", "image"))
 """Device i holds MODALITY_SETS[i % 3]: a third image-only, a third audio-only, a third both."""
-_MODALITY_ENUM = {"image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO}
-_CODEC_ENUM = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.CODEC_INT8_ZSTD}
-_CODEC_NAME = {value: name for name, value in _CODEC_ENUM.items()}
 _MAX_ERROR_SAMPLES = 5
 
 
@@ -267,12 +265,11 @@ class SimDevice:
         return result
 
     async def enrol(self) -> None:
-        reply = await self._timed("Enrol", self._stub.Enrol(pb.EnrolRequest(
-            federation=self._options.federation, device_name=self.spec.name,
-            modalities=[_MODALITY_ENUM[m] for m in self.spec.modalities], agent_version="simdevice"),
-            timeout=self._options.rpc_timeout_s))
+        reply = await self._timed("Enrol", self._stub.Enrol(
+            wire.enrol_request(self._options.federation, self.spec.name, self.spec.modalities,
+                               agent_version="simdevice"), timeout=self._options.rpc_timeout_s))
         self._device_id = reply.device_id
-        self._metadata = (("authorization", f"Device {reply.device_id}:{reply.device_secret}"),)
+        self._metadata = wire.credential(reply.device_id, reply.device_secret)
         self._heartbeat_s = float(self._options.heartbeat_s or reply.heartbeat_interval_s or 5)
         self._heartbeat_port = reply.heartbeat_port
 
@@ -320,7 +317,7 @@ class SimDevice:
             await asyncio.sleep(min(retry, self._options.poll_s) * self._rng.uniform(0.5, 1.5))
 
     async def _train(self, task: Any) -> None:
-        codec = _CODEC_NAME.get(task.config.upload_codec, "fp16")
+        codec = wire.CODEC_NAME.get(task.config.upload_codec, "fp16")
         rebuild = self._payload is None or self._payload.codec != codec
         adapter = await self._download(task.global_version_id, keep=rebuild, measured=True)
         if rebuild:
@@ -353,16 +350,14 @@ class SimDevice:
         """Streams the prepared payload for ``task``'s round; True when the coordinator accepted it."""
         payload = self._payload
         assert payload is not None
-        header = pb.UploadHeader(
-            round_id=task.round_id, device_id=self._device_id, upload_id=uuid.uuid4().hex,
-            codec=_CODEC_ENUM[payload.codec], total_size=len(payload.data), sha256=payload.sha256,
-            modalities=[_MODALITY_ENUM[m] for m in self.spec.modalities],
-            samples=pb.SampleCounts(public_samples=100, private_samples=100), resume_offset=0,
-            base_version_id=task.global_version_id)
+        header = wire.upload_header(
+            round_id=task.round_id, device_id=self._device_id, upload_id=uuid.uuid4().hex, codec=payload.codec,
+            total_size=len(payload.data), sha256=payload.sha256, modalities=self.spec.modalities,
+            public_samples=100, private_samples=100, base_version_id=task.global_version_id)
         chunk_bytes = task.config.max_chunk_bytes or 256 * 1024
 
         def messages() -> Iterator[Any]:
-            for message in _upload_messages(header, payload.data, chunk_bytes):
+            for message in wire.upload_messages(header, payload.data, chunk_bytes):
                 self._stats.upload_wire_bytes += message.ByteSize()
                 yield message
 
@@ -375,8 +370,3 @@ class SimDevice:
             self._stats.uploads_rejected += 1
         return False
 
-
-def _upload_messages(header: Any, data: bytes, chunk_bytes: int) -> Iterator[Any]:
-    yield pb.UploadMessage(header=header)
-    for offset, piece in iter_chunks(data, chunk_bytes):
-        yield pb.UploadMessage(chunk=pb.UploadChunk(offset=offset, data=piece))

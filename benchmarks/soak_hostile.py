@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from mlecs import wire
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 
@@ -139,10 +140,9 @@ async def _run(options: HostileOptions, stop: Any, results: Any) -> None:
     raw = grpc.aio.insecure_channel(options.address)
     devices = [_Hostile(f"hostile-{i}", fleet_pb2_grpc.FleetStub(channel)) for i in range(options.devices)]
     for device in devices:
-        reply = await device.stub.Enrol(pb.EnrolRequest(federation=options.federation, device_name=device.name,
-                                                        modalities=[pb.MODALITY_IMAGE]), timeout=60)
+        reply = await device.stub.Enrol(wire.enrol_request(options.federation, device.name, ["image"]), timeout=60)
         device.device_id = reply.device_id
-        device.metadata = (("authorization", f"Device {reply.device_id}:{reply.device_secret}"),)
+        device.metadata = wire.credential(reply.device_id, reply.device_secret)
     results.put(("ready", len(devices)))
     while not stop.is_set():
         loop = asyncio.get_running_loop()

@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import grpc
 
 from edge_agent.config import TlsMaterial
 from edge_agent.errors import AgentError, CoordinatorUnavailable, CredentialRejected, RequestRefused
 from edge_agent.tasks import GlobalVersion, PublicCopyCheck, PublicShard, Stop, TrainTask, UploadRequest, Wait
-from mlecs.codec import iter_chunks
+from mlecs import wire
 from mlecs.datasets.public_shard import MAX_SHARD_BYTES, SampleFingerprint
 from mlecs.endpoints import with_port
 from mlecs.proto.v1 import fleet_pb2 as pb
 from mlecs.proto.v1 import fleet_pb2_grpc
 
-_MODALITY = {"image": pb.MODALITY_IMAGE, "audio": pb.MODALITY_AUDIO}
-
-
-def _legacy_modalities(names: list[str]) -> list[pb.Modality.ValueType]:
-    """The enum spelling coordinators before 0.2 read (AV-MNIST's two modalities only)."""
-    return [_MODALITY[m] for m in names if m in _MODALITY]
-
-
-_CODEC = {"fp32": pb.CODEC_FP32_ZSTD, "fp16": pb.CODEC_FP16_ZSTD, "int8": pb.CODEC_INT8_ZSTD}
-_CODEC_NAME = {v: k for k, v in _CODEC.items()}
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.ABORTED}
 _HEARTBEAT_FALLBACK = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED}
 """Failures of the heartbeat port after which the beat is sent to the coordinator's address instead."""
+AGENT_VERSION = "0.3.0"
+"""What the agent tells the coordinator at enrolment: the wire features it speaks (0.2: modality names;
+0.3: public shards and copy checks)."""
 TASK_WAIT_S = 10
 """How long a task poll may be held by the coordinator (also bounds how long SIGTERM waits for it)."""
 _UPLOAD_STATE = {pb.UPLOAD_STATE_PARTIAL: "partial", pb.UPLOAD_STATE_ACCEPTED: "accepted",
@@ -115,16 +107,15 @@ class CoordinatorClient:
             self._heartbeat_stub = fleet_pb2_grpc.FleetStub(self._heartbeat_channel)
 
     def authenticate(self, device_id: str, secret: str) -> None:
-        self._metadata = (("authorization", f"Device {device_id}:{secret}"),)
+        self._metadata = wire.credential(device_id, secret)
 
     def enrol(self, federation: str, device_name: str, modalities: list[str],
               enrolment_token: str = "") -> tuple[str, str, int]:
         """Returns (device id, secret, heartbeat interval)."""
         try:
-            reply = self._stub.Enrol(pb.EnrolRequest(
-                federation=federation, device_name=device_name, enrolment_token=enrolment_token,
-                modalities=_legacy_modalities(modalities), modality_names=list(modalities),
-                agent_version="0.2.0"), timeout=self._timeout)
+            reply = self._stub.Enrol(wire.enrol_request(federation, device_name, modalities,
+                                                        enrolment_token=enrolment_token, agent_version=AGENT_VERSION),
+                                     timeout=self._timeout)
         except grpc.RpcError as exc:
             raise translate(exc) from exc
         self._use_heartbeat_port(reply.heartbeat_port)
@@ -162,7 +153,7 @@ class CoordinatorClient:
             return TrainTask(
                 round_id=t.round_id, round_number=t.round_number, version_id=t.global_version_id,
                 public_epochs=c.public_epochs, private_epochs=c.private_epochs, batch_size=c.batch_size,
-                learning_rate=c.learning_rate, upload_codec=_CODEC_NAME.get(c.upload_codec, "fp16"),
+                learning_rate=c.learning_rate, upload_codec=wire.CODEC_NAME.get(c.upload_codec, "fp16"),
                 max_chunk_bytes=c.max_chunk_bytes or 256 * 1024, seed=c.seed,
                 model=json.loads(c.model_config_json or "{}"),
                 ccl_weight=c.ccl_weight, ccl_temperature=c.ccl_temperature or 0.1,
@@ -266,21 +257,15 @@ class CoordinatorClient:
 
     def upload(self, request: UploadRequest, payload: bytes, resume_offset: int, chunk_bytes: int) -> tuple[str, int]:
         """Streams ``payload[resume_offset:]``; returns (state, acknowledged offset)."""
-        header = pb.UploadHeader(
+        header = wire.upload_header(
             round_id=request.round_id, device_id=request.device_id, upload_id=request.upload_id,
-            codec=_CODEC[request.codec], total_size=len(payload), sha256=request.sha256,
-            modalities=_legacy_modalities(request.modalities), modality_names=list(request.modalities),
-            samples=pb.SampleCounts(public_samples=request.public_samples, private_samples=request.private_samples),
+            codec=request.codec, total_size=len(payload), sha256=request.sha256, modalities=request.modalities,
+            public_samples=request.public_samples, private_samples=request.private_samples,
             resume_offset=resume_offset, base_version_id=request.base_version_id, metrics=request.metrics,
             fused_sample_ids=request.fused_sample_ids)
-
-        def messages() -> Iterator[pb.UploadMessage]:
-            yield pb.UploadMessage(header=header)
-            for offset, piece in iter_chunks(payload[resume_offset:], chunk_bytes):
-                yield pb.UploadMessage(chunk=pb.UploadChunk(offset=resume_offset + offset, data=piece))
-
         try:
-            reply = self._stub.UploadUpdate(messages(), timeout=self._timeout * 4, metadata=self._metadata)
+            reply = self._stub.UploadUpdate(wire.upload_messages(header, payload, chunk_bytes),
+                                            timeout=self._timeout * 4, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise translate(exc) from exc
         return _UPLOAD_STATE.get(reply.state, "partial"), reply.acknowledged_offset
