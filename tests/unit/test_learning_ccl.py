@@ -93,3 +93,19 @@ def test_a_gradient_step_aligns_three_modalities() -> None:
         stepped = {m: e - 0.5 * e.grad for m, e in embeddings.items()}  # type: ignore[operator]
     assert ccl_loss(stepped, present, temperature=0.1) < before
 
+
+
+def test_anti_parallel_embeddings_span_zero_volume_so_ccl_cannot_tell_a_flipped_modality() -> None:
+    """The volume measures the span, not the direction, as in GRAM: u and -u span a line, like u and u. So
+    CCL scores a batch whose audio features are the image features negated exactly as a batch whose
+    features coincide; telling a flipped modality apart is left to the task loss and SE-CCL's anchors
+    (docs/method.md). A sign-aware volume would change this test on purpose."""
+    torch.manual_seed(0)
+    image = torch.randn(6, 8)
+    assert volume(torch.stack([image[0], -image[0]])).item() == pytest.approx(0.0, abs=1e-3)
+    present = {"image": torch.ones(6, dtype=torch.bool), "audio": torch.ones(6, dtype=torch.bool)}
+    aligned = ccl_loss({"image": image, "audio": image.clone()}, present)
+    flipped = ccl_loss({"image": image, "audio": -image}, present)
+    unrelated = ccl_loss({"image": image, "audio": torch.randn(6, 8)}, present)
+    assert flipped.item() == pytest.approx(aligned.item(), rel=1e-4)
+    assert unrelated.item() > aligned.item() + 0.5  # the loss itself does separate aligned from unrelated
