@@ -7,6 +7,7 @@ import json
 from mlecs.datasets.public_shard import SampleFingerprint
 from mlecs.proto.v1 import fleet_pb2 as pb
 from server.domain.assignments import Assignment, StopAssignment, TrainAssignment, WaitAssignment
+from server.domain.federation_config import CONFIG_SECTIONS, FederationConfig
 from server.services.public_set import CopyCheck
 from server.services.upload_checks import UploadHeader
 
@@ -75,6 +76,21 @@ def copy_check_to_proto(check: CopyCheck | None) -> pb.VerifyPublicCopyResponse:
         mismatches=[pb.PublicSampleMismatch(id=m.id, reason=m.reason) for m in check.mismatches])
 
 
+_TRAIN_CONFIG_FIELDS = frozenset(field.name for field in pb.TrainConfig.DESCRIPTOR.fields)
+_CONVERTED = {"upload_codec", "upload_stage", "model"}
+"""Training fields the wire spells otherwise (an enum, a JSON string); the rest travel under their own names."""
+
+
+def train_config(config: FederationConfig) -> pb.TrainConfig:
+    """What a device is told to train with: the training section of the federation's config, every field the
+    wire's TrainConfig has (the section is declared once, in ``FederationConfig``)."""
+    plain = {name: getattr(config, name) for name in CONFIG_SECTIONS["training"]
+             if name in _TRAIN_CONFIG_FIELDS and name not in _CONVERTED}
+    return pb.TrainConfig(**plain, upload_codec=codec_to_proto(config.upload_codec),
+                          upload_stage=_UPLOAD_STAGE[config.upload_stage],
+                          model_config_json=json.dumps(config.model, sort_keys=True))
+
+
 def assignment_to_proto(assignment: Assignment) -> pb.GetTaskResponse:
     match assignment:
         case TrainAssignment(round=round_, config=config):
@@ -84,23 +100,7 @@ def assignment_to_proto(assignment: Assignment) -> pb.GetTaskResponse:
                 round_number=round_.number,
                 global_version_id=round_.base_version_id or "",
                 deadline_unix_ms=deadline_ms,
-                config=pb.TrainConfig(
-                    public_epochs=config.public_epochs,
-                    private_epochs=config.private_epochs,
-                    batch_size=config.batch_size,
-                    learning_rate=config.learning_rate,
-                    upload_codec=codec_to_proto(config.upload_codec),
-                    max_chunk_bytes=config.max_chunk_bytes,
-                    seed=config.seed,
-                    model_config_json=json.dumps(config.model, sort_keys=True),
-                    ccl_weight=config.ccl_weight,
-                    ccl_temperature=config.ccl_temperature,
-                    seccl_weight=config.seccl_weight,
-                    seccl_temperature=config.seccl_temperature,
-                    fused_upload_samples=config.fused_upload_samples,
-                    upload_stage=_UPLOAD_STAGE[config.upload_stage],
-                    personal_epochs=config.personal_epochs,
-                ),
+                config=train_config(config),
             ))
         case WaitAssignment(retry_after_s=retry, reason=reason):
             return pb.GetTaskResponse(wait=pb.WaitTask(retry_after_s=retry, reason=reason))

@@ -44,3 +44,19 @@ def test_attribute_docs_reads_the_literal_under_each_annotated_attribute() -> No
         """Only this."""
 
     assert attribute_docs(Example) == {"documented": "Spread over two lines, with `code`.", "other": "Only this."}
+
+
+def test_the_device_task_is_the_training_section_every_field_the_wire_carries() -> None:
+    from mlecs.proto.v1 import fleet_pb2 as pb
+    from server.transport.grpc_convert import train_config
+
+    config = FederationConfig(batch_size=7, learning_rate=0.02, seed=11, personal_epochs=3, private_epochs=2,
+                              fused_upload_samples=5, upload_codec="int8", upload_stage="public",
+                              model={"backbone": "tiny"})
+    sent = train_config(config)
+    wire = {field.name for field in pb.TrainConfig.DESCRIPTOR.fields}
+    carried = (set(CONFIG_SECTIONS["training"]) & wire) | {"model_config_json"}
+    assert carried == wire, "every TrainConfig field comes from the training section"
+    assert (sent.batch_size, sent.seed, sent.personal_epochs, sent.fused_upload_samples) == (7, 11, 3, 5)
+    assert abs(sent.learning_rate - 0.02) < 1e-9 and sent.model_config_json == '{"backbone": "tiny"}'
+    assert (sent.upload_codec, sent.upload_stage) == (pb.CODEC_INT8_ZSTD, pb.UPLOAD_STAGE_PUBLIC)
