@@ -24,6 +24,12 @@ class FederationState(StrEnum):
     ACTIVE = "active"
     PAUSED = "paused"    # opens no new rounds and gives devices Wait; resumable
     STOPPED = "stopped"  # terminal: devices are told to stop
+    COMPLETED = "completed"  # terminal: it committed its target_rounds; devices are told to stop
+
+    @property
+    def is_final(self) -> bool:
+        """Stopped or completed: no rounds, no enrolment, devices told to stop; it never changes again."""
+        return self in (FederationState.STOPPED, FederationState.COMPLETED)
 
 
 class UpdateState(StrEnum):

@@ -60,17 +60,18 @@ class SqlFederations(SqlBase):
 
     def set_federation_state(self, federation_id: str, state: FederationState) -> Federation:
         """Writes the state column alone, so a round committing at the same moment keeps the current version
-        it sets. A stopped federation stays stopped (ConflictError), decided in the same statement."""
+        it sets. A stopped or completed federation stays so (ConflictError), decided in the same statement."""
+        final = [s.value for s in FederationState if s.is_final]
         with self._transaction() as session:
             changed = session.execute(
                 sql_update(FederationRow)
-                .where(FederationRow.id == federation_id, FederationRow.state != FederationState.STOPPED.value)
+                .where(FederationRow.id == federation_id, FederationRow.state.notin_(final))
                 .values(state=state.value))
             row = session.get(FederationRow, federation_id)
             if row is None:
                 raise NotFoundError(f"federation {federation_id} not found")
             if rowcount(changed) == 0:
-                raise ConflictError(f"federation {row.name!r} is stopped for good; create a new one")
+                raise ConflictError(f"federation {row.name!r} is {row.state} for good; create a new one")
             return mapping.to_federation(row)
 
     def set_current_version(self, federation_id: str, version_id: str) -> Federation:

@@ -21,7 +21,7 @@ from server.domain.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from server.domain.models import Device, EnrolmentToken, FederationState, utcnow
+from server.domain.models import Device, EnrolmentToken, utcnow
 from server.services.context import ServiceContext
 from server.services.credentials import CredentialCache
 from server.services.federations import FederationService
@@ -65,7 +65,7 @@ class DeviceService:
         (mutual TLS; None without): it must equal ``device_name``.
         """
         federation = self._federations.get(federation_name)
-        if federation.state is FederationState.STOPPED:  # a paused one still enrols: its devices wait for rounds
+        if federation.state.is_final:  # a paused one still enrols: its devices wait for rounds
             raise PermissionDeniedError(f"federation {federation.name!r} is {federation.state}, not enrolling")
         device_name = device_name.strip()
         if not device_name or len(device_name) > 128:
@@ -161,8 +161,8 @@ class DeviceService:
         seconds, by the device called ``device_name`` only when given. Returns the plaintext, which is not
         kept anywhere (only its sha256 is), and the stored record."""
         target = self._federations.get(federation)
-        if target.state is FederationState.STOPPED:
-            raise ConflictError(f"federation {target.name!r} is stopped: it enrols no devices")
+        if target.state.is_final:
+            raise ConflictError(f"federation {target.name!r} is {target.state}: it enrols no devices")
         if not (math.isfinite(ttl_s) and 0 < ttl_s <= MAX_ENROLMENT_TOKEN_TTL_S):
             raise InvalidRequestError(f"an enrolment token's lifetime must be more than 0 and at most "
                                       f"{MAX_ENROLMENT_TOKEN_TTL_S / 86400:.0f} days, not {ttl_s} s")

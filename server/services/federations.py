@@ -119,7 +119,7 @@ class FederationService:
     def stop(self, federation_id_or_name: str) -> Federation:
         """Stops a federation: devices are told to stop; unfinished rounds are failed."""
         federation = self.get(federation_id_or_name)
-        if federation.state is FederationState.STOPPED:
+        if federation.state.is_final:
             return federation
         stopped = self._ctx.store.set_federation_state(federation.id, FederationState.STOPPED)
         self._on_change()
@@ -136,8 +136,8 @@ class FederationService:
 
     def _set_state(self, federation_id_or_name: str, state: FederationState) -> Federation:
         federation = self.get(federation_id_or_name)
-        if federation.state is FederationState.STOPPED:
-            raise ConflictError(f"federation {federation.name!r} is stopped for good; create a new one")
+        if federation.state.is_final:
+            raise ConflictError(f"federation {federation.name!r} is {federation.state} for good; create a new one")
         if federation.state is state:
             return federation
         # The state column alone: a round committing meanwhile keeps the current version it sets.

@@ -138,6 +138,9 @@ class RoundService:
         federation, latest = view.federation, view.latest_round
         if federation.state is FederationState.STOPPED:
             return StopAssignment(reason=f"federation {federation.name} stopped")
+        if federation.state is FederationState.COMPLETED:
+            return StopAssignment(reason=f"federation {federation.name} completed its "
+                                         f"{federation.config.target_rounds} rounds")
         if federation.state is FederationState.PAUSED:
             return WaitAssignment(WAIT_S, f"federation {federation.name} paused")
         if latest is None or not latest.state.accepts_uploads:
@@ -213,6 +216,8 @@ class RoundService:
         latest = store.latest_round(federation.id)
         unfinished = latest is not None and not latest.state.is_terminal
         if not unfinished and not self._wants_next(federation):
+            if self._target_reached(federation):
+                self._complete(federation)
             return
         settings = self._ctx.settings
         fence = store.acquire_lease(federation_lease(federation.id), settings.replica_id, settings.lease_ttl_s)
@@ -228,11 +233,30 @@ class RoundService:
             latest = self.advance(latest.id, fence)
         if latest is None or latest.state.is_terminal:
             federation = store.get_federation(federation.id)
-            if self._wants_next(federation):
+            if self._target_reached(federation):
+                self._complete(federation)
+            elif self._wants_next(federation):
                 try:
                     self._open_next(federation)
                 except ConflictError as exc:
                     log.debug("next round of %s not opened yet: %s", federation.name, exc)
+
+    def _target_reached(self, federation: Federation) -> bool:
+        """Whether an active federation with a ``target_rounds`` has committed that many rounds."""
+        target = federation.config.target_rounds
+        if federation.state is not FederationState.ACTIVE or target == 0:
+            return False
+        return sum(r.state is RoundState.COMMITTED for r in self._ctx.store.list_rounds(federation.id)) >= target
+
+    def _complete(self, federation: Federation) -> None:
+        """Ends a federation that reached its target: its devices are told to stop at their next poll."""
+        try:
+            self._ctx.store.set_federation_state(federation.id, FederationState.COMPLETED)
+        except ConflictError:
+            return  # stopped meanwhile, or completed by another replica
+        log.info("federation %s completed its %d rounds; its devices are told to stop", federation.name,
+                 federation.config.target_rounds)
+        self._on_change()
 
     def _wants_next(self, federation: Federation) -> bool:
         """Whether the scheduler opens rounds by itself: async buffers always, sync up to target_rounds."""

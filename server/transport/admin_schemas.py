@@ -69,7 +69,7 @@ class FederationOut(BaseModel):
 
     id: str
     name: str
-    state: Literal["active", "paused", "stopped"]
+    state: Literal["active", "paused", "stopped", "completed"]
     current_version_id: str | None = Field(description="The version the next round starts from")
     created_at: datetime
     config: dict[str, Any]

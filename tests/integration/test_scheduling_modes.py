@@ -253,6 +253,15 @@ def test_a_round_without_quorum_fails_at_its_deadline_and_the_scheduler_opens_th
         versions = c.admin.get(f"/v1/federations/{fid}/versions").json()
         assert [v["round_number"] for v in versions] == [0, 2, 3]
 
+        # Its target reached, the federation is completed: devices are told to stop, and it stays so.
+        assert c.admin.get(f"/v1/federations/{fid}").json()["state"] == "completed"
+        told = a.get_task(a_id)
+        assert isinstance(told, Stop) and told.reason.endswith("completed its 2 rounds"), told
+        resumed = c.admin.post(f"/v1/federations/{fid}/resume")
+        assert resumed.status_code == 409 and "completed for good" in resumed.text, resumed.text
+        assert c.admin.post(f"/v1/federations/{fid}/rounds").status_code == 409
+        assert c.admin.post(f"/v1/federations/{fid}/stop").json()["state"] == "completed"
+
 
 # ---- 5. async buffers and the staleness bound ------------------------------------------------------------
 

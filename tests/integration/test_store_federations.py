@@ -82,13 +82,15 @@ def test_setting_the_state_leaves_a_current_version_written_meanwhile(store: Sql
     assert store.get_federation(federation.id).current_version_id == version.id
 
 
-def test_a_stopped_federation_cannot_be_paused_or_resumed(store: SqlStore, seed) -> None:
+@pytest.mark.parametrize("final", [FederationState.STOPPED, FederationState.COMPLETED])
+def test_a_stopped_or_completed_federation_stays_so(store: SqlStore, seed, final: FederationState) -> None:
     federation = seed.federation()
-    store.set_federation_state(federation.id, FederationState.STOPPED)
-    for state in (FederationState.PAUSED, FederationState.ACTIVE):
-        with pytest.raises(ConflictError, match="stopped for good"):
+    store.set_federation_state(federation.id, final)
+    for state in (FederationState.PAUSED, FederationState.ACTIVE, FederationState.STOPPED,
+                  FederationState.COMPLETED):
+        with pytest.raises(ConflictError, match=f"{final.value} for good"):
             store.set_federation_state(federation.id, state)
-    assert store.get_federation(federation.id).state is FederationState.STOPPED
+    assert store.get_federation(federation.id).state is final
 
 
 def test_state_and_version_writes_name_what_is_missing(store: SqlStore, seed) -> None:
