@@ -17,7 +17,7 @@ from server.learning.task_data import TaskData
 
 
 def _model_config(model: Mapping[str, Any]) -> Any:
-    from mlecs.model import ModelConfig
+    from mlecs.model.config import ModelConfig  # torch-free: reading a config loads no model code
 
     return ModelConfig.from_dict(dict(model))
 

@@ -9,19 +9,15 @@ sums. An update is acknowledged as accepted only after all that; until then the 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-from mlecs.codec import (
-    decode_tensors,
-)
+from mlecs.codec import decode_tensors, peek_header
 from mlecs.tensor_names import FUSED_TENSOR
 from server import metrics
 from server.domain.errors import (
@@ -37,7 +33,7 @@ from server.domain.errors import (
 from server.domain.federation_config import FederationConfig
 from server.domain.models import Device, Round, Update, UpdateState, utcnow
 from server.domain.scheduling import could_close
-from server.learning.global_model import adapter_schema, client_agreements, fused_dim
+from server.learning.global_model import client_agreements, fused_dim
 from server.services import staging
 from server.services.aggregation import RoundAccumulators, version_staleness
 from server.services.context import ServiceContext
@@ -64,12 +60,6 @@ class UploadSession:
     """Known when the upload was opened in this stream; a resumed one looks it up when it completes."""
 
 
-@lru_cache(maxsize=16)
-def _schema(model_key: str) -> Schema:
-    model = json.loads(model_key)
-    return Schema(adapter_schema(model), fused_dim(model))
-
-
 class UploadService:
     def __init__(self, ctx: ServiceContext, locks: RoundLocks,
                  on_accepted: Callable[[str], None] = lambda round_id: None,
@@ -82,6 +72,7 @@ class UploadService:
         self._anchor_cache: dict[str, dict[str, np.ndarray]] = {}
         # A federation's config never changes once stored: remembering it spares every upload three reads.
         self._configs: dict[str, FederationConfig] = {}
+        self._schemas: dict[str, Schema] = {}
 
     def open(self, device: Device, header: UploadHeader) -> UploadSession:
         """Starts or resumes an upload; returns the session and the offset the bytes must continue from."""
@@ -234,7 +225,7 @@ class UploadService:
             session.federation_id = self._ctx.store.get_round(update.round_id).federation_id
         config = self._config(session.federation_id)
         try:
-            tensors = check_payload(update, data, _schema(json.dumps(config.model, sort_keys=True)),
+            tensors = check_payload(update, data, self._schema(session.federation_id, config),
                                     config.max_update_norm)
         except UpdateRejectedError as exc:
             update.state = UpdateState.REJECTED
@@ -290,6 +281,20 @@ class UploadService:
             return decode_tensors(blobs.get(store.get_version(round_.base_version_id).adapter_key))
 
         self._accumulators.add(round_.id, config, base, update, tensors, staleness)
+
+    def _schema(self, federation_id: str, config: FederationConfig) -> Schema:
+        """What the federation's updates may hold: the tensors of its global adapter (every version has the
+        same), read from the current version's codec header. No model is built, so the first upload after a
+        restart does not wait for torch."""
+        schema = self._schemas.get(federation_id)
+        if schema is None:
+            store = self._ctx.store
+            version_id = store.get_federation(federation_id).current_version_id
+            if version_id is None:
+                raise UpdateRejectedError("schema", "the federation has no global version to check updates against")
+            adapter = self._ctx.blobs.get(store.get_version(version_id).adapter_key)
+            schema = self._schemas[federation_id] = Schema(peek_header(adapter).shapes, fused_dim(config.model))
+        return schema
 
     def _score_fused(self, update: Update, tensors: dict[str, np.ndarray]) -> None:
         """MMA's noise term: how well the update's fused features agree with the anchors it trained against.
