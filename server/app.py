@@ -79,6 +79,9 @@ class Coordinator:
             # whole update. At N = 1000 this took peak RSS from 2.4-2.75 GiB to 1.2-1.4 GiB.
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", self.settings.grpc_stream_window_bytes),
+            # A second coordinator on this host and port must fail to start, not share the port: it would
+            # also share the default replica id, and with it the leases.
+            ("grpc.so_reuseport", 0),
         ])
         chunk = min(1024 * 1024, limit // 2)
         changes = ChangeSignal()

@@ -22,6 +22,10 @@ class ConfigurationError(Exception):
     """Settings that cannot work together; the message says what to set. Not retryable (exit code 2)."""
 
 
+def _default_replica_id(grpc_port: int) -> str:
+    return f"{socket.gethostname()}:{grpc_port or f'pid{os.getpid()}'}"
+
+
 class CoordinatorSettings(BaseSettings):
     """Everything the coordinator process can be told. Nested fields use ``__`` (e.g. ``MLECS_GRPC__PORT``)."""
 
@@ -142,9 +146,11 @@ class CoordinatorSettings(BaseSettings):
     target or quorum also wakes it)."""
     task_watch_interval_s: float = Field(default=0.25, gt=0)
     """How often held task long polls look for rounds opened by another replica."""
-    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}", min_length=1,
-                            max_length=200)
-    """Names this process in leases; replicas sharing a database must differ (the default does)."""
+    replica_id: str = Field(default_factory=lambda data: _default_replica_id(data.get("grpc_port", 0)),
+                            min_length=1, max_length=200)
+    """Names this process in leases; replicas sharing a database must differ. Default: the host name and the
+    gRPC port, so a coordinator restarted on the same host and port keeps its id and takes its leases back at
+    once instead of waiting for them to expire (with port 0, the process id)."""
     lease_ttl_s: float = Field(default=10.0, gt=0)
     """A replica driving a federation's rounds holds a lease this long, renewed while it works; a replica
     that dies is replaced by another after at most this long."""

@@ -108,10 +108,13 @@ class SqlRounds(SqlBase):
 
     # ---- leases -----------------------------------------------------------------------------
 
-    def acquire_lease(self, name: str, holder: str, ttl_s: float, now: datetime | None = None) -> Fence | None:
+    def acquire_lease(self, name: str, holder: str, ttl_s: float, now: datetime | None = None, *,
+                      reclaim: bool = False) -> Fence | None:
         """Claims or renews the lease ``name`` for ``holder``; None while another holder's is unexpired.
 
-        Renewing keeps the token; taking a lease over (new, or expired) issues the next token.
+        Renewing keeps the token; taking a lease over (new, or expired) issues the next token. ``reclaim``: the
+        holder restarted and does not hold the lease it may have held before: it takes it at once, with the
+        next token, so that anything still running of its earlier life is fenced out.
         """
         now = now or utcnow()
         expires = now + timedelta(seconds=ttl_s)
@@ -123,7 +126,7 @@ class SqlRounds(SqlBase):
                     return Fence(name, holder, 1)
                 if row.holder != holder and row.expires_at > now:
                     return None
-                if row.holder != holder:
+                if row.holder != holder or reclaim:
                     row.token += 1
                     row.holder = holder
                 row.expires_at = expires

@@ -220,7 +220,10 @@ class RoundService:
                 self._complete(federation)
             return
         settings = self._ctx.settings
-        fence = store.acquire_lease(federation_lease(federation.id), settings.replica_id, settings.lease_ttl_s)
+        # A lease this process does not hold yet may be its own from before a restart (the replica id is stable
+        # per host and port): it is taken back at once, with a new token, instead of waiting for it to expire.
+        fence = store.acquire_lease(federation_lease(federation.id), settings.replica_id, settings.lease_ttl_s,
+                                    reclaim=federation.id not in self._fences)
         if fence is None:
             self._fences.pop(federation.id, None)
             return  # another replica drives this federation

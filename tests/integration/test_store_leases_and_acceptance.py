@@ -71,6 +71,21 @@ def test_the_holder_renewing_its_lease_keeps_its_token(store: SqlStore) -> None:
     assert store.acquire_lease(LEASE, "replica-b", 30, now=now + timedelta(seconds=45)) is None
 
 
+def test_a_restarted_holder_reclaims_its_unexpired_lease_at_once_with_the_next_token(store: SqlStore,
+                                                                                     seed) -> None:
+    now = datetime.now(UTC)
+    before = store.acquire_lease(LEASE, "replica-a", 30, now=now)
+    again = store.acquire_lease(LEASE, "replica-a", 30, now=now + timedelta(seconds=1), reclaim=True)
+    assert before == Fence(LEASE, "replica-a", 1) and again == Fence(LEASE, "replica-a", 2)
+    assert before is not None
+    round_ = seed.round(seed.federation(), state=RoundState.OPEN)
+    round_.state = RoundState.COLLECTING
+    with pytest.raises(LeaseLostError, match="token 1"):  # what its earlier life still runs is fenced out
+        store.save_round(round_, before)
+    # Reclaiming is for one's own lease: another holder still waits for it to expire.
+    assert store.acquire_lease(LEASE, "replica-b", 30, now=now + timedelta(seconds=2), reclaim=True) is None
+
+
 def test_a_renewal_after_expiry_by_the_same_holder_keeps_its_token(store: SqlStore) -> None:
     now = datetime.now(UTC)
     store.acquire_lease(LEASE, "replica-a", 30, now=now)
