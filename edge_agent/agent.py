@@ -50,7 +50,10 @@ class Agent:
                     raise
                 wait = max(delay * random.uniform(0.5, 1.5), exc.retry_after_s)  # at least as long as asked
                 log.warning("%s: coordinator unavailable (%s); retrying in %.1fs", what, exc, wait)
-                self._stop.wait(wait)
+                if exc.retry_after_s:
+                    self._stop.wait(wait)  # asked to come back later: a reconnection does not change that
+                else:
+                    self._client.wait_until_reachable(wait, self._stop)
                 delay = min(delay * 2, self.settings.max_backoff_s)
             except CredentialRejected:
                 if self._identity is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import grpc
 
@@ -65,6 +67,11 @@ class CoordinatorClient:
             ("grpc.max_send_message_length", max_message_bytes),
             # With several replica addresses, spread calls and skip a replica that is down.
             ("grpc.lb_policy_name", "round_robin"),
+            # Reconnect attempts at most 2 s apart (gRPC's default grows to 2 minutes): a coordinator back
+            # from a restart is found within about a second (``wait_until_reachable``).
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         if tls is not None and tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -74,6 +81,10 @@ class CoordinatorClient:
                                                                                  tls.cert_pem)
         self._channel = self._open(address)
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
+        # Counts the times the connection became ready: a retry waits for the next one (the coordinator back).
+        self._reconnected = threading.Condition()
+        self._ready_count = 0
+        self._channel.subscribe(self._on_connectivity, try_to_connect=True)
         # Heartbeats go where the coordinator says (a port of their own, apart from transfers), on a
         # connection of their own: a heartbeat must not queue behind this device's upload either.
         self._heartbeat_port = 0
@@ -88,7 +99,24 @@ class CoordinatorClient:
             return grpc.insecure_channel(target, options=self._options)
         return grpc.secure_channel(target, self._credentials, options=self._options)
 
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            with self._reconnected:
+                self._ready_count += 1
+                self._reconnected.notify_all()
+
+    def wait_until_reachable(self, timeout_s: float, stop: threading.Event) -> None:
+        """Waits before retrying a call the coordinator could not serve: ``timeout_s``, or less when the
+        connection comes back meanwhile (a restarted coordinator is retried as soon as it listens; one that
+        answered "unavailable" over a live connection is given the whole wait). Returns when ``stop`` is set."""
+        deadline = time.monotonic() + timeout_s
+        with self._reconnected:
+            seen = self._ready_count
+            while not stop.is_set() and self._ready_count == seen and (left := deadline - time.monotonic()) > 0:
+                self._reconnected.wait(min(left, 0.1))
+
     def close(self) -> None:
+        self._channel.unsubscribe(self._on_connectivity)
         self._channel.close()
         if self._heartbeat_channel is not None:
             self._heartbeat_channel.close()

@@ -54,7 +54,8 @@ class Device:
                 return call()
             except CoordinatorUnavailable as exc:
                 log.info("unavailable (%s); retrying", exc)
-                time.sleep(delay * random.uniform(0.5, 1.5))
+                # As the agent does: the wait ends early when the connection comes back (a restart).
+                self.client.wait_until_reachable(delay * random.uniform(0.5, 1.5), self.stop)
                 delay = min(delay * 2, 2.0)
 
     def record(self, event: str, round_id: str, upload_id: str, detail: str = "") -> None:

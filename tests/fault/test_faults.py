@@ -13,7 +13,9 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,8 @@ from tests.fault.cluster import Cluster, Process, check_accounting, wait_until
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.fault]
 
 MODALITY_SETS = ["audio,image", "image", "audio"]
+RECOVERY_TARGET_S = 3.0
+"""Issue 19's target for a coordinator's recovery (restart to the next accepted upload)."""
 
 
 @pytest.fixture
@@ -68,6 +72,44 @@ def test_sigkill_of_the_coordinator_while_collecting_loses_no_acknowledged_updat
     cluster.wait_for_rounds("f", 4)
     counts = check_accounting(cluster, "f", 4)
     assert counts["acknowledged"] >= 12  # most of the 16 updates were acknowledged to a device
+
+
+def test_a_coordinator_killed_mid_round_accepts_uploads_again_soon_after_its_restart(cluster: Cluster) -> None:
+    """Recovery time, reported (printed, in ``recovery.json``, and as a warning over the target): from starting
+    the killed coordinator again to the next update it accepts. The devices retry as soon as their connection
+    comes back, the upload path loads no model, and the restarted replica (same replica id) takes its lease
+    back at once. Nothing acknowledged is lost or doubled."""
+    replica = cluster.add_replica()
+    cluster.create_federation("f", target_rounds=3, min_updates=4)
+    _fleet(cluster, "f", 4, train_s=0.5)
+    cluster.wait_for_rounds("f", 1)
+    _collecting(cluster, "f")
+    replica.process.kill()
+    time.sleep(3)  # long enough for the devices' retries to back off
+    restarted = datetime.now(UTC)
+    replica.start()
+    serving_s = (datetime.now(UTC) - restarted).total_seconds()  # process start to /readyz answering
+
+    def first_accepted_since_restart() -> datetime | None:
+        with cluster.store() as store:
+            fed = store.find_federation_by_name("f")
+            assert fed is not None
+            times = [u.accepted_at for r in store.list_rounds(fed.id) for u in store.list_updates(r.id)
+                     if u.accepted_at is not None and u.accepted_at > restarted]
+        return min(times, default=None)
+
+    accepted = wait_until(first_accepted_since_restart, 60, "an update accepted after the restart", interval_s=0.1)
+    recovery_s = (accepted - restarted).total_seconds()
+    report = {"recovery_s": round(recovery_s, 3), "serving_s": round(serving_s, 3), "devices": 4,
+              "killed": "collecting"}
+    (cluster.root / "recovery.json").write_text(json.dumps(report))
+    print(f"coordinator recovery: {recovery_s:.2f} s from restart to the next accepted upload "
+          f"(serving after {serving_s:.2f} s)")
+    if recovery_s > RECOVERY_TARGET_S:  # a timing, so reported rather than failed on (a busy machine is slower)
+        warnings.warn(f"coordinator recovery took {recovery_s:.2f} s, over the {RECOVERY_TARGET_S:g} s target: "
+                      f"{report}", stacklevel=1)
+    cluster.wait_for_rounds("f", 3)
+    check_accounting(cluster, "f", 3)
 
 
 def test_sigkill_of_the_coordinator_while_aggregating_commits_the_round_exactly_once(cluster: Cluster) -> None:
