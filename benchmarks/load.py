@@ -16,16 +16,20 @@ Exit codes: 0 every run finished; 1 a run failed (the others are still reported)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -187,7 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shared-channel", action="store_true",
                         help="one connection per device process instead of one per device (as real devices "
                              "have); heartbeats then wait behind other devices' transfers on that connection")
+    parser.add_argument("--profile", type=Path, default=None, metavar="SVG",
+                        help="sample the coordinator with py-spy during the rounds and write a flame graph here "
+                             "(one N only; py-spy may need root or ptrace permission)")
     return parser
+
+
+@contextlib.contextmanager
+def profiled(pid: int, svg: Path | None) -> Iterator[None]:
+    """Samples process ``pid`` (its threads, native frames left out) with py-spy while the block runs, and
+    writes the flame graph to ``svg``; does nothing without ``svg``."""
+    if svg is None:
+        yield
+        return
+    svg.parent.mkdir(parents=True, exist_ok=True)
+    executable = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))  # beside this Python
+    spy = subprocess.Popen([executable, "record", "--pid", str(pid), "--rate", "200",
+                            "--format", "flamegraph", "--output", str(svg), "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+        _, errors = spy.communicate(timeout=60)
+        if not svg.exists():
+            progress(f"py-spy wrote no flame graph: {errors.strip()[-300:]}")
 
 
 def default_poll_s(devices: int) -> float:
@@ -289,7 +317,7 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
         heartbeat_cpu = CpuAccount(coordinator.heartbeat_process_pids(), [], None)
         cpu = CpuAccount(coordinator.pids, fleet.pids, coordinator.stores.database_name)
         window_start = time.time()
-        with RssSampler(coordinator.pids) as sampler:
+        with RssSampler(coordinator.pids) as sampler, profiled(coordinator.pid, args.profile):
             rounds = _run_rounds(admin, federation, devices, args, label)
         window_end, used = time.time(), cpu.used()
         # Heartbeats are timed over at least two of their intervals: short rounds can otherwise end

@@ -23,10 +23,21 @@ BEGIN = "<!-- results: generated from results.json by `python -m benchmarks.page
 END = "<!-- end of generated results -->"
 
 
-def _load(results: list[dict[str, Any]]) -> str:
+def _load(page: Path) -> str:
     from benchmarks.load_report import report_text
+    from benchmarks.upload_floor import table
 
-    return report_text(results) + "\n![coordinator under load](load.png)\n"
+    parts = [report_text(json.loads((page / "results.json").read_text())), "![coordinator under load](load.png)"]
+    profile = page / "upload-profile"
+    if (profile / "results.json").is_file() and (profile / "floor.json").is_file():
+        run = json.loads((profile / "results.json").read_text())
+        parts += ["### The upload path against its floor", "",
+                  "32 devices, 5 rounds, the code of the issue-19 recovery work (its flame graph, from a 3-round run "
+                  "of the same code with py-spy sampling at 200 Hz: [upload-profile/flamegraph.svg]"
+                  "(upload-profile/flamegraph.svg)), and the floor of the same update's work "
+                  "(`python -m benchmarks.upload_floor`):", "",
+                  report_text(run), table(json.loads((profile / "floor.json").read_text()))]
+    return "\n".join(parts) + "\n"
 
 
 def _poisoning(results: list[dict[str, Any]]) -> str:
@@ -57,7 +68,7 @@ def _from_results(render: Callable[[list[dict[str, Any]]], str]) -> Callable[[Pa
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
-    "load": _from_results(_load),
+    "load": _load,
     "poisoning": _from_results(_poisoning),
     "learning": _from_results(_learning),
     "soak": _soak,
