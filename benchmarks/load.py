@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -216,6 +217,10 @@ def profiled(pid: int, svg: Path | None) -> Iterator[None]:
         _, errors = spy.communicate(timeout=60)
         if not svg.exists():
             progress(f"py-spy wrote no flame graph: {errors.strip()[-300:]}")
+        else:  # py-spy titles the graph with its command line: this machine's paths and pid, not the graph's
+            svg.write_text(re.sub(r'(<text id="title"[^>]*>)[^<]*(</text>)',
+                                  r"\1the coordinator during the load benchmark's rounds (py-spy, 200 Hz)\2",
+                                  svg.read_text(), count=1))
 
 
 def default_poll_s(devices: int) -> float:
