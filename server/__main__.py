@@ -121,6 +121,29 @@ def serve_heartbeats_command(
         raise typer.Exit(EXIT_CONFIG) from exc
 
 
+@cli.command("worker")
+def worker_command() -> None:
+    """Run cloud jobs: tune the cloud model, generate anchors and evaluate each new global version.
+
+    Coordinators commit a round once its aggregate is stored and put the version's cloud job on a durable
+    queue in their database; workers run those jobs. A coordinator runs one in-process unless
+    MLECS_WORKER_INPROCESS=false, which is how Compose and Kubernetes run it: workers as their own service,
+    scaled apart from the coordinator replicas, on the same MLECS_DATABASE_URL, blob store (MLECS_STATE_DIR)
+    and data (MLECS_DATA_DIR, MLECS_TASK_DATA). MLECS_CLOUD_WORKERS sets the jobs run at once; metrics are
+    served on MLECS_WORKER_METRICS_PORT. The database must be migrated (`mlecs-coordinator migrate`).
+    """
+    settings = _settings()
+    _logging(settings.log_level)
+    from server.worker import run_worker
+
+    _say_database(settings)
+    try:
+        run_worker(settings)
+    except RuntimeError as exc:
+        typer.echo(f"worker: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
 @cli.command("migrate")
 def migrate_command(revision: str = typer.Argument("head", help="Alembic revision to upgrade to")) -> None:
     """Apply database migrations and exit (the compose `migrate` service runs this)."""

@@ -127,6 +127,12 @@ class Coordinator:
         revocations = asyncio.create_task(follow_revocations(services.devices, self.settings))
         observer = asyncio.create_task(_observe(services))
         tasks = [scheduler, watcher, lag, revocations, observer]
+        cloud_worker = None
+        if self.settings.worker_inprocess:  # the embedded default: this process also runs the cloud jobs
+            services.jobs.serve_with(services.cloud_work.run)
+            cloud_worker = services.jobs.consumer(self.settings.cloud_workers, embedded=True)
+            cloud_worker.start()
+            log.info("cloud worker running in this process (%d thread(s))", self.settings.cloud_workers)
         if self.settings.heartbeat_port is not None:
             self.heartbeat_process = HeartbeatProcess(self.settings, advertise_heartbeat_port)
             tasks.append(asyncio.create_task(self.heartbeat_process.run()))
@@ -142,10 +148,13 @@ class Coordinator:
             http.should_exit = True
             await server.stop(grace=5)
             await asyncio.gather(http_task, *tasks, return_exceptions=True)
+            if cloud_worker is not None:  # a job cut short here is queued again (CloudWork.redeliver_stale)
+                await asyncio.to_thread(cloud_worker.stop)
             await asyncio.to_thread(services.rounds.release_leases)
             await asyncio.to_thread(services.ctx.presence.close)
             await asyncio.to_thread(services.refusals.close)
             await asyncio.to_thread(services.ctx.revocations.close)
+            await asyncio.to_thread(services.jobs.close)
             fleet.close()
 
     async def _schedule(self, services: Services) -> None:
@@ -158,6 +167,7 @@ class Coordinator:
                 await asyncio.to_thread(services.rounds.advance_all)
                 self._changed.set()  # this replica may have opened or closed a round: look now
                 await asyncio.to_thread(services.devices.flush_presence)
+                await asyncio.to_thread(services.cloud_work.redeliver_stale)
             except UnavailableError as exc:
                 log.warning("scheduler paused: %s", exc)
 
@@ -195,6 +205,7 @@ async def _observe(services: Services, interval_s: float = OBSERVE_INTERVAL_S) -
             await asyncio.to_thread(services.health)  # sets the dependency gauges
             await asyncio.to_thread(observe_fleet, services.ctx)
             await asyncio.to_thread(staging.sweep, services.ctx)
+            metrics.CLOUD_QUEUE_DEPTH.set(await asyncio.to_thread(services.jobs.depth))
         except UnavailableError as exc:
             log.debug("fleet gauges not refreshed: %s", exc)
         except Exception:  # a gauge is not worth the task: log and try again next time

@@ -2,7 +2,8 @@
 
 ``build_services`` is the whole coordinator (devices, rounds, uploads, the admin API's services);
 ``build_heartbeat_services`` only what the heartbeat process answers heartbeats with (credentials, presence,
-refusals), without the learning side's data or the round machinery.
+refusals), without the learning side's data or the round machinery; ``build_worker_services`` what a cloud
+worker runs jobs with.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from server.learning.global_model import GlobalEvaluator
 from server.learning.task_data import TaskData
 from server.persistence.blobs import FileBlobStore
 from server.persistence.database import create_engine_for, migrate
+from server.persistence.job_queue import JobQueue, create_huey
 from server.persistence.presence import create_presence_store
 from server.persistence.revocations import create_revocation_feed
 from server.persistence.sql_store import SqlStore
 from server.services.admin_tokens import AdminTokenService
 from server.services.aggregation import RoundAccumulators
 from server.services.audit import AuditService
+from server.services.cloud_work import CloudWork
 from server.services.context import ServiceContext
 from server.services.devices import DeviceService
 from server.services.federations import FederationService
@@ -70,6 +73,8 @@ class Services:
     audit: AuditService
     inspection: RoundInspectionService
     public_set: PublicSetService
+    jobs: JobQueue
+    cloud_work: CloudWork
 
     def admin_services(self) -> AdminServices:
         """What the admin API calls."""
@@ -109,11 +114,13 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
             loop.call_soon_threadsafe(changed.set)
 
     federations = FederationService(ctx, on_change)
+    jobs = JobQueue(create_huey(ctx.settings.resolved_database_url()))
+    cloud_work = CloudWork(ctx, jobs)
     return Services(
         ctx=ctx,
         federations=federations,
         devices=DeviceService(ctx, federations),
-        rounds=RoundService(ctx, federations, locks, accumulators, on_change),
+        rounds=RoundService(ctx, federations, locks, accumulators, on_change, cloud=cloud_work),
         uploads=UploadService(ctx, locks, on_accepted, accumulators),
         versions=VersionService(ctx, federations),
         refusals=RefusalRecorder(ctx.store, record_interval_s=settings.refusal_record_interval_s),
@@ -121,7 +128,28 @@ def build_services(settings: CoordinatorSettings, wake: asyncio.Event | None = N
         audit=AuditService(ctx.store),
         inspection=RoundInspectionService(ctx),
         public_set=PublicSetService(ctx, task_data),
+        jobs=jobs,
+        cloud_work=cloud_work,
     )
+
+
+@dataclass
+class WorkerServices:
+    """What a cloud worker needs: the ports (the learning side's data included) and the queue it serves."""
+
+    ctx: ServiceContext
+    jobs: JobQueue
+    cloud_work: CloudWork
+
+
+def build_worker_services(settings: CoordinatorSettings) -> WorkerServices:
+    """A worker's services, on a database a coordinator has migrated already."""
+    task_data = TaskData(settings.data_dir, settings.eval_setting, settings.task_data)
+    ctx = build_context(settings, task_data, migrate_database=False)
+    jobs = JobQueue(create_huey(settings.resolved_database_url()))
+    cloud_work = CloudWork(ctx, jobs)
+    jobs.serve_with(cloud_work.run)
+    return WorkerServices(ctx, jobs, cloud_work)
 
 
 @dataclass

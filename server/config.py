@@ -166,6 +166,22 @@ class CoordinatorSettings(BaseSettings):
     """CPython's thread switch interval in the coordinator process. Every gRPC call passes the GIL between
     gRPC's poller thread and the event loop while worker threads decode and sum uploads; the default 5 ms
     makes each hand-over wait behind a busy worker."""
+    worker_inprocess: bool = True
+    """Run the cloud worker (cloud tuning, anchor generation, evaluation of each new version) in a thread of this
+    coordinator: the embedded default, so one process is a whole coordinator. Set false where workers run as a
+    service of their own (``mlecs-coordinator worker``), scaled apart from the coordinator replicas."""
+    cloud_workers: int = Field(default=1, ge=1, le=64)
+    """Cloud jobs one worker process (or the in-process worker) runs at once; jobs of one federation take turns
+    on its cloud model, jobs of different federations run side by side."""
+    cloud_job_timeout_s: float = Field(default=600.0, gt=0)
+    """A version whose cloud job has not finished this long after it was queued is queued again: its worker
+    died running it. Set it above the longest cloud job (a job that runs twice changes nothing)."""
+    cloud_job_attempts: int = Field(default=3, ge=1, le=100)
+    """Attempts at one version's cloud job (a worker killed mid-job counts) before the version is marked failed:
+    it keeps the anchors it had and is not evaluated."""
+    worker_metrics_port: int = Field(default=9103, ge=0, le=65535)
+    """``mlecs-coordinator worker``: Prometheus metrics (cloud job counts and times, queue depth) on this port of
+    admin_host (0: none)."""
     data_dir: Path | None = None
     """AV-MNIST directory for server-side evaluation (default: the data loader's search path)."""
     eval_setting: str = "canonical"

@@ -93,3 +93,13 @@ for _outcome in ("accepted", "rejected"):
     UPDATES.labels(_outcome)
 for _outcome in ("verified", "refused", "unchecked"):
     PUBLIC_COPY_SAMPLES.labels(_outcome)
+CLOUD_JOBS = Counter("mlecs_cloud_jobs_total", "Cloud jobs (tuning, anchors, evaluation of a version) by outcome: "
+                     "done, failed (out of attempts), retried (an attempt raised), skipped (already settled)",
+                     ["outcome"])
+CLOUD_JOB_SECONDS = Histogram("mlecs_cloud_job_seconds", "Time one cloud job attempt took, by outcome", ["outcome"],
+                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+CLOUD_QUEUE_DEPTH = Gauge("mlecs_cloud_queue_depth", "Cloud jobs waiting on the queue (queued now, or scheduled for a "
+                          "retry)")
+CLOUD_WORK_OWED = Gauge("mlecs_cloud_work_owed", "Versions whose cloud work is pending (queued or running)")
+CLOUD_REDELIVERIES = Counter("mlecs_cloud_redeliveries_total", "Cloud jobs put on the queue again because none "
+                             "finished within cloud_job_timeout_s (a worker died running it, or the queue lost it)")

@@ -78,7 +78,7 @@ the same table, so a 422 names the field)."""
 
 CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
     "scheduling": ("mode", "clients_per_round", "min_updates", "round_deadline_s", "overselect", "async_buffer",
-                   "max_staleness", "staleness_exponent", "eligible_modality_sets", "target_rounds"),
+                   "max_staleness", "staleness_exponent", "eligible_modality_sets", "target_rounds", "anchors"),
     "training": ("task", "model", "cloud_model", "upload_stage", "public_epochs", "private_epochs",
                  "personal_epochs", "batch_size", "learning_rate", "upload_codec", "max_chunk_bytes", "seed",
                  "ccl_weight", "ccl_temperature", "seccl_weight", "seccl_temperature", "fused_upload_samples",
@@ -171,6 +171,11 @@ class FederationConfig:
     target_rounds: int = 0
     """The scheduler opens rounds by itself until this many are committed (a failed round is followed by
     the next); 0: rounds start only when launched through the admin API."""
+    anchors: Literal["latest", "wait"] = "latest"
+    """With ``server_learning``: ``latest`` opens the next round as soon as a round commits, with the newest
+    anchors the cloud worker has generated (one round behind while it works); ``wait`` opens it only once the
+    worker has tuned the cloud on the new version and generated its anchors (the paper's order, and the round
+    rate then includes the cloud's work)."""
     server_learning: bool = True
     """After each commit: evaluate the global model, tune the cloud model and generate anchors. Off for
     a pure aggregation service (or a coordinator without the data set)."""

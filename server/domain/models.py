@@ -32,6 +32,20 @@ class FederationState(StrEnum):
         return self in (FederationState.STOPPED, FederationState.COMPLETED)
 
 
+class CloudState(StrEnum):
+    """The cloud work a version owes (``server.services.cloud_work``): cloud tuning, anchor generation and the
+    version's evaluation, run by a worker after the round committed."""
+
+    NONE = "none"        # nothing owed: version 0 (evaluated at creation) or a federation without server learning
+    PENDING = "pending"  # queued or running; retried until done or out of attempts
+    DONE = "done"
+    FAILED = "failed"    # out of attempts: the version keeps the anchors it had, and is not evaluated
+
+    @property
+    def is_settled(self) -> bool:
+        return self is not CloudState.PENDING
+
+
 class UpdateState(StrEnum):
     PARTIAL = "partial"      # bytes still arriving; resumable
     ACCEPTED = "accepted"    # validated, durable, counted for its round
@@ -138,9 +152,45 @@ class ModelVersion:
     anchors_key: str | None = None
     anchors_sha256: str | None = None
     anchors_size: int = 0
+    """The anchors devices train against from this version. None only while a federation with
+    ``anchors = "wait"`` waits for this version's cloud work to generate them."""
     id: str = field(default_factory=new_id)
     metrics: dict[str, float] = field(default_factory=dict)
     created_at: datetime = field(default_factory=utcnow)
+    cloud_state: CloudState = CloudState.NONE
+    cloud_attempts: int = 0
+    cloud_enqueued_at: datetime | None = None
+    """When the cloud job was last put on the queue: a pending job older than ``cloud_job_timeout_s`` is put
+    on it again (the queue forgets a job its worker died running)."""
+    cloud_finished_at: datetime | None = None
+    cloud_error: str | None = None
+    fused_key: str | None = None
+    """Blob of the public sample ids and fused z the round's kept updates carried: the cloud job's input."""
+    generated_anchors: BlobRef | None = None
+    """The anchors this version's cloud work generated, for the versions after it."""
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """Where a blob is and what it holds: its key in the blob store, its sha256 and its size."""
+
+    key: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class CloudOutcome:
+    """What a version's cloud job produced (``state`` done), or why it gave up (failed)."""
+
+    state: CloudState
+    generated_anchors: BlobRef | None = None
+    anchors_if_unset: BlobRef | None = None
+    """The anchors the version carries if it has none yet (a federation waiting for them)."""
+    version_metrics: dict[str, float] = field(default_factory=dict)
+    round_metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    finished_at: datetime = field(default_factory=utcnow)
 
 
 @dataclass(frozen=True)

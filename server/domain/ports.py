@@ -10,6 +10,8 @@ from server.domain.models import (
     Acceptance,
     AdminToken,
     AuditEntry,
+    BlobRef,
+    CloudOutcome,
     Device,
     DeviceReport,
     EnrolmentToken,
@@ -114,7 +116,30 @@ class RefusalStore(Protocol):
                       federation_id: str | None = None, limit: int = 100) -> list[Refusal]: ...
 
 
-class Store(FederationStore, DeviceStore, RoundStore, UpdateStore, AdminStore, RefusalStore, Protocol):
+class CloudWorkStore(Protocol):
+    """The cloud work versions owe (``server.services.cloud_work``): the durable record the job queue serves."""
+
+    def owed_cloud_work(self, federation_id: str | None = None) -> list[ModelVersion]:
+        """Versions whose cloud work is pending (of one federation, or all), oldest first."""
+        ...
+    def claim_redelivery(self, version_id: str, at: datetime, queued_before: datetime) -> bool:
+        """Marks a pending version queued ``at``, if it was last queued no later than ``queued_before``: True
+        for the one caller that should queue it again."""
+        ...
+    def start_cloud_attempt(self, version_id: str) -> ModelVersion:
+        """Counts one more attempt at the version's cloud work and returns the version as it now is."""
+        ...
+    def finish_cloud_work(self, version_id: str, outcome: CloudOutcome) -> bool:
+        """Records the outcome once: False (nothing written) when the work was no longer pending. Sets the
+        version's anchors where it has none yet, and merges the metrics into the version and its round."""
+        ...
+    def newest_generated_anchors(self, federation_id: str) -> BlobRef | None:
+        """The anchors generated most recently (by the newest version that has generated any)."""
+        ...
+
+
+class Store(FederationStore, DeviceStore, RoundStore, UpdateStore, AdminStore, RefusalStore, CloudWorkStore,
+            Protocol):
     """Durable state, the source of truth: every aggregate's port. Every method commits before it returns.
     A service that needs one aggregate only takes that port."""
 

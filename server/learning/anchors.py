@@ -61,15 +61,20 @@ class CloudRoundResult:
 class CloudTuner:
     """The cloud model: tuned each round on the public set, evaluated, then used to generate anchors.
 
-    ``data`` holds the coordinator's public set and test split per federation; a lock keeps concurrent
-    commits off one model.
+    ``data`` holds the coordinator's public set and test split per federation. Each cloud model has its lock:
+    jobs on one model take turns, jobs of federations with different models run side by side.
     """
 
     data: TaskData
 
     def __post_init__(self) -> None:
-        self._lock = threading.Lock()
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
         self._models: dict[str, Any] = {}
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
 
     def run_round(self, config: Any, global_tensors: Mapping[str, np.ndarray],
                   edge_fused: Sequence[tuple[np.ndarray, np.ndarray]], seed: int) -> CloudRoundResult:
@@ -85,10 +90,10 @@ class CloudTuner:
         data = self.data.for_config(config)
         if data.public is None:
             return CloudRoundResult(anchors=encoded_text_anchors(config), metrics={})
-        with self._lock:
-            devices = ModelConfig.from_dict(dict(config.model))
-            own = ModelConfig.from_dict(dict(config.cloud_model)) if config.cloud_model is not None else devices
-            key = repr(own) + f"/{config.seed}"
+        devices = ModelConfig.from_dict(dict(config.model))
+        own = ModelConfig.from_dict(dict(config.cloud_model)) if config.cloud_model is not None else devices
+        key = repr(own) + f"/{config.seed}"
+        with self._lock_for(key):
             model = self._models.get(key)
             if model is None:
                 model = build_edge_model(own, own.modality_names, config.seed)

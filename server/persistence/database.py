@@ -113,6 +113,13 @@ def downgrade(url_or_engine: str | URL | Engine, revision: str = "base", *,
     _run(url_or_engine, script_location, lambda config: command.downgrade(config, revision))
 
 
+def head_revision() -> str | None:
+    """The newest revision this code's migrations know."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def current_revision(url_or_engine: str | URL | Engine) -> str | None:
     """The revision the database is at, or None for an unmigrated database."""
     engine, owned = _engine(url_or_engine)

@@ -19,6 +19,8 @@ from server.domain.models import (
     AdminToken,
     AuditEntry,
     AuditOutcome,
+    BlobRef,
+    CloudState,
     Device,
     DeviceReport,
     EnrolmentToken,
@@ -256,7 +258,20 @@ def version_values(version: ModelVersion) -> dict[str, Any]:
         "anchors_size": version.anchors_size,
         "metrics": encode_metrics(version.metrics),
         "created_at": version.created_at,
+        "cloud_state": version.cloud_state.value,
+        "cloud_attempts": version.cloud_attempts,
+        "cloud_enqueued_at": version.cloud_enqueued_at,
+        "cloud_finished_at": version.cloud_finished_at,
+        "cloud_error": version.cloud_error,
+        "fused_key": version.fused_key,
+        **generated_anchor_values(version.generated_anchors),
     }
+
+
+def generated_anchor_values(ref: BlobRef | None) -> dict[str, Any]:
+    return {"generated_anchors_key": None if ref is None else ref.key,
+            "generated_anchors_sha256": None if ref is None else ref.sha256,
+            "generated_anchors_size": None if ref is None else ref.size}
 
 
 def to_version(row: ModelVersionRow | Row[Any]) -> ModelVersion:
@@ -273,6 +288,14 @@ def to_version(row: ModelVersionRow | Row[Any]) -> ModelVersion:
         anchors_size=row.anchors_size,
         metrics=decode_metrics(row.metrics),
         created_at=row.created_at,
+        cloud_state=CloudState(row.cloud_state),
+        cloud_attempts=row.cloud_attempts,
+        cloud_enqueued_at=row.cloud_enqueued_at,
+        cloud_finished_at=row.cloud_finished_at,
+        cloud_error=row.cloud_error,
+        fused_key=row.fused_key,
+        generated_anchors=None if row.generated_anchors_key is None else BlobRef(
+            row.generated_anchors_key, row.generated_anchors_sha256 or "", row.generated_anchors_size or 0),
     )
 
 

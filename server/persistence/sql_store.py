@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from server.domain.ports import Store
 from server.persistence.store_admin import SqlAdmin
+from server.persistence.store_cloud import SqlCloudWork
 from server.persistence.store_devices import SqlDevices
 from server.persistence.store_federations import SqlFederations
 from server.persistence.store_refusals import MAX_REFUSALS_LISTED, SqlRefusals
@@ -44,7 +45,7 @@ from server.persistence.store_updates import SqlUpdates
 __all__ = ["MAX_REFUSALS_LISTED", "SqlStore"]
 
 
-class SqlStore(SqlFederations, SqlDevices, SqlRounds, SqlUpdates, SqlAdmin, SqlRefusals):
+class SqlStore(SqlFederations, SqlDevices, SqlRounds, SqlUpdates, SqlAdmin, SqlRefusals, SqlCloudWork):
     """Implements ``server.domain.ports.Store`` on a migrated SQLite or PostgreSQL database: one class per
     aggregate (``server.persistence.store_*``), sharing one engine (``server.persistence.sql_base``)."""
 

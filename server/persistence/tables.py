@@ -102,7 +102,7 @@ class DeviceRow(Base):
 
 class ModelVersionRow(Base):
     __tablename__ = "model_versions"
-    __table_args__ = (Index(None, "federation_id", "created_at"),)
+    __table_args__ = (Index(None, "federation_id", "created_at"), Index(None, "cloud_state"))
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
     federation_id: Mapped[str] = mapped_column(ID, ForeignKey("federations.id"))
@@ -116,6 +116,15 @@ class ModelVersionRow(Base):
     anchors_size: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+    cloud_state: Mapped[str] = mapped_column(STATE, server_default="none")
+    cloud_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    cloud_enqueued_at: Mapped[datetime | None]
+    cloud_finished_at: Mapped[datetime | None]
+    cloud_error: Mapped[str | None] = mapped_column(String(500))
+    fused_key: Mapped[str | None] = mapped_column(BLOB_KEY)
+    generated_anchors_key: Mapped[str | None] = mapped_column(BLOB_KEY)
+    generated_anchors_sha256: Mapped[str | None] = mapped_column(SHA256)
+    generated_anchors_size: Mapped[int | None] = mapped_column(Integer)
 
 
 class RoundRow(Base):

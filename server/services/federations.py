@@ -15,7 +15,7 @@ import numpy as np
 from mlecs.codec import CodecKind, encode_tensors, sha256_hex
 from server.domain.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.domain.federation_config import FederationConfig
-from server.domain.models import Federation, FederationState, ModelVersion
+from server.domain.models import BlobRef, Federation, FederationState, ModelVersion
 from server.learning.anchors import encoded_text_anchors
 from server.learning.global_model import check_cloud_model, initial_global_state
 from server.services.context import ServiceContext
@@ -84,12 +84,18 @@ class FederationService:
         return federation
 
     def store_version(self, federation_id: str, round_number: int, tensors: Mapping[str, np.ndarray],
-                      anchors: bytes) -> ModelVersion:
+                      anchors: bytes | None) -> ModelVersion:
         """Stores a global adapter and its anchors content-addressed; returns the (unsaved) version record.
 
-        Version 0 carries the text anchors alone.
+        Version 0 carries the text anchors alone (and counts them as generated, for the versions after it);
+        later versions get theirs from ``CloudWork.prepare`` (``anchors`` None).
         """
         data = encode_tensors(tensors, GLOBAL_CODEC)
+        if anchors is None:
+            return ModelVersion(federation_id=federation_id, round_number=round_number, codec=GLOBAL_CODEC.value,
+                                adapter_key=self._ctx.blobs.put(data), adapter_sha256=sha256_hex(data),
+                                adapter_size=len(data))
+        anchors_ref = BlobRef(self._ctx.blobs.put(anchors), sha256_hex(anchors), len(anchors))
         return ModelVersion(
             federation_id=federation_id,
             round_number=round_number,
@@ -97,9 +103,10 @@ class FederationService:
             adapter_key=self._ctx.blobs.put(data),
             adapter_sha256=sha256_hex(data),
             adapter_size=len(data),
-            anchors_key=self._ctx.blobs.put(anchors),  # content-addressed: identical anchor sets stored once
-            anchors_sha256=sha256_hex(anchors),
-            anchors_size=len(anchors),
+            anchors_key=anchors_ref.key,  # content-addressed: identical anchor sets stored once
+            anchors_sha256=anchors_ref.sha256,
+            anchors_size=anchors_ref.size,
+            generated_anchors=anchors_ref,
         )
 
     def get(self, federation_id_or_name: str) -> Federation:

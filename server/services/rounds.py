@@ -33,6 +33,7 @@ from server.domain.errors import (
 )
 from server.domain.federation_config import FederationConfig
 from server.domain.models import (
+    CloudState,
     Device,
     DeviceReport,
     Federation,
@@ -46,10 +47,10 @@ from server.domain.models import (
 )
 from server.domain.rounds import RoundState, check_transition
 from server.domain.scheduling import Action, Decision, decide, invitation_count, select_participants
-from server.learning.anchors import encoded_text_anchors
 from server.learning.global_model import full_model_bytes
 from server.services import staging
 from server.services.aggregation import RoundAccumulators, aggregate, version_staleness
+from server.services.cloud_work import CloudWork
 from server.services.context import ServiceContext
 from server.services.federations import FederationService
 from server.services.leases import lease_kept
@@ -73,8 +74,10 @@ def federation_lease(federation_id: str) -> str:
 
 class RoundService:
     def __init__(self, ctx: ServiceContext, federations: FederationService, locks: RoundLocks,
-                 accumulators: RoundAccumulators | None = None, on_change: Callable[[], None] = lambda: None) -> None:
+                 accumulators: RoundAccumulators | None = None, on_change: Callable[[], None] = lambda: None, *,
+                 cloud: CloudWork | None = None) -> None:
         self._ctx = ctx
+        self._cloud = cloud or CloudWork(ctx, queue=None)
         self._on_change = on_change  # told after an admin launch, so that held task polls hear of it at once
         self._federations = federations
         self._locks = locks
@@ -105,6 +108,12 @@ class RoundService:
         if latest is not None and not latest.state.is_terminal:
             raise ConflictError(f"round {latest.number} is still {latest.state}; wait for it to finish")
         config = federation.config
+        if federation.current_version_id is not None:
+            current = store.get_version(federation.current_version_id)
+            if current.anchors_key is None:
+                raise ConflictError(f"federation {federation.name!r} waits for the anchors of version "
+                                    f"{current.round_number} (anchors = \"wait\"): its cloud job is "
+                                    f"{current.cloud_state} after {current.cloud_attempts} attempt(s)")
         devices = [d for d in store.list_devices(federation.id) if not d.revoked and config.eligible(d.modalities)]
         online = self._ctx.presence.online(d.id for d in devices)
         live = [(d.id, frozenset(d.modalities)) for d in devices if d.id in online]
@@ -350,17 +359,11 @@ class RoundService:
         result = aggregate(config, base, accepted, staleness, lambda u: blobs.get(_accepted_blob(u)),
                            accumulator=self._accumulators.take(round_.id), spill_dir=settings.state_dir / "spill",
                            block_bytes=settings.robust_block_bytes)
-        if config.server_learning:
-            cloud = self._ctx.cloud.run_round(config, result.tensors, result.fused,
-                                              seed=config.seed * 1_000_003 + round_.number)
-            anchors = cloud.anchors
-            evaluation = self._ctx.evaluator.evaluate(config, result.tensors) | cloud.metrics
-        else:
-            anchors, evaluation = encoded_text_anchors(config), {}
-        version = self._federations.store_version(federation.id, round_.number, result.tensors, anchors)
-        version.metrics = evaluation
+        # The cloud's work (tuning, anchors, evaluation) is the version's job, run by a worker after the commit.
+        version = self._federations.store_version(federation.id, round_.number, result.tensors, anchors=None)
+        self._cloud.prepare(federation, version, result.fused, base_version)
 
-        round_.metrics = self._round_metrics(federation, round_, accepted, evaluation)
+        round_.metrics = self._round_metrics(federation, round_, accepted)
         if any(u.anchor_agreement is not None for u in accepted):
             round_.metrics["anchor_agreement_mean"] = float(np.mean(
                 [u.anchor_agreement for u in accepted if u.anchor_agreement is not None]))
@@ -387,34 +390,28 @@ class RoundService:
         round_.closed_at = utcnow()
         store.commit_round(round_, version, fence)  # one transaction, refused if the lease moved on
         federation.current_version_id = version.id
+        self._cloud.enqueue(version)
 
-        self._observe_commit(federation.name, round_, accepted, version.metrics, time.perf_counter() - started)
+        self._observe_commit(federation.name, round_, accepted, time.perf_counter() - started)
         observe_round(federation.name, config, accepted, staleness)
-        log.info("round %d committed: accuracy %.4f from %d update(s)", round_.number,
-                 version.metrics.get("accuracy", float("nan")), len(accepted))
+        log.info("round %d of %s committed from %d update(s)%s", round_.number, federation.name, len(accepted),
+                 "; its cloud work is queued" if version.cloud_state is CloudState.PENDING else "")
         staging.expire_partials(self._ctx, round_)
         return round_
 
     @staticmethod
-    def _observe_commit(federation: str, round_: Round, accepted: list[Update], evaluation: dict[str, float],
-                        seconds: float) -> None:
+    def _observe_commit(federation: str, round_: Round, accepted: list[Update], seconds: float) -> None:
         metrics.ROUNDS.labels("committed").inc()
         metrics.AGGREGATION_SECONDS.observe(seconds)
         if round_.opened_at is not None and round_.closed_at is not None:
             metrics.ROUND_DURATION.observe((round_.closed_at - round_.opened_at).total_seconds())
         metrics.ROUND_PARTICIPANTS.labels(federation, "accepted").set(len(accepted))
         metrics.ROUND_PARTICIPANTS.labels(federation, "stragglers").set(round_.metrics.get("stragglers", 0))
-        # "all", "cloud", and one series per modality alone (accuracy_<modality>: whatever the task names).
-        labels = {"accuracy": "all", "cloud_accuracy": "cloud"} | {
-            key: key.removeprefix("accuracy_") for key in evaluation if key.startswith("accuracy_")}
-        for key, label in labels.items():
-            if key in evaluation:
-                metrics.GLOBAL_ACCURACY.labels(federation, label).set(evaluation[key])
         if "client_accuracy_mean" in round_.metrics:
             metrics.CLIENT_ACCURACY.labels(federation).set(round_.metrics["client_accuracy_mean"])
 
-    def _round_metrics(self, federation: Federation, round_: Round, accepted: list[Update],
-                       evaluation: dict[str, float]) -> dict[str, float]:
+    def _round_metrics(self, federation: Federation, round_: Round, accepted: list[Update]) -> dict[str, float]:
+        """What the commit knows of the round; the version's evaluation joins it when its cloud job is done."""
         sizes = [u.declared_size for u in accepted]
         per_client = float(np.mean(sizes)) if sizes else 0.0
         contributors = {u.device_id for u in accepted}
@@ -427,10 +424,6 @@ class RoundService:
         }
         if federation.config.mode == "sync":
             out["stragglers"] = float(sum(d not in contributors for d in round_.participants))
-        if "accuracy" in evaluation:
-            out["global_accuracy"] = evaluation["accuracy"]
-        out.update({(k if k.startswith("cloud_") else f"global_{k}"): v
-                    for k, v in evaluation.items() if k != "accuracy"})
         personal = [u.metrics["personal_accuracy"] for u in accepted if "personal_accuracy" in u.metrics]
         if personal:
             out["client_accuracy_mean"] = float(np.mean(personal))

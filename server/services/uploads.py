@@ -312,7 +312,9 @@ class UploadService:
             if version_id in self._anchor_cache:
                 return self._anchor_cache[version_id]
         version = self._ctx.store.get_version(version_id)
-        anchors = decode_tensors(self._ctx.blobs.get(version.anchors_key)) if version.anchors_key else {}
+        if version.anchors_key is None:  # not generated yet: no round trains on such a version
+            return {}
+        anchors = decode_tensors(self._ctx.blobs.get(version.anchors_key))
         with self._anchor_guard:
             self._anchor_cache[version_id] = anchors
             while len(self._anchor_cache) > 4:

@@ -45,7 +45,9 @@ class VersionService:
                 self._cache.move_to_end(version.id)
                 return version, *cached
         adapter = self._ctx.blobs.get(version.adapter_key)
-        anchors = self._ctx.blobs.get(version.anchors_key) if version.anchors_key else b""
+        if version.anchors_key is None:  # its anchors are still being generated: nothing to remember yet
+            return version, adapter, b""
+        anchors = self._ctx.blobs.get(version.anchors_key)
         with self._cache_guard:
             self._cache[version.id] = (adapter, anchors)
             while len(self._cache) > CACHED_VERSIONS:

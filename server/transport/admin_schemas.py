@@ -139,7 +139,8 @@ class VersionOut(BaseModel):
         {"id": "77aa0c7a9b2f4e6d8a1c3b5d7f9e0a2c", "federation_id": "5e1d0c7a9b2f4e6d8a1c3b5d7f9e0a2c",
          "round_number": 3, "codec": "fp32", "adapter_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c"
          "15b0f00a08", "adapter_size": 626104, "anchors_size": 40960, "metrics": {"accuracy": 0.9433},
-         "created_at": "2026-01-06T14:05:14Z"}]})
+         "created_at": "2026-01-06T14:05:14Z", "cloud_state": "done", "cloud_attempts": 1, "cloud_error": None,
+         "cloud_finished_at": "2026-01-06T14:05:19Z"}]})
 
     id: str
     federation_id: str
@@ -147,15 +148,21 @@ class VersionOut(BaseModel):
     codec: str
     adapter_sha256: str
     adapter_size: int
-    anchors_size: int
-    metrics: dict[str, float]
+    anchors_size: int = Field(description="0 while the version waits for its anchors (federation anchors = wait)")
+    metrics: dict[str, float] = Field(description="The version's evaluation: filled in when its cloud work is done")
     created_at: datetime
+    cloud_state: str = Field(description="The version's cloud work (tuning, anchors, evaluation): none (nothing "
+                                         "owed), pending (queued or running), done, or failed (out of attempts)")
+    cloud_attempts: int
+    cloud_error: str | None = Field(description="Why the last attempt failed, once the version's work failed")
+    cloud_finished_at: datetime | None
 
     @classmethod
     def of(cls, v: ModelVersion) -> VersionOut:
         return cls(id=v.id, federation_id=v.federation_id, round_number=v.round_number, codec=v.codec,
                    adapter_sha256=v.adapter_sha256, adapter_size=v.adapter_size, anchors_size=v.anchors_size,
-                   metrics=dict(v.metrics), created_at=v.created_at)
+                   metrics=dict(v.metrics), created_at=v.created_at, cloud_state=v.cloud_state.value,
+                   cloud_attempts=v.cloud_attempts, cloud_error=v.cloud_error, cloud_finished_at=v.cloud_finished_at)
 
 
 class ParticipantOut(BaseModel):

@@ -68,7 +68,8 @@ class Topology:
         for directory in self.volumes.values():
             directory.mkdir(parents=True)
         self.ports = {("coordinator", 50051): _free_port(), ("coordinator", 50052): _free_port(),
-                      ("coordinator", 9102): _free_port(), ("coordinator", 8080): _free_port()}
+                      ("coordinator", 9102): _free_port(), ("coordinator", 8080): _free_port(),
+                      ("worker", 9103): _free_port()}
         self.database_url, self.redis_prefix = database_url, redis_prefix
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = tmp / "logs"
@@ -110,6 +111,8 @@ class Topology:
                        MLECS_HEARTBEAT_PORT=str(self.ports[("coordinator", 50052)]),
                        MLECS_HEARTBEAT_METRICS_PORT=str(self.ports[("coordinator", 9102)]),
                        MLECS_ADMIN_PORT=str(self.ports[("coordinator", 8080)]))
+        if name == "worker":
+            env.update(MLECS_ADMIN_HOST="127.0.0.1", MLECS_WORKER_METRICS_PORT=str(self.ports[("worker", 9103)]))
         return {**topo.os_environ_without_mlecs(), **env, "MLECS_REDIS_PREFIX": self.redis_prefix,
                 "MLECS_TLS_OWNER": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -202,7 +205,7 @@ def _admin_token(fleet: Topology) -> str:
 def test_the_compose_topology_as_processes_enrols_three_agents_over_mtls_and_commits_a_round(fleet):
     order = [n for n in topo.start_order(fleet.compose) if n not in ("postgres", "redis", "prometheus", "grafana")]
     agents = [n for n in order if n.startswith("agent-")]
-    assert order[:5] == ["certs", "fleet-data", "migrate", "coordinator", "bootstrap"] and len(agents) == 3
+    assert order[:6] == ["certs", "fleet-data", "migrate", "coordinator", "worker", "bootstrap"] and len(agents) == 3
     for name in order:
         if topo.is_one_shot(name, fleet.compose):
             run_s = 300 if name == "bootstrap" else 180
@@ -226,6 +229,14 @@ def test_the_compose_topology_as_processes_enrols_three_agents_over_mtls_and_com
         time.sleep(1)
         committed = [r for r in admin.get(f"/v1/federations/{federation}/rounds") if r["state"] == "committed"]
     assert committed[0]["number"] == 1 and committed[0]["metrics"]["participants"] == 3
+    # The coordinator runs no cloud jobs here: the worker service evaluates the version and makes its anchors.
+    while (version := admin.get(f"/v1/versions/{committed[0]['version_id']}"))["cloud_state"] == "pending":
+        assert fleet.procs["worker"].poll() is None, f"worker exited:\n{fleet.log('worker')}"
+        assert time.monotonic() < deadline + 120, "cloud work not done:\n" + fleet.log("worker")
+        time.sleep(1)
+    assert version["cloud_state"] == "done" and 0 <= version["metrics"]["accuracy"] <= 1, version
+    assert "cloud work of" in fleet.log("worker") and "cloud worker running" not in fleet.log("coordinator")
+    fleet.wait_healthy("worker")  # its compose healthcheck: its /metrics answers
     for name in ("coordinator", *agents):  # neither side fell back to development mode
         assert "PLAINTEXT" not in fleet.log(name) and "OPEN ENROLMENT" not in fleet.log(name).upper(), name
 

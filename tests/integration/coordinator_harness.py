@@ -101,12 +101,18 @@ def running_coordinator(settings: CoordinatorSettings) -> Iterator[RunningCoordi
             client.close()
 
 
-def wait_for_round(admin: httpx.Client, round_id: str, timeout_s: float = 60) -> dict:
+def wait_for_round(admin: httpx.Client, round_id: str, timeout_s: float = 60, *, evaluated: bool = True) -> dict:
+    """The round once it committed or failed and, with ``evaluated``, once its version's cloud work (the
+    evaluation that fills ``global_accuracy``) is no longer pending."""
     deadline = time.monotonic() + timeout_s
     while True:
         body = admin.get(f"/v1/rounds/{round_id}").json()
-        if body["state"] in ("committed", "failed"):
+        if body["state"] == "failed" or (body["state"] == "committed" and not evaluated):
             return dict(body)
+        if body["state"] == "committed":
+            version = admin.get(f"/v1/versions/{body['version_id']}").json()
+            if version["cloud_state"] != "pending":
+                return dict(admin.get(f"/v1/rounds/{round_id}").json())
         if time.monotonic() > deadline:
-            raise TimeoutError(f"round still {body['state']} after {timeout_s} s")
+            raise TimeoutError(f"round still {body['state']} (or its cloud work pending) after {timeout_s} s")
         time.sleep(0.2)

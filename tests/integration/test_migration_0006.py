@@ -42,7 +42,7 @@ def test_before_the_migration_the_broken_config_cannot_be_loaded(database_at_000
 
 
 def test_values_beyond_their_bounds_move_to_the_nearest_bound_and_the_federation_loads(database_at_0005: str) -> None:
-    migrate(database_at_0005)
+    migrate(database_at_0005, "0006")
 
     assert current_revision(database_at_0005) == "0006"
     config = _load(database_at_0005, "f-broken")
@@ -55,14 +55,14 @@ def test_values_beyond_their_bounds_move_to_the_nearest_bound_and_the_federation
 
 
 def test_a_config_inside_the_bounds_is_left_as_it_was(database_at_0005: str) -> None:
-    migrate(database_at_0005)
+    migrate(database_at_0005, "0006")
 
     config = _load(database_at_0005, "f-sound")
     assert (config.seed, config.round_deadline_s, config.min_updates) == (42, 900.0, 2)
 
 
 def test_the_downgrade_keeps_the_bounded_values(database_at_0005: str) -> None:
-    migrate(database_at_0005)
+    migrate(database_at_0005, "0006")
     downgrade(database_at_0005, "0005")
 
     assert current_revision(database_at_0005) == "0005"

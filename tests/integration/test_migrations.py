@@ -28,7 +28,7 @@ from server.persistence.tables import metadata
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"federations", "devices", "model_versions", "rounds", "updates", "device_reports", "leases",
           "enrolment_tokens", "admin_tokens", "audit_log", "refusals"}
-HEAD = "0006"
+HEAD = "0007"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

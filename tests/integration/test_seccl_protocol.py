@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -65,7 +66,7 @@ def _start(c: RunningCoordinator, federation: dict, *clients: tuple[CoordinatorC
 
 
 def test_anchors_follow_the_cloud_and_disagreeing_clients_weigh_almost_nothing(coordinator):
-    federation = _federation(coordinator)
+    federation = _federation(coordinator, anchors="wait")  # each version carries the anchors made from it
     honest = _device(coordinator, federation["name"], "honest")
     noisy = _device(coordinator, federation["name"], "noisy")
 
@@ -123,3 +124,64 @@ def test_fused_representations_that_do_not_match_their_ids_are_refused(coordinat
         _upload(client, device_id, task, _delta(adapter, 1) | {"fused.z": rows}, [1, 1, 2])
     assert coordinator.admin.get(f"/v1/rounds/{task.round_id}").json()["state"] == "open"
     assert _upload(client, device_id, task, _delta(adapter, 1) | {"fused.z": rows}, [1, 2, 3]) == "accepted"
+
+
+def _round_of_two(c: RunningCoordinator, federation: dict, *devices: tuple[CoordinatorClient, str],
+                  evaluated: bool = True) -> tuple[dict, TrainTask]:
+    tasks = _start(c, federation, *devices)
+    adapter = devices[0][0].download_global(devices[0][1], tasks[0].version_id).adapter
+    for (client, device_id), task, seed in zip(devices, tasks, (1, 2), strict=True):
+        assert _upload(client, device_id, task, _delta(adapter, seed), []) == "accepted"
+    round_ = wait_for_round(c.admin, tasks[0].round_id, evaluated=evaluated)
+    assert round_["state"] == "committed", round_
+    return round_, tasks[0]
+
+
+def _anchor_names(c: RunningCoordinator, device: tuple[CoordinatorClient, str], version_id: str) -> set[str]:
+    return set(decode_tensors(device[0].download_global(device[1], version_id).anchors))
+
+
+def test_with_latest_anchors_a_version_carries_the_newest_the_cloud_has_made(coordinator):
+    federation = _federation(coordinator)  # anchors = "latest", the default
+    devices = (_device(coordinator, federation["name"], "a"), _device(coordinator, federation["name"], "b"))
+
+    round1, _ = _round_of_two(coordinator, federation, *devices)
+    # Committed before its cloud work ran: version 1 carries version 0's anchors (text only) ...
+    assert _anchor_names(coordinator, devices[0], round1["version_id"]) == {"text.class"}
+    version1 = coordinator.admin.get(f"/v1/versions/{round1['version_id']}").json()
+    assert version1["cloud_state"] == "done" and 0 <= version1["metrics"]["cloud_accuracy"] <= 1
+    assert 0 <= round1["metrics"]["global_accuracy"] <= 1  # the job's evaluation, joined to the round
+
+    # ... and version 2 the anchors the cloud made from version 1.
+    round2, _ = _round_of_two(coordinator, federation, *devices)
+    assert _anchor_names(coordinator, devices[0], round2["version_id"]) == {"text.class", "fused.ids", "fused.z"}
+
+
+@pytest.fixture
+def workerless(tmp_path) -> Iterator[RunningCoordinator]:
+    """A coordinator that runs no cloud jobs itself (as where workers are a service of their own)."""
+    with running_coordinator(CoordinatorSettings(state_dir=tmp_path, worker_inprocess=False,
+                                                 cloud_job_timeout_s=0.5)) as running:
+        yield running
+
+
+def test_with_wait_anchors_no_round_opens_until_the_version_has_its_anchors(workerless):
+    federation = _federation(workerless, anchors="wait")
+    devices = (_device(workerless, federation["name"], "a"), _device(workerless, federation["name"], "b"))
+    round1, _ = _round_of_two(workerless, federation, *devices, evaluated=False)
+    version = workerless.admin.get(f"/v1/versions/{round1['version_id']}").json()
+    assert (version["cloud_state"], version["anchors_size"], version["metrics"]) == ("pending", 0, {})
+
+    launch = workerless.admin.post(f"/v1/federations/{federation['id']}/rounds")
+    assert launch.status_code == 409 and "waits for the anchors of version 1" in launch.text, launch.text
+
+    # Nobody runs the queue here; the job is still owed, and put on the queue again once it is stale.
+    services = workerless.coordinator.services
+    assert services is not None
+    time.sleep(1.5)
+    assert services.jobs.depth() >= 2  # queued at the commit, and again at least once since
+    services.cloud_work.run(round1["version_id"])  # what a worker does with the job
+    services.cloud_work.run(round1["version_id"])  # run twice (a redelivered copy): nothing changes
+    version = workerless.admin.get(f"/v1/versions/{round1['version_id']}").json()
+    assert version["cloud_state"] == "done" and version["cloud_attempts"] == 1 and version["anchors_size"] > 0
+    assert _start(workerless, federation, *devices)  # the round opens now
