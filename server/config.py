@@ -173,9 +173,10 @@ class CoordinatorSettings(BaseSettings):
     cloud_workers: int = Field(default=1, ge=1, le=64)
     """Cloud jobs one worker process (or the in-process worker) runs at once; jobs of one federation take turns
     on its cloud model, jobs of different federations run side by side."""
-    cloud_job_timeout_s: float = Field(default=600.0, gt=0)
-    """A version whose cloud job has not finished this long after it was queued is queued again: its worker
-    died running it. Set it above the longest cloud job (a job that runs twice changes nothing)."""
+    cloud_job_timeout_s: float = Field(default=60.0, gt=0)
+    """A version whose cloud job was neither queued nor reported running for this long is queued again: its
+    worker died running it (a running job's worker reports every third of this). A job that runs twice
+    changes nothing."""
     cloud_job_attempts: int = Field(default=3, ge=1, le=100)
     """Attempts at one version's cloud job (a worker killed mid-job counts) before the version is marked failed:
     it keeps the anchors it had and is not evaluated."""

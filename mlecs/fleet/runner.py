@@ -220,6 +220,9 @@ class LocalFleet:
             "public_fraction": o.public_fraction,
             "round_deadline_s": o.round_timeout_s, "model": o.model,
             "task": (self.data / "task.toml").read_text(encoding="utf-8"),
+            # Rounds here run one after another, each reported once evaluated: each round may as well train
+            # against the anchors the cloud made from the version it starts from (the method's order).
+            "anchors": "wait",
         }
         try:
             federation: dict[str, Any] = self.admin.post("/v1/federations", {"name": self.federation, "config": config})
@@ -312,6 +315,8 @@ class LocalFleet:
                 raise FleetError(f"round {round_['number']} did not finish (logs in {self.logs})")
             time.sleep(0.5)
             round_ = self.admin.get(f"/v1/rounds/{round_['id']}")
+        if round_["state"] == "committed":
+            round_ = self._evaluated(round_, started)
         m = round_["metrics"]
         return RoundResult(
             round=round_["number"], participants=int(m.get("participants", 0)),
@@ -322,6 +327,17 @@ class LocalFleet:
             upload_ratio=m.get("upload_ratio", 0.0),
             wall_s=m.get("wall_s", time.monotonic() - started),
             state=round_["state"], failure_reason=round_.get("failure_reason"))
+
+    def _evaluated(self, round_: dict[str, Any], started: float) -> dict[str, Any]:
+        """The committed round once the cloud worker evaluated its version (its accuracy joins the metrics)."""
+        version_path = f"/v1/versions/{round_['version_id']}"
+        while self.admin.get(version_path)["cloud_state"] == "pending":
+            self._check_alive()
+            if time.monotonic() - started > self.options.round_timeout_s + 30:
+                raise FleetError(f"round {round_['number']} committed but its version was not evaluated "
+                                 f"(logs in {self.logs})")
+            time.sleep(0.25)
+        return dict(self.admin.get(f"/v1/rounds/{round_['id']}"))
 
     def stop_federation(self, timeout_s: float = 60) -> None:
         """Stops the federation so agents exit by themselves (code 0), then stops the coordinator."""

@@ -160,8 +160,9 @@ class ModelVersion:
     cloud_state: CloudState = CloudState.NONE
     cloud_attempts: int = 0
     cloud_enqueued_at: datetime | None = None
-    """When the cloud job was last put on the queue: a pending job older than ``cloud_job_timeout_s`` is put
-    on it again (the queue forgets a job its worker died running)."""
+    """When the cloud job was last put on the queue, or last said to be running by its worker: a pending job
+    not heard of for ``cloud_job_timeout_s`` is put on the queue again (the queue forgets a job its worker
+    died running)."""
     cloud_finished_at: datetime | None = None
     cloud_error: str | None = None
     fused_key: str | None = None

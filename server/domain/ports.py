@@ -126,6 +126,9 @@ class CloudWorkStore(Protocol):
         """Marks a pending version queued ``at``, if it was last queued no later than ``queued_before``: True
         for the one caller that should queue it again."""
         ...
+    def touch_cloud_work(self, version_id: str, at: datetime) -> None:
+        """A worker running the version's job says so: its redelivery clock starts again from ``at``."""
+        ...
     def start_cloud_attempt(self, version_id: str) -> ModelVersion:
         """Counts one more attempt at the version's cloud work and returns the version as it now is."""
         ...

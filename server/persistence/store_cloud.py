@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import or_, select
 from sqlalchemy import update as sql_update
 
-from server.domain.models import BlobRef, CloudOutcome, CloudState, ModelVersion
+from server.domain.models import BlobRef, CloudOutcome, CloudState, ModelVersion, utcnow
 from server.domain.ports import CloudWorkStore
 from server.persistence import mapping
 from server.persistence.sql_base import SqlBase, get_row, rowcount
@@ -38,11 +38,17 @@ class SqlCloudWork(SqlBase):
                 .values(cloud_enqueued_at=at))
             return rowcount(result) == 1
 
+    def touch_cloud_work(self, version_id: str, at: datetime) -> None:
+        with self._transaction() as session:
+            session.execute(sql_update(ModelVersionRow).where(ModelVersionRow.id == version_id,
+                                                              ModelVersionRow.cloud_state == _PENDING)
+                            .values(cloud_enqueued_at=at))
+
     def start_cloud_attempt(self, version_id: str) -> ModelVersion:
         with self._transaction(missing=f"model version {version_id} not found") as session:
             session.execute(sql_update(ModelVersionRow).where(ModelVersionRow.id == version_id,
                                                               ModelVersionRow.cloud_state == _PENDING)
-                            .values(cloud_attempts=ModelVersionRow.cloud_attempts + 1))
+                            .values(cloud_attempts=ModelVersionRow.cloud_attempts + 1, cloud_enqueued_at=utcnow()))
             return mapping.to_version(get_row(session, ModelVersionRow, version_id, "model version"))
 
     def finish_cloud_work(self, version_id: str, outcome: CloudOutcome) -> bool:

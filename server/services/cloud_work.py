@@ -11,8 +11,9 @@ worker (``mlecs-coordinator worker``, or a thread of the embedded coordinator) r
   ``cloud_job_attempts``, after which the version is marked failed: it keeps the anchors it has (a federation
   that waits for anchors gets the newest ones there are) and has no evaluation.
 * **Nothing lost.** The queue forgets a job whose worker died running it. The version still says it is owed,
-  so the coordinator's scheduler puts a job on the queue again once ``cloud_job_timeout_s`` passed since the
-  last time (``redeliver_stale``; a compare-and-set, so replicas do not both do it).
+  and a running job's worker says so every third of ``cloud_job_timeout_s``; the coordinator's scheduler puts
+  a job on the queue again once the version went that long without being queued or heard of
+  (``redeliver_stale``; a compare-and-set, so replicas do not both do it).
 
 Which anchors a new version carries is the federation's ``anchors`` setting: ``latest`` gives it the newest
 anchors the cloud has generated (from an earlier version while the worker tunes on this one), ``wait`` gives
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Protocol
 
@@ -142,7 +145,8 @@ class CloudWork:
         federation = store.get_federation(version.federation_id)
         started = time.perf_counter()
         try:
-            outcome = self._work(federation, version)
+            with self._still_running(version_id):
+                outcome = self._work(federation, version)
         except Exception as exc:
             seconds = time.perf_counter() - started
             if version.cloud_attempts < settings.cloud_job_attempts:
@@ -167,6 +171,28 @@ class CloudWork:
             self._observe_evaluation(federation.name, outcome.version_metrics)
             log.info("cloud work of %s round %d done in %.2f s: accuracy %.4f", federation.name,
                      version.round_number, seconds, outcome.version_metrics.get("accuracy", float("nan")))
+
+    @contextmanager
+    def _still_running(self, version_id: str) -> Iterator[None]:
+        """Tells the store, every third of ``cloud_job_timeout_s``, that the job is running: only a job whose
+        worker went silent is redelivered, however long the job itself takes."""
+        stop = threading.Event()
+        interval = self._ctx.settings.cloud_job_timeout_s / 3
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self._ctx.store.touch_cloud_work(version_id, utcnow())
+                except Exception as exc:  # the job goes on; at worst it is redelivered and runs twice
+                    log.warning("could not report the cloud job of version %s as running: %s", version_id, exc)
+
+        beating = threading.Thread(target=beat, name=f"cloud-job-{version_id[:8]}", daemon=True)
+        beating.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beating.join()
 
     def _work(self, federation: Federation, version: ModelVersion) -> CloudOutcome:
         config, blobs = federation.config, self._ctx.blobs

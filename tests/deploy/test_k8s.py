@@ -66,6 +66,10 @@ def _one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> d
     return found[0]
 
 
+def _deployments(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == "Deployment"]
+
+
 def _admin_routes() -> set[str]:
     source = (topo.ROOT / "server" / "transport" / "admin_api.py").read_text()
     return set(re.findall(r'@app\.get\("(/[a-z]+)"', source))
@@ -83,11 +87,11 @@ def test_every_object_and_the_secret_example_match_the_kubernetes_schemas_strict
 
 
 def test_the_schema_check_rejects_a_broken_deployment():
-    deployment = copy.deepcopy(_one(_rendered(), "Deployment"))
+    deployment = copy.deepcopy(_one(_rendered(), "Deployment", "mlecs-coordinator"))
     deployment["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
-    deployment = copy.deepcopy(_one(_rendered(), "Deployment"))
+    deployment = copy.deepcopy(_one(_rendered(), "Deployment", "mlecs-coordinator"))
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
@@ -133,7 +137,7 @@ def test_the_coordinator_runs_as_replicas_behind_services_that_select_them():
 
 def test_probes_hit_the_coordinators_health_endpoints_on_its_admin_port():
     objects = _rendered()
-    deployment = _one(objects, "Deployment")
+    deployment = _one(objects, "Deployment", "mlecs-coordinator")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     routes = _admin_routes()
@@ -152,7 +156,7 @@ def test_probes_hit_the_coordinators_health_endpoints_on_its_admin_port():
 def test_settings_are_real_and_secure_and_files_they_name_are_mounted():
     objects = _rendered()
     config = _one(objects, "ConfigMap")["data"]
-    for workload in (_one(objects, "Deployment"), _one(objects, "Job")):
+    for workload in (*_deployments(objects), _one(objects, "Job")):
         for container in _containers(workload):
             names = {e["name"] for e in container.get("env", [])}
             if any(s["configMapRef"]["name"] == "mlecs-coordinator" for s in container.get("envFrom", [])):
@@ -164,7 +168,7 @@ def test_settings_are_real_and_secure_and_files_they_name_are_mounted():
     settings = CoordinatorSettings.model_validate({**values, "database_url": "postgresql://u@h/db"})
     assert settings.tls_enabled and not settings.allow_plaintext and not settings.open_enrolment
     assert settings.redis_url, "replicas need Redis for presence and revocations"
-    deployment = _one(objects, "Deployment")
+    deployment = _one(objects, "Deployment", "mlecs-coordinator")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -220,7 +224,7 @@ def test_pods_run_non_root_on_a_read_only_root_with_writable_volumes_where_the_c
     uid = re.search(r"--uid (\d+)", (topo.ROOT / "deploy" / "docker" / "coordinator.Dockerfile").read_text())
     assert uid is not None
     config = _one(objects, "ConfigMap")["data"]
-    for workload in (_one(objects, "Deployment"), _one(objects, "Job")):
+    for workload in (*_deployments(objects), _one(objects, "Job")):
         spec = _pod_spec(workload)
         assert spec is not None and spec["automountServiceAccountToken"] is False
         pod = spec["securityContext"]
@@ -232,7 +236,7 @@ def test_pods_run_non_root_on_a_read_only_root_with_writable_volumes_where_the_c
             assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
             writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
             assert "/tmp" in writable, f"{workload['metadata']['name']}: Python needs a writable /tmp"
-            if container["args"] == ["serve"]:
+            if container["args"] in (["serve"], ["worker"]):
                 assert config["MLECS_STATE_DIR"] in writable, "the blob store must be writable"
 
 
@@ -240,9 +244,44 @@ def test_the_migration_job_runs_the_coordinators_migrate_command():
     job = _one(_rendered(), "Job", "mlecs-migrate")
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    deployment = _one(_rendered(), "Deployment")
+    deployment = _one(_rendered(), "Deployment", "mlecs-coordinator")
     assert container["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     for args in (container["args"], ["serve"]):
         result = subprocess.run([sys.executable, "-m", "server", *args, "--help"], capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, f"`mlecs-coordinator {' '.join(args)}` is no command: {result.stderr}"
+
+
+def test_cloud_workers_run_as_their_own_deployment_on_the_coordinators_database_blobs_and_data():
+    objects = _rendered()
+    coordinator = _one(objects, "Deployment", "mlecs-coordinator")
+    worker = _one(objects, "Deployment", "mlecs-worker")
+    (serve,) = _containers(coordinator)
+    (work,) = _containers(worker)
+    assert work["args"] == ["worker"] and work["image"] == serve["image"]
+    assert work["envFrom"] == serve["envFrom"] and worker["spec"]["replicas"] >= 1
+    assert {e["name"] for e in work["env"]} == {"MLECS_DATABASE_URL"}  # the same queue and state as the replicas
+    # Not behind the coordinator's Services or disruption budget: no Service selects the workers.
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    for selector in [o["spec"]["selector"] for o in objects if o["kind"] == "Service"] + [
+            _one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]]:
+        assert not selector.items() <= labels.items()
+    config = _one(objects, "ConfigMap")["data"]
+    assert config["MLECS_WORKER_INPROCESS"] == "false", "the replicas would run cloud jobs themselves"
+    port = int(config["MLECS_WORKER_METRICS_PORT"])
+    ports = {p["name"]: p["containerPort"] for p in work["ports"]}
+    assert ports == {"metrics": port}
+    assert worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    for probe in ("startupProbe", "livenessProbe"):
+        assert work[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    mounts = {m["mountPath"]: m["name"] for m in work["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in _pod_spec(worker)["volumes"] if "persistentVolumeClaim" in v}  # type: ignore[index]
+    served = {m["mountPath"]: m["name"] for m in serve["volumeMounts"]}
+    served_claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+                     for v in _pod_spec(coordinator)["volumes"] if "persistentVolumeClaim" in v}  # type: ignore[index]
+    for path in (config["MLECS_STATE_DIR"], "/data"):  # the blob store and the data, as the replicas see them
+        assert claims[mounts[path]] == served_claims[served[path]], path
+    result = subprocess.run([sys.executable, "-m", "server", "worker", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "cloud" in result.stdout.lower(), result.stderr

@@ -107,20 +107,32 @@ class Cluster:
     root: Path
     replicas: list[Replica] = field(default_factory=list)
     devices: dict[str, Process] = field(default_factory=dict)
+    workers: list[Process] = field(default_factory=list)
     admin_token: str | None = None
+
+    def _env(self, **settings: str) -> dict[str, str]:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "MLECS_DATABASE_URL": self.database_url, "MLECS_REDIS_URL": self.redis_url,
+               "MLECS_REDIS_PREFIX": self.redis_prefix, "MLECS_STATE_DIR": str(self.root / "coordinator"),
+               "MLECS_HEARTBEAT_INTERVAL_S": "1", "MLECS_PRESENCE_TTL_S": "3", "MLECS_SCHEDULER_INTERVAL_S": "0.2",
+               "MLECS_LEASE_TTL_S": "3", "MLECS_LOG_LEVEL": "INFO",
+               # Fault tests break things on purpose, not identity: the explicit development mode.
+               "MLECS_ALLOW_PLAINTEXT": "true", "MLECS_OPEN_ENROLMENT": "true"}
+        env.update({f"MLECS_{k.upper()}": v for k, v in settings.items()})
+        return env
+
+    def add_worker(self, **settings: str) -> Process:
+        """A cloud worker (``python -m server worker``) on the cluster's database and blob directory."""
+        worker = Process(f"worker-{len(self.workers)}", [sys.executable, "-m", "server", "worker"],
+                         self._env(worker_metrics_port=str(free_port()), **settings), self.root)
+        worker.start()
+        self.workers.append(worker)
+        return worker
 
     def add_replica(self, **settings: str) -> Replica:
         name = f"coordinator-{len(self.replicas)}"
         grpc_port, admin_port = free_port(), free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "MLECS_DATABASE_URL": self.database_url, "MLECS_REDIS_URL": self.redis_url,
-               "MLECS_REDIS_PREFIX": self.redis_prefix, "MLECS_STATE_DIR": str(self.root / "coordinator"),
-               "MLECS_GRPC_PORT": str(grpc_port), "MLECS_ADMIN_PORT": str(admin_port),
-               "MLECS_HEARTBEAT_INTERVAL_S": "1", "MLECS_PRESENCE_TTL_S": "3", "MLECS_SCHEDULER_INTERVAL_S": "0.2",
-               "MLECS_LEASE_TTL_S": "3", "MLECS_REPLICA_ID": name, "MLECS_LOG_LEVEL": "INFO",
-               # Fault tests break things on purpose, not identity: the explicit development mode.
-               "MLECS_ALLOW_PLAINTEXT": "true", "MLECS_OPEN_ENROLMENT": "true"}
-        env.update({f"MLECS_{k.upper()}": v for k, v in settings.items()})
+        env = self._env(grpc_port=str(grpc_port), admin_port=str(admin_port), replica_id=name, **settings)
         replica = Replica(Process(name, [sys.executable, "-m", "server", "serve"], env, self.root), grpc_port,
                           admin_port)
         replica.start()
@@ -167,10 +179,11 @@ class Cluster:
         return [json.loads(line) for line in self.journal_path.read_text().splitlines() if line.strip()]
 
     def logs(self) -> str:
-        return "\n".join(p.log_tail() for p in [r.process for r in self.replicas] + list(self.devices.values()))
+        processes = [r.process for r in self.replicas] + self.workers + list(self.devices.values())
+        return "\n".join(p.log_tail() for p in processes)
 
     def shutdown(self) -> None:
-        for process in list(self.devices.values()) + [r.process for r in self.replicas]:
+        for process in list(self.devices.values()) + self.workers + [r.process for r in self.replicas]:
             process.kill()
 
     # ---- reading the truth from the database ---------------------------------------------------

@@ -17,11 +17,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from mlecs.datasets.export_avmnist import export_avmnist
+from server.domain.models import CloudState
 from server.domain.rounds import RoundState
 from server.persistence.database import create_engine_for
 from tests.fault.cluster import Cluster, Process, check_accounting, wait_until
@@ -266,3 +268,43 @@ def test_the_real_agent_killed_mid_upload_resumes_the_same_update_after_a_restar
     with cluster.store() as store:
         round_updates = store.list_updates(pending["round_id"])
         assert [u.upload_id for u in round_updates] == [pending["upload_id"]]  # resumed, not sent anew
+
+
+def test_a_cloud_worker_killed_mid_job_loses_nothing_and_the_job_runs_again(cluster: Cluster) -> None:
+    """The coordinator runs no cloud jobs; a worker process does. It is SIGKILLed while it tunes the cloud on
+    version 1: the queue lost that job, the version still owes it, the coordinator queues it again after
+    ``cloud_job_timeout_s``, and a new worker does it once. With ``anchors = "wait"`` round 2 opens only then."""
+    cluster.add_replica(worker_inprocess="false", cloud_job_timeout_s="4")
+    first = cluster.add_worker()
+    cluster.create_federation("f", target_rounds=2, min_updates=3, server_learning=True, anchors="wait",
+                              cloud_epochs=15, fused_upload_samples=8)
+    _fleet(cluster, "f", 3)
+    cluster.wait_for_rounds("f", 1)
+
+    def version_1_running() -> Any:
+        with cluster.store() as store:
+            versions = store.list_versions(store.find_federation_by_name("f").id)  # type: ignore[union-attr]
+        return next((v for v in versions if v.round_number == 1 and v.cloud_attempts >= 1
+                     and v.cloud_state is CloudState.PENDING), None)
+
+    wait_until(version_1_running, 60, "the worker to start version 1's cloud job", interval_s=0.02)
+    first.kill()
+    killed_at = datetime.now(UTC)
+    cluster.add_worker()
+    cluster.wait_for_rounds("f", 2, timeout_s=240)
+
+    with cluster.store() as store:
+        federation = store.find_federation_by_name("f")
+        assert federation is not None
+        versions = {v.round_number: v for v in store.list_versions(federation.id)}
+        rounds = {r.number: r for r in store.list_rounds(federation.id)}
+    one = versions[1]
+    assert one.cloud_state is CloudState.DONE and one.cloud_attempts == 2, (one, cluster.logs())
+    assert one.anchors_key is not None and one.generated_anchors is not None
+    assert one.anchors_key == one.generated_anchors.key  # waited for: its own anchors
+    assert "accuracy" in one.metrics and "global_accuracy" in rounds[1].metrics
+    assert rounds[2].opened_at is not None and one.cloud_finished_at is not None
+    assert rounds[2].opened_at >= one.cloud_finished_at  # round 2 waited for them
+    assert "queued again" in cluster.replicas[0].process.log_path.read_text()
+    print(f"version 1's cloud work done {(one.cloud_finished_at - killed_at).total_seconds():.1f} s after its worker "
+          "was killed (cloud_job_timeout_s = 4)")

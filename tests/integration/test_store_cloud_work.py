@@ -103,3 +103,13 @@ def test_the_newest_generated_anchors_are_those_of_the_latest_version_that_has_a
     seed.version(federation, 2, cloud_state=CloudState.PENDING)
     seed.version(other, 5, generated_anchors=OLD)
     assert store.newest_generated_anchors(federation.id) == NEW
+
+
+def test_a_running_job_reported_by_its_worker_is_not_redelivered(store: SqlStore, seed) -> None:
+    version = seed.version(seed.federation(), 1, cloud_state=CloudState.PENDING, cloud_enqueued_at=T0)
+    started = store.start_cloud_attempt(version.id)
+    assert started.cloud_enqueued_at is not None and started.cloud_enqueued_at > T0  # starting counts as heard of
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    store.touch_cloud_work(version.id, later)
+    assert not store.claim_redelivery(version.id, later, queued_before=later - timedelta(seconds=1))
+    assert store.claim_redelivery(version.id, later + timedelta(minutes=1), queued_before=later)
