@@ -8,8 +8,10 @@ import contextlib
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import Any
 
 import grpc
 import uvicorn
@@ -20,6 +22,7 @@ from server.background import follow_revocations, measure_loop_lag
 from server.composition import Services, build_services
 from server.config import CoordinatorSettings
 from server.domain.errors import UnavailableError
+from server.domain.models import Federation
 from server.heartbeat_process import HeartbeatProcess
 from server.services import staging
 from server.services.observations import observe_fleet
@@ -158,14 +161,48 @@ class Coordinator:
             fleet.close()
 
     async def _schedule(self, services: Services) -> None:
-        """Advances rounds when an update arrives or every interval (deadlines), and flushes presence."""
+        """Advances rounds when an update arrives or every interval (deadlines), and flushes presence.
+
+        Each federation is driven in a task of its own, side by side: one federation's aggregation (a robust
+        rule over a thousand updates takes seconds) never holds another's round. A federation still being
+        driven when a tick comes is driven again as soon as it is done."""
+        driving: dict[str, asyncio.Task[None]] = {}
+        again: set[str] = set()
+
+        async def drive(federation: Federation) -> None:
+            try:
+                await asyncio.to_thread(services.rounds.drive_one, federation)
+            except UnavailableError as exc:
+                log.warning("rounds of %s paused: %s", federation.name, exc)
+            finally:
+                self._changed.set()  # this replica may have opened or closed a round: look now
+                if federation.id in again:
+                    again.discard(federation.id)
+                    self._wake.set()
+
+        try:
+            await self._tick_forever(services, driving, again, drive)
+        finally:
+            for task in driving.values():
+                task.cancel()
+
+    async def _tick_forever(self, services: Services, driving: dict[str, asyncio.Task[None]], again: set[str],
+                            drive: Callable[[Federation], Coroutine[Any, Any, None]]) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.scheduler_interval_s)
             self._wake.clear()
             try:
-                await asyncio.to_thread(services.rounds.advance_all)
-                self._changed.set()  # this replica may have opened or closed a round: look now
+                federations = await asyncio.to_thread(services.rounds.survey)
+                for federation in federations:
+                    running = driving.get(federation.id)
+                    if running is not None and not running.done():
+                        again.add(federation.id)
+                        continue
+                    driving[federation.id] = asyncio.create_task(drive(federation))
+                listed = {f.id for f in federations}
+                for gone in [key for key, task in driving.items() if key not in listed and task.done()]:
+                    del driving[gone]
                 await asyncio.to_thread(services.devices.flush_presence)
                 await asyncio.to_thread(services.cloud_work.redeliver_stale)
             except UnavailableError as exc:

@@ -184,23 +184,34 @@ class RoundService:
     # ---- scheduler side ---------------------------------------------------------------------
 
     def advance_all(self) -> None:
-        """One scheduler tick: for every federation whose lease this replica holds (or wins), move its
-        unfinished round on by one decision and open the next round when the federation wants one."""
+        """One scheduler tick, federation after federation: ``survey``, then ``drive_one`` for each. The
+        coordinator drives federations side by side instead (``server.app``), so that one federation's
+        aggregation never holds another's round."""
+        for federation in self.survey():
+            self.drive_one(federation)
+
+    def survey(self) -> list[Federation]:
+        """The start of a scheduler tick: refreshes the round gauges, drops the running sums of rounds that
+        finished, and returns the federations to drive."""
         store = self._ctx.store
         unfinished = store.list_unfinished_rounds()
         self._accumulators.keep_only({r.id for r in unfinished})
         for state in (s for s in RoundState if not s.is_terminal):
             metrics.ROUNDS_IN_STATE.labels(state.value).set(sum(r.state is state for r in unfinished))
-        for federation in store.list_federations():
-            try:
-                self._drive(federation)
-            except LeaseLostError as exc:
-                log.warning("stopped driving %s: %s", federation.name, exc)
-                self._fences.pop(federation.id, None)
-            except UnavailableError:
-                raise
-            except Exception:  # one broken federation must not stall the others
-                log.exception("could not advance the rounds of %s", federation.name)
+        return store.list_federations()
+
+    def drive_one(self, federation: Federation) -> None:
+        """Moves the federation's unfinished round on by one decision and opens the next round when the
+        federation wants one, if this replica holds (or wins) its lease. Raises UnavailableError only."""
+        try:
+            self._drive(federation)
+        except LeaseLostError as exc:
+            log.warning("stopped driving %s: %s", federation.name, exc)
+            self._fences.pop(federation.id, None)
+        except UnavailableError:
+            raise
+        except Exception:  # one broken federation must not stall the others
+            log.exception("could not advance the rounds of %s", federation.name)
 
     def activity_marker(self) -> WorkMarker:
         """The rounds taking uploads and the federations paused or stopped, whichever replica changed them;
