@@ -44,6 +44,7 @@ from benchmarks.load_coordinator import (
     RssSampler,
     backing_stores,
 )
+from benchmarks.load_model import model_for_params
 from benchmarks.load_report import (
     coordinator_breakdown,
     heartbeat_process_breakdown,
@@ -56,51 +57,12 @@ from benchmarks.load_report import (
 from benchmarks.simdevice import FleetError, FleetOptions, FleetStats, make_specs
 from benchmarks.simfleet import Fleet
 
-FEATURE_DIMS = (32, 64, 128, 192, 256, 384, 512, 768, 1024)
-LORA_RANKS = (4, 8)
-_FUSED_STEP = 4  # fused_dim must be a multiple of num_soft_tokens (4 by default)
-_SHAPE_SLACK = 0.005
-"""Candidates this close (relative) to the best count compete on shape instead of count."""
 _POLL_RATE_PER_S = 160.0
 _STARTED = time.monotonic()
 
 
 def progress(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-# ---- the model whose adapter has about P parameters ----------------------------------------
-
-
-def count_shared_params(model: dict[str, Any]) -> int:
-    """Parameters of the shared adapter (every tensor an update may carry) of this model config."""
-    from mlecs.model import ModelConfig, shared_schema
-
-    return sum(math.prod(shape) for shape in shared_schema(ModelConfig.from_dict(model)).values())
-
-
-def model_for_params(target: int) -> tuple[dict[str, Any], int]:
-    """The tiny-backbone model config whose shared adapter size is closest to ``target``, and that size.
-
-    For each (feature_dim, lora_rank) the count is affine in fused_dim, so two probes give the fused_dim
-    to try and a third call gives its exact count. Among candidates about as close as the best, the one
-    with fused_dim nearest 4 x feature_dim (the default models' proportion) wins.
-    """
-    if target < 1:
-        raise ValueError(f"the parameter count must be positive, got {target}")
-    candidates: list[tuple[dict[str, Any], int]] = []
-    for feature_dim in FEATURE_DIMS:
-        for rank in LORA_RANKS:
-            base = {"backbone": "tiny", "lora_rank": rank, "feature_dim": feature_dim}
-            first = count_shared_params({**base, "fused_dim": _FUSED_STEP})
-            per_step = count_shared_params({**base, "fused_dim": 2 * _FUSED_STEP}) - first
-            steps = max(0, round((target - first) / per_step))
-            model = {**base, "fused_dim": _FUSED_STEP * (1 + steps)}
-            candidates.append((model, count_shared_params(model)))
-    best_error = min(abs(count - target) for _, count in candidates)
-    close = [c for c in candidates if abs(c[1] - target) <= max(best_error, _SHAPE_SLACK * target)]
-    return min(close, key=lambda c: (abs(math.log2(c[0]["fused_dim"] / (4 * c[0]["feature_dim"]))),
-                                     c[0]["lora_rank"], abs(c[1] - target)))
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -192,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shared-channel", action="store_true",
                         help="one connection per device process instead of one per device (as real devices "
                              "have); heartbeats then wait behind other devices' transfers on that connection")
+    parser.add_argument("--federations", type=_at_least(1), default=1,
+                        help="run this many federations of --devices devices each on one coordinator, each alone and "
+                             "then all at once, and report each one's median round both ways (default 1)")
     parser.add_argument("--profile", type=Path, default=None, metavar="SVG",
                         help="sample the coordinator with py-spy during the rounds and write a flame graph here "
                              "(one N only; py-spy may need root or ptrace permission)")
@@ -466,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"choosing a model with about {args.payload_params:,} shared adapter parameters")
     model, params = model_for_params(args.payload_params)
     progress(f"model {model}: {params:,} parameters")
+    if args.federations > 1:
+        return _main_federations(args, model, params)
     records: list[dict[str, Any]] = []
     failed = False
     for devices in args.devices:
@@ -487,6 +454,28 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     progress(f"wrote {args.out / 'results.json'} and results.md" + (" and load.png" if len(records) > 1 else ""))
     return 1 if failed else 0
+
+
+def _main_federations(args: argparse.Namespace, model: dict[str, Any], params: int) -> int:
+    from benchmarks.load_federations import federations_text, run_federations
+
+    records = []
+    for devices in args.devices:
+        def config(invited: int) -> dict[str, Any]:
+            return federation_config(model, invited, args.clients_per_round, args.robust_rule)
+
+        try:
+            records.append(run_federations(args.federations, devices, model, params, args, _run_rounds, config,
+                                           progress))
+        except (LoadBenchmarkError, FleetError) as exc:
+            progress(f"[{args.federations} x N={devices}] failed: {exc}")
+            return 1
+        (args.out / "results.json").write_text(json.dumps(_json_safe(records), indent=1))
+    text = federations_text(records)
+    (args.out / "results.md").write_text(text)
+    print(text, end="")
+    progress(f"wrote {args.out / 'results.json'} and results.md")
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from typing import Any
 import psutil
 import sqlalchemy as sa
 
-from benchmarks.load import federation_config, model_for_params
+from benchmarks.load import federation_config
 from benchmarks.load_coordinator import AdminClient, CoordinatorProcess, backing_stores
+from benchmarks.load_model import model_for_params
 from benchmarks.load_report import percentile
 from benchmarks.simdevice import FleetOptions, make_specs
 from benchmarks.simfleet import Fleet

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import model_for_params
+from benchmarks.load_model import model_for_params
 from benchmarks.simdevice import make_delta
 from mlecs.codec import decode_tensors, encode_tensors, sha256_hex
 

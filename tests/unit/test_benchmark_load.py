@@ -15,11 +15,10 @@ from benchmarks.load import (
     _json_safe,
     build_parser,
     build_record,
-    count_shared_params,
     default_poll_s,
     federation_config,
-    model_for_params,
 )
+from benchmarks.load_model import count_shared_params, model_for_params
 from benchmarks.load_report import (
     REQUIRED_KEYS,
     coordinator_breakdown,
@@ -392,3 +391,20 @@ def test_bucket_quantile_reads_the_bucket_holding_the_quantile() -> None:
     assert bucket_quantile(cumulative, 1.0) == 1.0
     assert math.isnan(bucket_quantile({"0.1": 0.0, "+Inf": 0.0}, 0.99))  # nothing observed
     assert bucket_quantile({"0.1": 1.0, "+Inf": 3.0}, 0.99) == float("inf")
+
+
+def test_federations_are_a_flag_and_their_table_says_whether_the_ratio_target_was_met() -> None:
+    from benchmarks.load_federations import federations_text
+
+    args = build_parser().parse_args(["--devices", "8", "--federations", "4", "--out", "x"])
+    assert args.federations == 4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--devices", "8", "--federations", "0", "--out", "x"])
+    record = {"federations": 2, "devices_per_federation": 8, "payload_params": 1000, "rounds": 3,
+              "alone_round_wall_s_median": [0.2, 0.25], "together_round_wall_s_median": [0.28, 0.5],
+              "ratio": [1.4, 2.0], "max_ratio": 2.0, "target_ratio": 1.5, "together_phase_s": 3.0,
+              "coordinator_cpu_s_together": 1.5, "device_cpu_s_together": 0.5, "other_cpu_s_together": 0.1,
+              "machine": {"cpus": 2}}
+    text = federations_text([record])
+    assert "| 2 | 0.250 | 0.500 | 2.00 |" in text and "Worst ratio 2.00 (target at most 1.5): missed." in text
+    assert "met." in federations_text([{**record, "ratio": [1.1, 1.2], "max_ratio": 1.2}])
