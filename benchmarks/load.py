@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "count reported (default 1300000)")
     parser.add_argument("--rounds", type=_at_least(1), default=3, help="rounds per run (default 3)")
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, load.png")
-    parser.add_argument("--clients-per-round", type=_at_least(0), default=0,
-                        help="devices invited per round (default 0: every device)")
+    parser.add_argument("--clients-per-round", "--cohort", dest="clients_per_round", type=_at_least(0), default=0,
+                        help="devices invited per round, the cohort (default 0: every device)")
     parser.add_argument("--device-procs", type=_at_least(1), default=None,
                         help="processes running the devices (default min(4, N))")
     parser.add_argument("--heartbeat-procs", type=_at_least(0), default=1,
@@ -274,6 +274,7 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
                            shared_channel=args.shared_channel, heartbeat_procs=args.heartbeat_procs,
                            heartbeat_nice=args.device_heartbeat_nice)
     fleet = Fleet(make_specs(devices, args.seed), options, processes=args.device_procs)
+    rss_idle = coordinator.rss_mib()  # before any device connects: what each connected device adds is above it
     with fleet:
         progress(f"{label} enrolling {devices} devices in {fleet.process_count} process(es), preparing their updates")
         fleet.start(timeout_s=120 + 0.5 * devices)
@@ -307,7 +308,7 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
         window=(window_start, window_end), heartbeat_window=(window_start, heartbeat_window_end),
         coordinator_cpu_s=used.coordinator_s,
         peak_rss_mib=peak_rss, heartbeat_process_peak_rss_mib=children_peak_rss,
-        rss_before_rounds_mib=rss_before, rss_sampled_peak_mib=sampler.peak_mib,
+        rss_before_rounds_mib=rss_before, rss_sampled_peak_mib=sampler.peak_mib, rss_idle_mib=rss_idle,
         coordinator_breakdown=breakdown, poll_s=poll_s, device_procs=fleet.process_count,
         device_cpu_s=used.devices_s, stores_cpu_s=used.stores_s, other_cpu_s=used.other_s,
         priorities=priorities), args)
@@ -344,6 +345,8 @@ class RunMeasurements:
     """CPU seconds of the PostgreSQL backends serving the run and of Redis over the rounds phase."""
     other_cpu_s: float = math.nan
     """CPU seconds the rest of the machine used over the rounds phase: other work skews every number."""
+    rss_idle_mib: float = math.nan
+    """The coordinator's RSS before any device connected (its idle footprint)."""
     heartbeat_process_peak_rss_mib: float = 0.0
     """The heartbeat process's part of ``peak_rss_mib`` (0 without one)."""
     priorities: dict[str, list[int]] = field(default_factory=dict)
@@ -385,6 +388,9 @@ def build_record(m: RunMeasurements, args: argparse.Namespace) -> dict[str, Any]
         "coordinator_cpu_s": cpu_s,
         "heartbeat_process_peak_rss_mib": m.heartbeat_process_peak_rss_mib,
         "rss_before_rounds_mib": m.rss_before_rounds_mib,
+        "rss_idle_mib": m.rss_idle_mib,
+        # What each connected device costs the coordinator, online and heartbeating, before the rounds.
+        "rss_kib_per_connected_device": 1024 * (m.rss_before_rounds_mib - m.rss_idle_mib) / m.devices,
         "rss_rounds_sampled_peak_mib": m.rss_sampled_peak_mib,
         "payload_bytes": stats.payload_bytes / stats.payloads if stats.payloads else math.nan,
         "download_wire_bytes_per_update": stats.download_wire_bytes / stats.downloads if stats.downloads

@@ -115,9 +115,12 @@ def test_a_coordinator_killed_mid_round_accepts_uploads_again_soon_after_its_res
 
 
 def test_sigkill_of_the_coordinator_while_aggregating_commits_the_round_exactly_once(cluster: Cluster) -> None:
-    # Server-side learning (evaluation, cloud tuning) makes aggregation long enough to be caught in the act.
-    replica = cluster.add_replica()
-    cluster.create_federation("f", target_rounds=3, min_updates=3, server_learning=True, cloud_epochs=1)
+    # The weighted median over a larger adapter (spilled to disk, reduced in blocks) makes aggregation long
+    # enough to be caught in the act; the cloud's work is no longer part of it.
+    replica = cluster.add_replica(robust_block_bytes=str(1024 * 1024))
+    cluster.create_federation("f", target_rounds=3, min_updates=3, robust_rule="median",
+                              model={"backbone": "tiny", "feature_dim": 512, "fused_dim": 2048},
+                              max_chunk_bytes=1024 * 1024)
     _fleet(cluster, "f", 3)
     cluster.wait_for_rounds("f", 1)
     try:
