@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from huey import Huey, MemoryHuey, PostgresHuey, SqliteHuey
 from huey.consumer import Consumer
 from sqlalchemy.engine import make_url
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_NAME = "mlecs-cloud"
 TABLE_PREFIX = "mlecs_jobs"
+_SCHEMA_LOCK = 0x6D6C6563_6A6F6273 & 0x7FFFFFFFFFFFFFFF
+"""The advisory lock key held while huey creates its tables ("mlecjobs")."""
 RETRIES = 2
 """Quick retries of a job that raised (a database hiccup), 2 s then 4 s later, before the version's attempts
 decide (``cloud_job_attempts``)."""
@@ -41,7 +44,14 @@ def create_huey(database_url: str) -> Huey:
     url = make_url(database_url)
     if url.get_backend_name() == "postgresql":
         dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return PostgresHuey(QUEUE_NAME, dsn=dsn, table_prefix=TABLE_PREFIX, results=False, utc=True)
+        # huey creates its tables if they do not exist; coordinators and workers starting together on a fresh
+        # database would race on that (PostgreSQL's CREATE TABLE IF NOT EXISTS is not safe concurrently).
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            connection.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+            try:
+                return PostgresHuey(QUEUE_NAME, dsn=dsn, table_prefix=TABLE_PREFIX, results=False, utc=True)
+            finally:
+                connection.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
     if url.get_backend_name() != "sqlite":
         raise ValueError(f"no job queue for a {url.get_backend_name()} database (PostgreSQL or SQLite)")
     path = jobs_file(database_url)

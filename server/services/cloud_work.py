@@ -111,7 +111,8 @@ class CloudWork:
                           version.id, self._ctx.settings.cloud_job_timeout_s)
 
     def redeliver_stale(self) -> int:
-        """Queues again every owed job last queued more than ``cloud_job_timeout_s`` ago; returns how many."""
+        """Queues again every owed job neither queued nor reported running for ``cloud_job_timeout_s``;
+        returns how many."""
         store, settings = self._ctx.store, self._ctx.settings
         owed = store.owed_cloud_work()
         metrics.CLOUD_WORK_OWED.set(len(owed))
@@ -125,8 +126,8 @@ class CloudWork:
                 continue
             if not store.claim_redelivery(version.id, now, cutoff):
                 continue  # another replica did it
-            log.warning("cloud job of version %s (round %d) unfinished %.0f s after it was queued: queued again",
-                        version.id, version.round_number, settings.cloud_job_timeout_s)
+            log.warning("cloud job of version %s (round %d) neither queued nor reported running for %.0f s: "
+                        "queued again", version.id, version.round_number, settings.cloud_job_timeout_s)
             metrics.CLOUD_REDELIVERIES.inc()
             self.enqueue(version)
             redelivered += 1
