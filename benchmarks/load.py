@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shared-channel", action="store_true",
                         help="one connection per device process instead of one per device (as real devices "
                              "have); heartbeats then wait behind other devices' transfers on that connection")
+    parser.add_argument("--payload-variants", type=_at_least(0), default=0,
+                        help="devices of a process with the same modalities share this many encoded updates "
+                             "(default 0: one per device; set it for fleets whose updates would not fit in memory)")
     parser.add_argument("--federations", type=_at_least(1), default=1,
                         help="run this many federations of --devices devices each on one coordinator, each alone and "
                              "then all at once, and report each one's median round both ways (default 1)")
@@ -272,6 +275,7 @@ def _measure(coordinator: CoordinatorProcess, admin: AdminClient, devices: int, 
     poll_s = args.poll_s or default_poll_s(devices)
     options = FleetOptions(address=coordinator.grpc_address, federation=federation, poll_s=poll_s,
                            shared_channel=args.shared_channel, heartbeat_procs=args.heartbeat_procs,
+                           payload_variants=args.payload_variants,
                            heartbeat_nice=args.device_heartbeat_nice)
     fleet = Fleet(make_specs(devices, args.seed), options, processes=args.device_procs)
     rss_idle = coordinator.rss_mib()  # before any device connects: what each connected device adds is above it

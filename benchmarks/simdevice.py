@@ -98,6 +98,11 @@ class FleetOptions:
     """Nice value of the heartbeat processes (None: inherited). Simulated devices share the coordinator's
     CPUs, where real ones have their own: raised, their heartbeats are not timed by the coordinator's load on
     the sender. Raising priority needs CAP_SYS_NICE; without it the processes run at the inherited one."""
+    payload_variants: int = 0
+    """0: every device encodes an update of its own before the rounds. K > 0: the devices of a process with the
+    same modality set share K encoded updates (device seed modulo K), so a large fleet of which a round invites a
+    cohort does not hold one update per device in memory (10,000 devices x 2.6 MB would not fit). Devices sharing
+    an update upload identical bytes, which the coordinator stores once."""
     shared_channel: bool = False
     """One connection per device process instead of one per device. Real devices each have their own
     connection; sharing one puts every device's heartbeat behind the others' transfers (HTTP/2 flow
@@ -282,11 +287,20 @@ class SimDevice:
         """Names and shapes of the current global adapter's tensors (one download, left out of the stats)."""
         return peek_header(await self._download("", keep=True, measured=False)).shapes
 
-    def prepare(self, shapes: Mapping[str, tuple[int, ...]], codec: str = "fp16") -> None:
-        """Encodes this device's update ahead of the rounds, so that no round waits for numpy and zstd."""
-        data = encode_tensors(make_delta(shapes, self._modalities, self.spec.seed), codec)
-        self._payload = _Payload(data=data, sha256=sha256_hex(data), codec=codec)
-        self._stats.payload_bytes += len(data)
+    def prepare(self, shapes: Mapping[str, tuple[int, ...]], codec: str = "fp16",
+                shared: dict[tuple[frozenset[str], int, str], _Payload] | None = None) -> None:
+        """Encodes this device's update ahead of the rounds, so that no round waits for numpy and zstd; with
+        ``shared`` (and ``payload_variants``), takes one of the process's shared updates instead."""
+        variants = self._options.payload_variants
+        key = (self._modalities, self.spec.seed % variants if variants else self.spec.seed, codec)
+        payload = None if shared is None or not variants else shared.get(key)
+        if payload is None:
+            data = encode_tensors(make_delta(shapes, self._modalities, key[1]), codec)
+            payload = _Payload(data=data, sha256=sha256_hex(data), codec=codec)
+            if shared is not None and variants:
+                shared[key] = payload
+        self._payload = payload
+        self._stats.payload_bytes += len(payload.data)
         self._stats.payloads += 1
 
     async def heartbeats(self) -> None:

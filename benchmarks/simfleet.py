@@ -90,8 +90,9 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
         except grpc.aio.AioRpcError as exc:
             problems.append(f"downloading the global adapter: {exc.code().name}: {exc.details()}")
             enrolled = []
+        shared: dict[Any, Any] = {}
         for device in enrolled:
-            device.prepare(shapes)
+            device.prepare(shapes, shared=shared)
             await asyncio.sleep(0)  # let the heartbeats already running go out between encodings
         outbox.put(("ready", index, len(enrolled), problems[:3]))
         running += [asyncio.create_task(d.tasks()) for d in enrolled]

@@ -408,3 +408,23 @@ def test_federations_are_a_flag_and_their_table_says_whether_the_ratio_target_wa
     text = federations_text([record])
     assert "| 2 | 0.250 | 0.500 | 2.00 |" in text and "Worst ratio 2.00 (target at most 1.5): missed." in text
     assert "met." in federations_text([{**record, "ratio": [1.1, 1.2], "max_ratio": 1.2}])
+
+
+def test_devices_share_a_few_encoded_updates_when_told_to_and_each_has_its_own_otherwise() -> None:
+    from benchmarks.simdevice import FleetOptions, FleetStats, SimDevice, make_specs
+
+    shapes = {"head.weight": (4, 8), "head.bias": (4,)}
+    specs = [s for s in make_specs(12) if s.modalities == make_specs(12)[0].modalities]
+    assert len(specs) >= 3
+
+    def payloads(variants: int) -> list[bytes]:
+        options = FleetOptions(address="unused", federation="f", payload_variants=variants)
+        shared: dict = {}
+        devices = [SimDevice(None, spec, options, FleetStats()) for spec in specs]  # type: ignore[arg-type]
+        for device in devices:
+            device.prepare(shapes, shared=shared)
+        return [device._payload.data for device in devices]  # type: ignore[union-attr]
+
+    assert len(set(payloads(0))) == len(specs)
+    shared = payloads(2)
+    assert len({id(p) for p in shared}) <= 2 and len(set(shared)) <= 2
