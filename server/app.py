@@ -8,21 +8,18 @@ import contextlib
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
 
 import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server import metrics
-from server.background import follow_revocations, measure_loop_lag
+from server.background import FederationDrivers, follow_revocations, measure_loop_lag
 from server.composition import Services, build_services
 from server.config import CoordinatorSettings
 from server.domain.errors import UnavailableError
-from server.domain.models import Federation
 from server.heartbeat_process import HeartbeatProcess
 from server.services import staging
 from server.services.observations import observe_fleet
@@ -161,52 +158,22 @@ class Coordinator:
             fleet.close()
 
     async def _schedule(self, services: Services) -> None:
-        """Advances rounds when an update arrives or every interval (deadlines), and flushes presence.
-
-        Each federation is driven in a task of its own, side by side: one federation's aggregation (a robust
-        rule over a thousand updates takes seconds) never holds another's round. A federation still being
-        driven when a tick comes is driven again as soon as it is done."""
-        driving: dict[str, asyncio.Task[None]] = {}
-        again: set[str] = set()
-
-        async def drive(federation: Federation) -> None:
-            try:
-                await asyncio.to_thread(services.rounds.drive_one, federation)
-            except UnavailableError as exc:
-                log.warning("rounds of %s paused: %s", federation.name, exc)
-            finally:
-                self._changed.set()  # this replica may have opened or closed a round: look now
-                if federation.id in again:
-                    again.discard(federation.id)
-                    self._wake.set()
-
+        """Advances rounds when an update arrives or every interval (deadlines), and flushes presence. Each
+        federation is driven by a task of its own (``FederationDrivers``), side by side."""
+        drivers = FederationDrivers(services.rounds, changed=self._changed, wake=self._wake)
         try:
-            await self._tick_forever(services, driving, again, drive)
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.scheduler_interval_s)
+                self._wake.clear()
+                try:
+                    drivers.drive(await asyncio.to_thread(services.rounds.survey))
+                    await asyncio.to_thread(services.devices.flush_presence)
+                    await asyncio.to_thread(services.cloud_work.redeliver_stale)
+                except UnavailableError as exc:
+                    log.warning("scheduler paused: %s", exc)
         finally:
-            for task in driving.values():
-                task.cancel()
-
-    async def _tick_forever(self, services: Services, driving: dict[str, asyncio.Task[None]], again: set[str],
-                            drive: Callable[[Federation], Coroutine[Any, Any, None]]) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.scheduler_interval_s)
-            self._wake.clear()
-            try:
-                federations = await asyncio.to_thread(services.rounds.survey)
-                for federation in federations:
-                    running = driving.get(federation.id)
-                    if running is not None and not running.done():
-                        again.add(federation.id)
-                        continue
-                    driving[federation.id] = asyncio.create_task(drive(federation))
-                listed = {f.id for f in federations}
-                for gone in [key for key, task in driving.items() if key not in listed and task.done()]:
-                    del driving[gone]
-                await asyncio.to_thread(services.devices.flush_presence)
-                await asyncio.to_thread(services.cloud_work.redeliver_stale)
-            except UnavailableError as exc:
-                log.warning("scheduler paused: %s", exc)
+            drivers.cancel()
 
     async def _watch(self, services: Services, changes: ChangeSignal) -> None:
         """Wakes held task long polls when there is news for them (a round opened, a federation paused,
