@@ -37,6 +37,14 @@ def _load(page: Path) -> str:
                   "(upload-profile/flamegraph.svg)), and the floor of the same update's work "
                   "(`python -m benchmarks.upload_floor`):", "",
                   report_text(run), table(json.loads((profile / "floor.json").read_text()))]
+    federations = page / "federations" / "results.json"
+    if federations.is_file():
+        from benchmarks.load_federations import federations_text
+
+        parts += ["### Several federations on one coordinator", "",
+                  "`--federations 4`: each federation's rounds alone, then all four at once "
+                  "([federations/results.json](federations/results.json)):", "",
+                  federations_text(json.loads(federations.read_text()))]
     return "\n".join(parts) + "\n"
 
 

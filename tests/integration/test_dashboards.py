@@ -75,8 +75,10 @@ def _scrape_config(admin_port: int, prometheus_port: int) -> dict:
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     targets = {"mlecs-coordinator": f"127.0.0.1:{admin_port}", "prometheus": f"127.0.0.1:{prometheus_port}"}
-    # This test's coordinator runs without a heartbeat process: its job has nothing to scrape.
-    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] != "mlecs-heartbeats"]
+    # This test's coordinator runs without a heartbeat process and runs its cloud jobs itself (the in-process
+    # worker, whose metrics are the coordinator's): those two jobs have nothing to scrape.
+    config["scrape_configs"] = [job for job in config["scrape_configs"]
+                                if job["job_name"] not in ("mlecs-heartbeats", "mlecs-workers")]
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     return dict(config)
