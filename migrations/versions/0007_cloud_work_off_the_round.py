@@ -67,6 +67,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     _set_anchors_key(pin=False)
     op.drop_index("ix_model_versions_cloud_state", table_name="model_versions")
-    with op.batch_alter_table("model_versions") as batch:
-        for name, _ in reversed(_COLUMNS):
-            batch.drop_column(name)
+    # Column by column, not in a batch: on SQLite a batch copies the table and drops the old one, which its
+    # foreign keys refuse while rounds point at versions. SQLite drops an unindexed column in place.
+    for name, _ in reversed(_COLUMNS):
+        op.drop_column("model_versions", name)

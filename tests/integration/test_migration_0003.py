@@ -140,6 +140,7 @@ def test_upgrading_again_restores_the_0003_schema_with_defaults_for_old_rows(
     assert UPLOAD_UNIQUE in _unique_constraints(url, "updates")
     assert _rows(url, "SELECT * FROM leases") == []
 
+    migrate(url)  # the rest of the way: the store reads the newest schema
     store = SqlStore.from_url(url)
     try:
         restored_round = store.get_round(written.round_.id)
