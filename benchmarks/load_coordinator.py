@@ -418,10 +418,22 @@ class AdminClient:
         self._http.close()
 
     def _json(self, method: str, path: str, expected: int, **kwargs: Any) -> Any:
-        reply = self._http.request(method, path, **kwargs)
+        reply = self._request(method, path, **kwargs)
         if reply.status_code != expected:
             raise LoadBenchmarkError(f"{method} {path} answered {reply.status_code}: {reply.text[:2000]}")
         return reply.json()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call; a read (GET) that loses its connection is sent again, up to 3 times: on a saturated machine
+        the server may close a kept-alive connection just as the next poll reuses it."""
+        for attempt in range(3):
+            try:
+                return self._http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if method != "GET" or attempt == 2:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
 
     def create_federation(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._json("POST", "/v1/federations", 201, json={"name": name, "config": config})
