@@ -175,7 +175,17 @@ def test_targets_are_marked_met_or_missed_for_the_runs_that_measured_them() -> N
     assert lines[1].endswith("(target < 100 ms): MISSED")
     assert lines[2] == "N=1000: 3/3 rounds committed (target: all): met"
     assert lines[3] == "peak RSS N=1000 / N=32 = 2.50 (target <= 2): MISSED"
-    assert target_lines([_record(8)]) == ["the issue's targets concern N=32 and N=1000; neither ran"]
+    assert target_lines([_record(8)]) == ["the issue's targets concern N=32, N=1000 and N=10000; none ran"]
+
+
+def test_the_ten_thousand_device_targets_are_heartbeats_memory_per_device_and_a_committed_round() -> None:
+    lines = target_lines([_record(10000, heartbeat_p99_ms=40.0, rss_kib_per_connected_device=120.0,
+                                  clients_per_round=1000, rounds=1, rounds_committed=1, round_wall_s_median=90.0)])
+
+    assert lines == ["N=10000, cohort 1000: heartbeat p99 40.0 ms (target < 100 ms): met",
+                     "N=10000: coordinator memory 120.0 KiB per connected device above its idle footprint "
+                     "(target <= 100 KiB): MISSED",
+                     "N=10000: 1/1 rounds committed, median 90.0 s (target: committed): met"]
 
 
 def test_the_report_is_the_table_followed_by_the_targets() -> None:
