@@ -33,6 +33,9 @@ from benchmarks.simdevice import (
 )
 from mlecs.proto.v1 import fleet_pb2_grpc
 
+ENROL_ATTEMPTS = 4
+_RETRIED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
 # ---- one device process ---------------------------------------------------------------------
 
 
@@ -74,7 +77,16 @@ async def _run_devices(index: int, specs: Sequence[DeviceSpec], options: FleetOp
     try:
         async def start(device: SimDevice) -> None:
             async with gate:
-                await device.enrol()
+                # As an agent would: an enrolment that timed out or found the coordinator busy is tried again (a
+                # saturated 2-core machine starves a few of 10,000 at a time).
+                for attempt in range(ENROL_ATTEMPTS):
+                    try:
+                        await device.enrol()
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        if attempt == ENROL_ATTEMPTS - 1 or exc.code() not in _RETRIED:
+                            raise
+                        await asyncio.sleep(2.0 * (attempt + 1))
                 if beats is not None:
                     beats.put([device.heartbeat_plan()])
                 else:
