@@ -187,16 +187,20 @@ def target_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
         ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
         lines.append(f"peak RSS N=1000 / N=32 = {ratio:.2f} (target <= 2): {verdict(ratio <= 2)}")
     huge = by_n.get(10000)
-    if huge is not None:
-        p99 = huge.get("heartbeat_p99_ms", math.nan)
-        per_device = huge.get("rss_kib_per_connected_device", math.nan)
+    if huge is not None:  # results.json holds null where a value was not measured (a round that never committed)
+        def number(key: str) -> float:
+            value = huge.get(key)
+            return math.nan if value is None else float(value)
+
+        p99, per_device, wall = number("heartbeat_p99_ms"), number("rss_kib_per_connected_device"), number(
+            "round_wall_s_median")
         committed = huge.get("rounds_committed", 0)
         cohort = huge.get("clients_per_round") or huge["devices"]
         lines.append(f"N=10000, cohort {cohort}: heartbeat p99 {p99:.1f} ms (target < 100 ms): {verdict(p99 < 100)}")
         lines.append(f"N=10000: coordinator memory {per_device:.1f} KiB per connected device above its idle footprint "
                      f"(target <= 100 KiB): {verdict(per_device <= 100)}")
-        lines.append(f"N=10000: {committed}/{huge['rounds']} rounds committed, median "
-                     f"{huge.get('round_wall_s_median', math.nan):.1f} s (target: committed): "
+        lines.append(f"N=10000: {committed}/{huge['rounds']} rounds committed, median {wall:.1f} s "
+                     "(target: committed): "
                      f"{verdict(committed == huge['rounds'])}")
     if not lines:
         lines.append("the issue's targets concern N=32, N=1000 and N=10000; none ran")

@@ -37,6 +37,12 @@ def _load(page: Path) -> str:
                   "(upload-profile/flamegraph.svg)), and the floor of the same update's work "
                   "(`python -m benchmarks.upload_floor`):", "",
                   report_text(run), table(json.loads((profile / "floor.json").read_text()))]
+    huge = page / "ten-thousand" / "results.json"
+    if huge.is_file():
+        parts += ["### 10,000 connected devices", "",
+                  "`--devices 10000 --rounds 1 --cohort 1000 --payload-variants 4` "
+                  "([ten-thousand/results.json](ten-thousand/results.json)):", "",
+                  report_text(json.loads(huge.read_text()))]
     federations = page / "federations" / "results.json"
     if federations.is_file():
         from benchmarks.load_federations import federations_text

@@ -21,7 +21,8 @@ DEVICE_COLUMNS: list[Column] = [("name", "name"), ("id", "id"), ("modalities", "
                                 ("revoked", "revoked"), ("last seen", "last_seen_at"), ("enrolled", "enrolled_at")]
 VERSION_COLUMNS: list[Column] = [("round", "round_number"), ("id", "id"), ("codec", "codec"),
                                  ("adapter bytes", "adapter_size"),
-                                 ("accuracy", lambda v: v["metrics"].get("accuracy")), ("created", "created_at")]
+                                 ("accuracy", lambda v: v["metrics"].get("accuracy")),
+                                 ("cloud work", lambda v: v.get("cloud_state")), ("created", "created_at")]
 
 
 @devices_app.command("list")
@@ -48,12 +49,14 @@ def revoke_device(device_id: DeviceId, url: Url = DEFAULT_URL, token: Token = No
 
 def _version(record: dict[str, Any]) -> str:
     return fields(record, ["id", "federation_id", "round_number", "codec", "adapter_sha256", "adapter_size",
-                           "anchors_size", "created_at", "metrics"])
+                           "anchors_size", "created_at", "metrics", "cloud_state", "cloud_attempts", "cloud_error",
+                           "cloud_finished_at"])
 
 
 @versions_app.command("list")
 def list_versions(federation: Federation, url: Url = DEFAULT_URL, token: Token = None, as_json: Json = False) -> None:
-    """List a federation's global versions with their evaluation. Scope: read."""
+    """List a federation's global versions with their evaluation and where their cloud work (tuning, anchors,
+    evaluation) stands: pending, done, failed, or none. Scope: read."""
     with api(url, token) as client:
         show(client.get(f"/v1/federations/{federation}/versions"), as_json,
              lambda rows: table(rows, VERSION_COLUMNS))

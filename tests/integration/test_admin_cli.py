@@ -100,6 +100,7 @@ def test_the_mlecs_cli_drives_every_admin_operation(c: RunningCoordinator, tmp_p
     assert [v["round_number"] for v in versions] == [0, 1]
     v1 = versions[1]["id"]
     assert mlecs_json(c, "versions", "get", v1)["round_number"] == 1
+    assert "cloud work" in mlecs(c, "versions", "list", name) and "cloud_state" in mlecs(c, "versions", "get", v1)
     target = tmp_path / "v1.mlecs"
     assert "wrote" in mlecs(c, "versions", "download", v1, "-o", str(target))
     assert hashlib.sha256(target.read_bytes()).hexdigest() == versions[1]["adapter_sha256"]
