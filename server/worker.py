@@ -3,8 +3,8 @@
 Same package and settings as the coordinator, scaled apart from it: coordinator replicas serve devices and
 commit rounds; workers tune the cloud model, generate anchors and evaluate versions (``server.services
 .cloud_work``). A worker reads the database and blob store the coordinators write, and the public set and
-test split (``MLECS_DATA_DIR``, ``MLECS_TASK_DATA``). SIGTERM or SIGINT stops it after the jobs it is running;
-a second one, or SIGKILL, stops it at once, and the coordinator queues those jobs again.
+test split (``MLECS_DATA_DIR``, ``MLECS_TASK_DATA``). SIGTERM stops it after the jobs it is running; SIGINT, a
+second SIGTERM or SIGKILL stops it at once, and the coordinator queues those jobs again.
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ DEPTH_INTERVAL_S = 5.0
 def run_worker(settings: CoordinatorSettings) -> None:
     """Serves cloud jobs until SIGTERM or SIGINT."""
     url = settings.resolved_database_url()
-    if current_revision(url) != head_revision():
+    try:
+        revision = current_revision(url)
+    except Exception as exc:  # unreachable, or no database file where MLECS_STATE_DIR points
+        raise RuntimeError(f"cannot read the coordinator's database ({type(exc).__name__}): set MLECS_DATABASE_URL "
+                           "(or MLECS_STATE_DIR, for the embedded one) to the coordinator's, and migrate it") from exc
+    if revision != head_revision():
         raise RuntimeError("the database is not migrated to this version's schema: run `mlecs-coordinator "
                            "migrate` (or start a coordinator, which migrates it) before starting workers")
     services = build_worker_services(settings)
@@ -44,7 +49,7 @@ def run_worker(settings: CoordinatorSettings) -> None:
     consumer = services.jobs.consumer(settings.cloud_workers, embedded=False)
     log.info("cloud worker serving the job queue with %d thread(s)", settings.cloud_workers)
     try:
-        consumer.run()  # returns after SIGTERM/SIGINT, once running jobs finished
+        consumer.run()  # returns after SIGTERM (once running jobs finished) or SIGINT
     finally:
         stop.set()
         services.jobs.close()

@@ -99,7 +99,8 @@ class JobQueue:
                                    "initial_delay": 0.1, "max_delay": 1.0}
         if embedded:
             return _EmbeddedConsumer(self.huey, **options)
-        return self.huey.create_consumer(**options)
+        # SIGTERM (what Kubernetes and compose send) lets running jobs finish; a second one, or SIGINT, does not.
+        return self.huey.create_consumer(graceful_signal="TERM", **options)
 
     def close(self) -> None:
         self.huey.storage.close()
