@@ -185,8 +185,8 @@ class RoundService:
 
     def advance_all(self) -> None:
         """One scheduler tick, federation after federation: ``survey``, then ``drive_one`` for each. The
-        coordinator drives federations side by side instead (``server.app``), so that one federation's
-        aggregation never holds another's round."""
+        coordinator drives federations side by side instead (``server.background.FederationDrivers``), so that
+        one federation's aggregation never holds another's round."""
         for federation in self.survey():
             self.drive_one(federation)
 
