@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Protocol
 
@@ -37,6 +36,7 @@ from mlecs.codec import decode_tensors, sha256_hex
 from server import metrics
 from server.domain.models import BlobRef, CloudOutcome, CloudState, Federation, ModelVersion, utcnow
 from server.services.context import ServiceContext
+from server.services.leases import repeated_while_running
 
 log = logging.getLogger(__name__)
 
@@ -173,27 +173,18 @@ class CloudWork:
             log.info("cloud work of %s round %d done in %.2f s: accuracy %.4f", federation.name,
                      version.round_number, seconds, outcome.version_metrics.get("accuracy", float("nan")))
 
-    @contextmanager
-    def _still_running(self, version_id: str) -> Iterator[None]:
+    def _still_running(self, version_id: str) -> AbstractContextManager[None]:
         """Tells the store, every third of ``cloud_job_timeout_s``, that the job is running: only a job whose
         worker went silent is redelivered, however long the job itself takes."""
-        stop = threading.Event()
-        interval = self._ctx.settings.cloud_job_timeout_s / 3
+        def beat() -> bool:
+            try:
+                self._ctx.store.touch_cloud_work(version_id, utcnow())
+            except Exception as exc:  # the job goes on; at worst it is redelivered and runs twice
+                log.warning("could not report the cloud job of version %s as running: %s", version_id, exc)
+            return True
 
-        def beat() -> None:
-            while not stop.wait(interval):
-                try:
-                    self._ctx.store.touch_cloud_work(version_id, utcnow())
-                except Exception as exc:  # the job goes on; at worst it is redelivered and runs twice
-                    log.warning("could not report the cloud job of version %s as running: %s", version_id, exc)
-
-        beating = threading.Thread(target=beat, name=f"cloud-job-{version_id[:8]}", daemon=True)
-        beating.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            beating.join()
+        return repeated_while_running(self._ctx.settings.cloud_job_timeout_s / 3, beat,
+                                      f"cloud-job-{version_id[:8]}")
 
     def _work(self, federation: Federation, version: ModelVersion) -> CloudOutcome:
         config, blobs = federation.config, self._ctx.blobs
